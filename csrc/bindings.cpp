@@ -1,0 +1,22 @@
+// SPDX-License-Identifier: Apache-2.0
+// Python bindings of fastdream._C. Only binding happens here; the code lives in csrc/cpu and csrc/cuda.
+#include <torch/extension.h>
+
+#include "fastdream/ops.h"
+
+namespace fastdream {
+bool cuda_compiled() {
+#ifdef FD_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace fastdream
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastdream compiled kernels (C++ CPU loops and, when compiled, CUDA launches)";
+  m.def("cuda_compiled", &fastdream::cuda_compiled, "Whether the CUDA part was compiled");
+  m.def("shade_forward", &fastdream::shade_forward);
+  m.def("shade_backward", &fastdream::shade_backward);
+}

@@ -1,0 +1,51 @@
+// SPDX-License-Identifier: Apache-2.0
+// Lambertian shading of one sample, written once for the CPU loop and the CUDA kernel.
+//   c = rho * (diffuse * max(0, n . (light - p) / |light - p|) + ambient)
+// Modes: albedo (c = rho), shaded, textureless (rho replaced by white).
+#pragma once
+
+#include "fastdream/common.h"
+
+namespace fastdream {
+
+enum ShadeMode : int { kAlbedo = 0, kShaded = 1, kTextureless = 2 };
+
+// Unit vector from the sample towards the light. The epsilon keeps a light placed exactly on a sample
+// finite (the direction is then zero and the sample gets ambient light only).
+FD_HD Vec3 light_direction(Vec3 p, Vec3 light) {
+  Vec3 l = light - p;
+  float inv = 1.0f / sqrtf(fmaxf(dot(l, l), 1e-12f));
+  return l * inv;
+}
+
+FD_HD void shade_forward_one(Vec3 rho, Vec3 n, Vec3 p, Vec3 light, Vec3 ambient, Vec3 diffuse, int mode,
+                             float* out) {
+  if (mode == kAlbedo) {
+    store_vec3(out, rho);
+    return;
+  }
+  float lam = fmaxf(0.0f, dot(n, light_direction(p, light)));
+  Vec3 shade = diffuse * lam + ambient;
+  store_vec3(out, mode == kTextureless ? shade : rho * shade);
+}
+
+// Gradients to rho and n (positions, light and light colours are treated as constants).
+FD_HD void shade_backward_one(Vec3 grad, Vec3 rho, Vec3 n, Vec3 p, Vec3 light, Vec3 ambient, Vec3 diffuse,
+                              int mode, float* grad_rho, float* grad_n) {
+  if (mode == kAlbedo) {
+    store_vec3(grad_rho, grad);
+    store_vec3(grad_n, make_vec3(0.f, 0.f, 0.f));
+    return;
+  }
+  Vec3 l = light_direction(p, light);
+  float cos_theta = dot(n, l);
+  float lam = fmaxf(0.0f, cos_theta);
+  Vec3 shade = diffuse * lam + ambient;
+  Vec3 r = mode == kTextureless ? make_vec3(1.f, 1.f, 1.f) : rho;
+  store_vec3(grad_rho, mode == kTextureless ? make_vec3(0.f, 0.f, 0.f) : grad * shade);
+  // d lam / d n = l where the surface faces the light, 0 elsewhere (subgradient 0 at the kink).
+  float g_lam = cos_theta > 0.0f ? dot(grad * r, diffuse) : 0.0f;
+  store_vec3(grad_n, l * g_lam);
+}
+
+}  // namespace fastdream

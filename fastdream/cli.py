@@ -1,0 +1,62 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ``fastdream`` command: a thin layer over the library.
+
+Each subcommand lives in ``fastdream/commands/<name>.py`` with ``add_parser(subparsers)`` and
+``run(args) -> int``. Bad input raises :class:`fastdream.errors.UserError` (or argparse rejects it): one line
+on stderr, exit status 2, no traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fastdream.errors import UserError
+
+COMMANDS = ("generate", "export", "evaluate", "bench", "info")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too: keep it short)
+        self.exit(2, f"fastdream: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastdream", description="Text to 3D by Score Distillation Sampling, fast.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"fastdream.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"fastdream.commands.{name}":
+                continue  # command not part of this build
+            raise
+        p = mod.add_parser(sub)
+        p.set_defaults(_run=mod.run)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"fastdream {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastdream {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``fastdream info``: versions, devices, and which backends are compiled and usable."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+
+import torch
+
+import fastdream
+from fastdream import backends
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("info", help="versions, devices and usable backends")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect() -> dict:
+    devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    return {
+        "fastdream": fastdream.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+        "devices": devices,
+        "backends": [
+            {"name": b.name, "compiled": b.compiled, "usable": b.usable, "note": b.note} for b in backends.status()
+        ],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("fastdream", "python", "torch", "torch_cuda", "triton", "diffusers", "transformers"):
+        print(f"{key:>13}: {info[key]}")
+    print(f"{'devices':>13}: {', '.join(info['devices'])}")
+    print("     backends:")
+    for b in info["backends"]:
+        flags = f"compiled={'yes' if b['compiled'] else 'no':<3} usable={'yes' if b['usable'] else 'no':<3}"
+        print(f"  {b['name']:>11}  {flags}  {b['note']}")
+    return 0
