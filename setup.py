@@ -87,7 +87,10 @@ def _extensions():
         _log("building the C++ CPU extension (CUDA part off)")
         return [
             CppExtension(
-                "fastdream._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx},
+                "fastdream._C",
+                sources,
+                include_dirs=include,
+                extra_compile_args={"cxx": cxx},
                 extra_link_args=["-fopenmp"],
             )
         ]
@@ -116,8 +119,7 @@ def _extensions():
                 lib_dirs.insert(0, str(link_dir))
                 break
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    _log(f"building the C++ CPU and CUDA extension (CUDA_HOME={cuda_home}, "
-         f"archs={os.environ['TORCH_CUDA_ARCH_LIST']})")
+    _log(f"building the C++ CPU and CUDA extension (CUDA_HOME={cuda_home}, archs={os.environ['TORCH_CUDA_ARCH_LIST']})")
     return [
         CUDAExtension(
             "fastdream._C",

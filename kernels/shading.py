@@ -28,8 +28,9 @@ def _light_dir(px, py, pz, light_ptr):
 
 
 @triton.jit
-def _shade_fwd_kernel(rho_ptr, n_ptr, p_ptr, light_ptr, amb_ptr, dif_ptr, out_ptr, S, MODE: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _shade_fwd_kernel(
+    rho_ptr, n_ptr, p_ptr, light_ptr, amb_ptr, dif_ptr, out_ptr, S, MODE: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < S
     rx, ry, rz = _load3(rho_ptr, offs, mask)
@@ -51,8 +52,20 @@ def _shade_fwd_kernel(rho_ptr, n_ptr, p_ptr, light_ptr, amb_ptr, dif_ptr, out_pt
 
 
 @triton.jit
-def _shade_bwd_kernel(g_ptr, rho_ptr, n_ptr, p_ptr, light_ptr, amb_ptr, dif_ptr, g_rho_ptr, g_n_ptr, S,
-                      MODE: tl.constexpr, BLOCK: tl.constexpr):
+def _shade_bwd_kernel(
+    g_ptr,
+    rho_ptr,
+    n_ptr,
+    p_ptr,
+    light_ptr,
+    amb_ptr,
+    dif_ptr,
+    g_rho_ptr,
+    g_n_ptr,
+    S,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < S
     gx, gy, gz = _load3(g_ptr, offs, mask)
@@ -97,8 +110,9 @@ def shade_forward(albedo, normals, positions, light, ambient, diffuse, mode: int
     if s == 0:
         return out
     blk = block_size(s)
-    _shade_fwd_kernel[(triton.cdiv(s, blk),)](albedo, normals, positions, light, ambient, diffuse, out, s,
-                                              MODE=int(mode), BLOCK=blk)
+    _shade_fwd_kernel[(triton.cdiv(s, blk),)](
+        albedo, normals, positions, light, ambient, diffuse, out, s, MODE=int(mode), BLOCK=blk
+    )
     return out
 
 
@@ -110,6 +124,7 @@ def shade_backward(grad, albedo, normals, positions, light, ambient, diffuse, mo
     if s == 0:
         return g_rho, g_n
     blk = block_size(s)
-    _shade_bwd_kernel[(triton.cdiv(s, blk),)](grad, albedo, normals, positions, light, ambient, diffuse, g_rho,
-                                              g_n, s, MODE=int(mode), BLOCK=blk)
+    _shade_bwd_kernel[(triton.cdiv(s, blk),)](
+        grad, albedo, normals, positions, light, ambient, diffuse, g_rho, g_n, s, MODE=int(mode), BLOCK=blk
+    )
     return g_rho, g_n

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
+#include "fastdream/shading.h"
+
 #include <ATen/Parallel.h>
 
 #include "fastdream/ops.h"
-#include "fastdream/shading.h"
 
 namespace fastdream {
 
@@ -16,8 +17,8 @@ Vec3 vec3_of(const torch::Tensor& t) {
 }
 }  // namespace
 
-torch::Tensor shade_forward(torch::Tensor albedo, torch::Tensor normals, torch::Tensor positions,
-                            torch::Tensor light, torch::Tensor ambient, torch::Tensor diffuse, int64_t mode) {
+torch::Tensor shade_forward(torch::Tensor albedo, torch::Tensor normals, torch::Tensor positions, torch::Tensor light,
+                            torch::Tensor ambient, torch::Tensor diffuse, int64_t mode) {
 #ifdef FD_WITH_CUDA
   if (albedo.is_cuda()) return shade_forward_cuda(albedo, normals, positions, light, ambient, diffuse, mode);
 #endif
@@ -32,20 +33,17 @@ torch::Tensor shade_forward(torch::Tensor albedo, torch::Tensor normals, torch::
   const int m = static_cast<int>(mode);
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      shade_forward_one(load_vec3(rho + 3 * i), load_vec3(nor + 3 * i), load_vec3(pos + 3 * i), l, a, d, m,
-                        o + 3 * i);
+      shade_forward_one(load_vec3(rho + 3 * i), load_vec3(nor + 3 * i), load_vec3(pos + 3 * i), l, a, d, m, o + 3 * i);
     }
   });
   return out;
 }
 
-std::tuple<torch::Tensor, torch::Tensor> shade_backward(torch::Tensor grad, torch::Tensor albedo,
-                                                        torch::Tensor normals, torch::Tensor positions,
-                                                        torch::Tensor light, torch::Tensor ambient,
-                                                        torch::Tensor diffuse, int64_t mode) {
+std::tuple<torch::Tensor, torch::Tensor> shade_backward(torch::Tensor grad, torch::Tensor albedo, torch::Tensor normals,
+                                                        torch::Tensor positions, torch::Tensor light,
+                                                        torch::Tensor ambient, torch::Tensor diffuse, int64_t mode) {
 #ifdef FD_WITH_CUDA
-  if (albedo.is_cuda())
-    return shade_backward_cuda(grad, albedo, normals, positions, light, ambient, diffuse, mode);
+  if (albedo.is_cuda()) return shade_backward_cuda(grad, albedo, normals, positions, light, ambient, diffuse, mode);
 #endif
   TORCH_CHECK(albedo.device().is_cpu(), "shade_backward: CUDA tensors but the CUDA part is not compiled");
   auto g_rho = torch::empty_like(albedo);
@@ -61,8 +59,8 @@ std::tuple<torch::Tensor, torch::Tensor> shade_backward(torch::Tensor grad, torc
   const int m = static_cast<int>(mode);
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      shade_backward_one(load_vec3(g + 3 * i), load_vec3(rho + 3 * i), load_vec3(nor + 3 * i),
-                         load_vec3(pos + 3 * i), l, a, d, m, gr + 3 * i, gn + 3 * i);
+      shade_backward_one(load_vec3(g + 3 * i), load_vec3(rho + 3 * i), load_vec3(nor + 3 * i), load_vec3(pos + 3 * i),
+                         l, a, d, m, gr + 3 * i, gn + 3 * i);
     }
   });
   return {g_rho, g_n};

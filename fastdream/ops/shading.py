@@ -179,8 +179,9 @@ def shade(
     check_tensor("light", light, (3,))
     check_tensor("ambient", ambient, (3,))
     check_tensor("diffuse", diffuse, (3,))
-    device = same_device(albedo=albedo, normals=normals, positions=positions, light=light, ambient=ambient,
-                         diffuse=diffuse)
+    device = same_device(
+        albedo=albedo, normals=normals, positions=positions, light=light, ambient=ambient, diffuse=diffuse
+    )
     backend = _dispatch.select(OP, device)
     if backend == "reference":
         return shade_reference(albedo, normals, positions, light, ambient, diffuse, mode)

@@ -18,8 +18,7 @@ FD_HD Vec3 light_direction(Vec3 p, Vec3 light) {
   return l * inv;
 }
 
-FD_HD void shade_forward_one(Vec3 rho, Vec3 n, Vec3 p, Vec3 light, Vec3 ambient, Vec3 diffuse, int mode,
-                             float* out) {
+FD_HD void shade_forward_one(Vec3 rho, Vec3 n, Vec3 p, Vec3 light, Vec3 ambient, Vec3 diffuse, int mode, float* out) {
   if (mode == kAlbedo) {
     store_vec3(out, rho);
     return;
@@ -30,8 +29,8 @@ FD_HD void shade_forward_one(Vec3 rho, Vec3 n, Vec3 p, Vec3 light, Vec3 ambient,
 }
 
 // Gradients to rho and n (positions, light and light colours are treated as constants).
-FD_HD void shade_backward_one(Vec3 grad, Vec3 rho, Vec3 n, Vec3 p, Vec3 light, Vec3 ambient, Vec3 diffuse,
-                              int mode, float* grad_rho, float* grad_n) {
+FD_HD void shade_backward_one(Vec3 grad, Vec3 rho, Vec3 n, Vec3 p, Vec3 light, Vec3 ambient, Vec3 diffuse, int mode,
+                              float* grad_rho, float* grad_n) {
   if (mode == kAlbedo) {
     store_vec3(grad_rho, grad);
     store_vec3(grad_n, make_vec3(0.f, 0.f, 0.f));
