@@ -104,7 +104,8 @@ class DiffusersGuidance:
         if self.cond_embeddings is None or self.uncond_embeddings is None:
             raise RuntimeError("call guidance.prepare(prompt) before sds_loss")
         b = z_t.shape[0]
-        cond = self.cond_embeddings[view_indices(view_words, self.device)]
+        # Python-int indexing + stack: no host-to-device copy of an index tensor every step.
+        cond = torch.stack([self.cond_embeddings[i] for i in view_indices(view_words).tolist()])
         uncond = self.uncond_embeddings.expand(b, -1, -1)
         z_in = torch.cat([z_t, z_t]).to(self.dtype)
         if self.device.type == "cuda":
