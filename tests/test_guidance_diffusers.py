@@ -244,6 +244,33 @@ def test_low_precision_models_with_fp32_renders(kind, sd_folder, if_folder):
     assert images.grad.dtype == torch.float32 and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
 
 
+def test_direct_construction_with_set_text_embeddings():
+    """What the benchmarks do: modules with random weights, no text encoder, random embeddings."""
+    from fastdream.guidance.stable_diffusion import StableDiffusionGuidance
+
+    folder_free = {"device": torch.device("cpu"), "dtype": torch.float32, "text_encoder": None, "tokenizer": None}
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=4,
+        layers_per_block=1,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+    )
+    vae = diffusers.AutoencoderKL(block_out_channels=(32,), latent_channels=4)
+    g = StableDiffusionGuidance(unet=unet, vae=vae, scheduler=diffusers.DDPMScheduler(), **folder_free)
+    assert g.model_resolution == 4
+    with pytest.raises(ValueError, match="cond"):
+        g.set_text_embeddings(torch.randn(3, 5, 16), torch.randn(1, 5, 16))
+    g.set_text_embeddings(torch.randn(len(VIEW_WORDS), 5, 16), torch.randn(1, 5, 16))
+    images = _images(b=2, size=8)
+    loss, _ = g.sds_loss(images, ["front", "overhead"], SDSConfig(guidance_scale=10.0))
+    loss.backward()
+    assert images.grad.abs().sum() > 0
+
+
 def test_sd_attention_uses_sdpa(sd_folder):
     from diffusers.models.attention_processor import AttnProcessor2_0
 

@@ -79,10 +79,23 @@ class DiffusersGuidance:
                 raise RuntimeError("the text encoder was freed and cannot be reloaded")
             self.text_encoder = freeze(self._text_encoder_loader(), self.device, self.dtype)
         texts = [view_prompt(prompt, w) for w in VIEW_WORDS] + [negative_prompt]
-        emb = self._encode_text(texts).to(self.dtype)
-        self.cond_embeddings, self.uncond_embeddings = emb[: len(VIEW_WORDS)], emb[len(VIEW_WORDS) :]
-        self.prompt = prompt
+        emb = self._encode_text(texts)
+        self.set_text_embeddings(emb[: len(VIEW_WORDS)], emb[len(VIEW_WORDS) :], prompt)
         self.free_text_encoder()
+
+    def set_text_embeddings(self, cond: torch.Tensor, uncond: torch.Tensor, prompt: str = "") -> None:
+        """Install embeddings directly (benchmarks with random weights, precomputed prompts).
+
+        Args:
+            cond: [len(VIEW_WORDS), L, D] one per view word, in :data:`VIEW_WORDS` order. uncond: [1, L, D].
+        """
+        if cond.dim() != 3 or cond.shape[0] != len(VIEW_WORDS):
+            raise ValueError(f"cond must be [{len(VIEW_WORDS)}, L, D], got {tuple(cond.shape)}")
+        if uncond.dim() != 3 or uncond.shape[0] != 1 or uncond.shape[1:] != cond.shape[1:]:
+            raise ValueError(f"uncond must be [1, {cond.shape[1]}, {cond.shape[2]}], got {tuple(uncond.shape)}")
+        self.cond_embeddings = cond.detach().to(self.device, self.dtype)
+        self.uncond_embeddings = uncond.detach().to(self.device, self.dtype)
+        self.prompt = prompt
 
     def free_text_encoder(self) -> None:
         self.text_encoder = None
