@@ -139,6 +139,9 @@ class DiffusersGuidance:
         """See :meth:`fastdream.guidance.base.Guidance.sds_loss`. t and ε are drawn from ``generator`` (on its
         own device, then moved), so a seeded CPU generator reproduces a run."""
         check_images(images, view_words)
+        view_indices(view_words)  # reject unknown words before the VAE runs
+        if self.cond_embeddings is None:
+            raise RuntimeError("call guidance.prepare(prompt) before sds_loss")
         b = images.shape[0]
         z = self.encode_images(images.to(self.device))
         t = sample_timesteps(b, self.num_train_timesteps, cfg.t_range, generator, self.device)
