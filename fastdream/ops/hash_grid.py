@@ -229,15 +229,221 @@ def hash_encode_with_jacobian_reference(
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
+class _Impl:
+    """A fast implementation on contiguous float32 tensors (``resolutions`` a list of ints)::
+
+    forward(x, table, resolutions, bound) -> enc
+    backward(grad, x, table, resolutions, bound, need_x) -> (grad_table, grad_x)
+    jacobian_forward(x, table, resolutions, bound) -> (enc, jac)
+    jacobian_backward(grad_enc, grad_jac, x, resolutions, bound, table_size) -> grad_table
+    """
+
+    def __init__(self, forward, backward, jacobian_forward, jacobian_backward):
+        self.forward = forward
+        self.backward = backward
+        self.jacobian_forward = jacobian_forward
+        self.jacobian_backward = jacobian_backward
+
+
+def _cpp_impl() -> _Impl:
+    ext = backends.extension()
+    return _Impl(
+        ext.hash_encode_forward,
+        ext.hash_encode_backward,
+        ext.hash_encode_jacobian_forward,
+        ext.hash_encode_jacobian_backward,
+    )
+
+
+def _triton_impl() -> _Impl:
+    from fastdream.kernels import hash_grid as k
+
+    return _Impl(
+        k.hash_encode_forward, k.hash_encode_backward, k.hash_encode_jacobian_forward, k.hash_encode_jacobian_backward
+    )
+
+
+# cpp and cuda are the same entry point: the extension dispatches on the tensors' device.
+_dispatch.register(OP, "reference", hash_encode_reference)
+_dispatch.register(OP, "cpp", _cpp_impl)
+_dispatch.register(OP, "cuda", _cpp_impl)
+_dispatch.register(OP, "triton", _triton_impl)
+
+
+# The custom ops below carry the autograd of the fast backends, so that torch.compile can trace them. The
+# encoding is linear in the table, so each backward's derivative w.r.t. its incoming gradient is a forward
+# again: every backward op is itself differentiable (w.r.t. the gradient and the table), which gives the
+# second-order path of the normals loss and gradgradcheck.
+
+
+@torch.library.custom_op("fastdream::hash_encode", mutates_args=())
+def _encode_op(
+    x: torch.Tensor, table: torch.Tensor, resolutions: list[int], bound: float, backend: str
+) -> torch.Tensor:
+    return _dispatch.get(OP, backend)().forward(x, table, resolutions, bound)
+
+
+@_encode_op.register_fake
+def _(x, table, resolutions, bound, backend):
+    return x.new_empty(x.shape[0], table.shape[0] * table.shape[2])
+
+
+@torch.library.custom_op("fastdream::hash_encode_backward", mutates_args=())
+def _encode_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    table: torch.Tensor,
+    resolutions: list[int],
+    bound: float,
+    need_x: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g_table, g_x = _dispatch.get(OP, backend)().backward(grad.contiguous(), x, table, resolutions, bound, need_x)
+    return g_table, g_x
+
+
+@_encode_backward_op.register_fake
+def _(grad, x, table, resolutions, bound, need_x, backend):
+    return torch.empty_like(table), torch.empty_like(x)
+
+
+@torch.library.custom_op("fastdream::hash_encode_jacobian", mutates_args=())
+def _jacobian_op(
+    x: torch.Tensor, table: torch.Tensor, resolutions: list[int], bound: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    enc, jac = _dispatch.get(OP, backend)().jacobian_forward(x, table, resolutions, bound)
+    return enc, jac
+
+
+@_jacobian_op.register_fake
+def _(x, table, resolutions, bound, backend):
+    k = table.shape[0] * table.shape[2]
+    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, 3)
+
+
+@torch.library.custom_op("fastdream::hash_encode_jacobian_backward", mutates_args=())
+def _jacobian_backward_op(
+    grad_enc: torch.Tensor,
+    grad_jac: torch.Tensor,
+    x: torch.Tensor,
+    resolutions: list[int],
+    bound: float,
+    table_size: int,
+    backend: str,
+) -> torch.Tensor:
+    return _dispatch.get(OP, backend)().jacobian_backward(
+        grad_enc.contiguous(), grad_jac.contiguous(), x, resolutions, bound, table_size
+    )
+
+
+@_jacobian_backward_op.register_fake
+def _(grad_enc, grad_jac, x, resolutions, bound, table_size, backend):
+    levels = len(resolutions)
+    return grad_enc.new_empty(levels, table_size, grad_enc.shape[1] // levels)
+
+
+def _save_common(ctx, resolutions, bound, backend) -> None:
+    ctx.resolutions = resolutions
+    ctx.bound = bound
+    ctx.backend = backend
+
+
+# hash_encode: d/d(x, table)
+def _encode_setup(ctx, inputs, output):
+    x, table, resolutions, bound, backend = inputs
+    ctx.save_for_backward(x, table)
+    _save_common(ctx, resolutions, bound, backend)
+
+
+def _encode_backward(ctx, grad):
+    x, table = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    g_table, g_x = _encode_backward_op(grad, x, table, ctx.resolutions, ctx.bound, need_x, ctx.backend)
+    return (g_x if need_x else None), g_table, None, None, None
+
+
+_encode_op.register_autograd(_encode_backward, setup_context=_encode_setup)
+
+
+# hash_encode's backward: d/d(grad, table). g_table = A(x)^T grad, g_x = sum_k grad_k J_k(x, table).
+def _encode_backward_setup(ctx, inputs, output):
+    grad, x, table, resolutions, bound, need_x, backend = inputs
+    ctx.save_for_backward(grad, x, table)
+    ctx.need_x = need_x
+    _save_common(ctx, resolutions, bound, backend)
+
+
+def _encode_backward_backward(ctx, v_table, v_x):
+    grad, x, table = ctx.saved_tensors
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError(
+            "hash_encode: second derivatives w.r.t. x are not implemented by the fast backends; detach x, "
+            "or use hash_encode_with_jacobian (x constant) or the reference backend"
+        )
+    res, bound, backend = ctx.resolutions, ctx.bound, ctx.backend
+    g_grad = g_table = None
+    if v_table is not None:
+        g_grad = _encode_op(x, v_table.contiguous(), res, bound, backend)
+    if ctx.need_x and v_x is not None:
+        _, jac = _jacobian_op(x, table, res, bound, backend)
+        term = (jac * v_x[:, None, :]).sum(-1)
+        g_grad = term if g_grad is None else g_grad + term
+        if ctx.needs_input_grad[2]:
+            g_table = _jacobian_backward_op(
+                torch.zeros_like(grad), grad[:, :, None] * v_x[:, None, :], x, res, bound, table.shape[1], backend
+            )
+    return g_grad, None, g_table, None, None, None, None
+
+
+_encode_backward_op.register_autograd(_encode_backward_backward, setup_context=_encode_backward_setup)
+
+
+# hash_encode_with_jacobian: d/d table only (x constant).
+def _jacobian_setup(ctx, inputs, output):
+    x, table, resolutions, bound, backend = inputs
+    ctx.save_for_backward(x)
+    ctx.table_size = table.shape[1]
+    ctx.out_dim = table.shape[0] * table.shape[2]
+    _save_common(ctx, resolutions, bound, backend)
+
+
+def _jacobian_backward(ctx, grad_enc, grad_jac):
+    (x,) = ctx.saved_tensors
+    if grad_enc is None:
+        grad_enc = x.new_zeros(x.shape[0], ctx.out_dim)
+    if grad_jac is None:
+        grad_jac = x.new_zeros(x.shape[0], ctx.out_dim, 3)
+    g_table = _jacobian_backward_op(grad_enc, grad_jac, x, ctx.resolutions, ctx.bound, ctx.table_size, ctx.backend)
+    return None, g_table, None, None, None
+
+
+_jacobian_op.register_autograd(_jacobian_backward, setup_context=_jacobian_setup)
+
+
+# hash_encode_with_jacobian's backward is linear in (grad_enc, grad_jac): its adjoint is the fused forward.
+def _jacobian_backward_setup(ctx, inputs, output):
+    grad_enc, grad_jac, x, resolutions, bound, table_size, backend = inputs
+    ctx.save_for_backward(x)
+    _save_common(ctx, resolutions, bound, backend)
+
+
+def _jacobian_backward_backward(ctx, v_table):
+    (x,) = ctx.saved_tensors
+    if v_table is None:
+        return None, None, None, None, None, None, None
+    enc, jac = _jacobian_op(x, v_table.contiguous(), ctx.resolutions, ctx.bound, ctx.backend)
+    return enc, jac, None, None, None, None, None
+
+
+_jacobian_backward_op.register_autograd(_jacobian_backward_backward, setup_context=_jacobian_backward_setup)
+
+
 def _check(x: object, table: object, cfg: object) -> torch.device:
     if not isinstance(cfg, HashGridConfig):
         raise TypeError(f"cfg: expected a HashGridConfig, got {type(cfg).__name__}")
     check_tensor("x", x, (None, 3), FLOAT_DTYPES)
     check_tensor("table", table, (cfg.levels, cfg.table_size, cfg.features), FLOAT_DTYPES)
     return same_device(x=x, table=table)
-
-
-_dispatch.register(OP, "reference", None)
 
 
 def hash_encode(
@@ -248,6 +454,8 @@ def hash_encode(
     """Encode ``N`` world positions; differentiable w.r.t. ``table`` and ``x``.
 
     Fast backends compute in float32 and return float32; the reference keeps the promoted input dtype.
+    The backward of the fast backends is differentiable again w.r.t. the incoming gradient and ``table``
+    (not ``x``: asking for a second derivative through ``x`` raises).
 
     Raises:
         TypeError / ValueError: an argument of the wrong type, dtype, shape or device (named).
@@ -256,7 +464,7 @@ def hash_encode(
     backend = _dispatch.select(OP, device)
     if backend == "reference":
         return hash_encode_reference(x, table, cfg)
-    return _fast_encode(x, table, cfg, backend)
+    return _encode_op(x.float().contiguous(), table.float().contiguous(), list(cfg.resolutions), cfg.bound, backend)
 
 
 def hash_encode_with_jacobian(
@@ -264,9 +472,10 @@ def hash_encode_with_jacobian(
     table: torch.Tensor,  # [L, 2**T, F]
     cfg: HashGridConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [N, L * F], [N, L * F, 3]
-    """The fused pass: the encoding and its spatial Jacobian ``d enc / d x``.
+    """The fused pass: the encoding and its spatial Jacobian ``jac[n, k, d] = d enc[n, k] / d x[n, d]``.
 
-    Differentiable w.r.t. ``table`` (to any order); ``x`` is treated as a constant.
+    Differentiable w.r.t. ``table`` (to any order); ``x`` is treated as a constant (no gradient flows to
+    it). Fast backends compute in float32 and return float32.
 
     Raises:
         TypeError / ValueError: an argument of the wrong type, dtype, shape or device (named).
@@ -275,15 +484,9 @@ def hash_encode_with_jacobian(
     backend = _dispatch.select(OP, device)
     if backend == "reference":
         return hash_encode_with_jacobian_reference(x, table, cfg)
-    return _fast_encode_with_jacobian(x, table, cfg, backend)
-
-
-def _fast_encode(x, table, cfg, backend):  # replaced below once the fast backends exist
-    raise NotImplementedError(backend)
-
-
-def _fast_encode_with_jacobian(x, table, cfg, backend):
-    raise NotImplementedError(backend)
+    return _jacobian_op(
+        x.detach().float().contiguous(), table.float().contiguous(), list(cfg.resolutions), cfg.bound, backend
+    )
 
 
 __all__ = [
@@ -294,5 +497,3 @@ __all__ = [
     "hash_encode_with_jacobian_reference",
     "init_hash_table",
 ]
-
-_ = backends  # used by the fast paths
