@@ -26,8 +26,9 @@ the table, so the backward of the backward is the forward), so gradgradcheck hol
 ``table``.
 
 Implementations: ``reference`` (PyTorch), ``cpp`` (C++ CPU loop, ``csrc/include/fastdream/hash_grid.h``),
-``triton`` (``fastdream.kernels.hash_grid``; on CUDA it reads an fp16 copy of the table and accumulates
-gradients in fp32).
+``triton`` (``fastdream.kernels.hash_grid``; on CUDA it reads an fp16 copy of the table, cached while the
+table is unchanged, and computes and accumulates in fp32: see ``FP16_TABLE_READS_ON_CUDA`` there). The
+``cpp`` and ``cuda`` backends read the fp32 table.
 
 Example:
     >>> import torch
@@ -53,10 +54,6 @@ OP = "hash_encode"
 
 PRIME_Y = 2654435761
 PRIME_Z = 805459861
-
-# On CUDA the Triton kernels read an fp16 copy of the table (half the memory traffic of the gathers, which
-# dominate); interpolation and every gradient accumulate in fp32.
-CUDA_FP16_TABLE_READS = True
 
 
 @dataclass(frozen=True)
