@@ -10,16 +10,26 @@ from fastdream.ops.hash_grid import (
     hash_encode_with_jacobian_reference,
     init_hash_table,
 )
+from fastdream.ops.normals import (
+    density_gradient,
+    finite_difference_gradient,
+    finite_difference_normals,
+    normals_from_gradient,
+)
 from fastdream.ops.shading import ShadeMode, shade, shade_reference
 
 __all__ = [
     "HashGridConfig",
     "ShadeMode",
+    "density_gradient",
+    "finite_difference_gradient",
+    "finite_difference_normals",
     "hash_encode",
     "hash_encode_reference",
     "hash_encode_with_jacobian",
     "hash_encode_with_jacobian_reference",
     "init_hash_table",
+    "normals_from_gradient",
     "select",
     "shade",
     "shade_reference",
