@@ -19,4 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_compiled", &fastdream::cuda_compiled, "Whether the CUDA part was compiled");
   m.def("shade_forward", &fastdream::shade_forward);
   m.def("shade_backward", &fastdream::shade_backward);
+  m.def("march_rays", &fastdream::march_rays, "Ray marching: count, prefix sum, fill (packed samples)");
+  m.def("composite_forward", &fastdream::composite_forward, "Front-to-back compositing of packed samples");
+  m.def("composite_backward", &fastdream::composite_backward, "Compositing backward, transmittance recomputed");
 }
