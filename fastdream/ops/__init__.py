@@ -2,6 +2,7 @@
 """Public ops: each module holds the public function, its autograd, its reference and its dispatch."""
 
 from fastdream.ops._dispatch import select, use_backend
+from fastdream.ops.composite import CompositeResult, composite, composite_reference
 from fastdream.ops.hash_grid import (
     HashGridConfig,
     hash_encode,
@@ -16,11 +17,18 @@ from fastdream.ops.normals import (
     finite_difference_normals,
     normals_from_gradient,
 )
+from fastdream.ops.occupancy import OccupancyGrid
+from fastdream.ops.raymarch import RaySamples, march_rays, march_rays_reference, ray_sphere
 from fastdream.ops.shading import ShadeMode, shade, shade_reference
 
 __all__ = [
+    "CompositeResult",
     "HashGridConfig",
+    "OccupancyGrid",
+    "RaySamples",
     "ShadeMode",
+    "composite",
+    "composite_reference",
     "density_gradient",
     "finite_difference_gradient",
     "finite_difference_normals",
@@ -29,7 +37,10 @@ __all__ = [
     "hash_encode_with_jacobian",
     "hash_encode_with_jacobian_reference",
     "init_hash_table",
+    "march_rays",
+    "march_rays_reference",
     "normals_from_gradient",
+    "ray_sphere",
     "select",
     "shade",
     "shade_reference",
