@@ -266,6 +266,8 @@ _dispatch.register(OP, "reference", hash_encode_reference)
 _dispatch.register(OP, "cpp", _cpp_impl)
 _dispatch.register(OP, "cuda", _cpp_impl)
 _dispatch.register(OP, "triton", _triton_impl)
+# Triton is this op's GPU path (fp16 table reads); the CUDA C++ launch (fp32 reads) is the fallback there.
+_dispatch.set_order(OP, "cuda", ("triton", "cuda", "reference"))
 
 
 # The custom ops below carry the autograd of the fast backends, so that torch.compile can trace them. The
