@@ -26,10 +26,11 @@ constant (samples are not optimised); its backward is differentiable again (the 
 the table, so the backward of the backward is the forward), so gradgradcheck holds to any order in
 ``table``.
 
-Implementations: ``reference`` (PyTorch), ``cpp`` (C++ CPU loop, ``csrc/include/fastdream/hash_grid.h``),
-``triton`` (``fastdream.kernels.hash_grid``; on CUDA it reads an fp16 copy of the table, cached while the
-table is unchanged, and computes and accumulates in fp32: see ``FP16_TABLE_READS_ON_CUDA`` there). The
-``cpp`` and ``cuda`` backends read the fp32 table.
+Implementations: ``reference`` (PyTorch), ``cpp`` (C++ CPU loop) and ``cuda`` (the same per-point code,
+``csrc/include/fastdream/hash_grid.h``, launched on the GPU; both read the table as given, fp32 or fp64),
+``triton`` (``fastdream.kernels.hash_grid``, the default on CUDA: it reads an fp16 copy of the table,
+cached while the table is unchanged, and computes and accumulates in fp32; see
+``FP16_TABLE_READS_ON_CUDA`` there).
 
 Example:
     >>> import torch
