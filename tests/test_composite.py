@@ -231,6 +231,8 @@ def test_bad_inputs_name_the_argument():
         composite(sigmas, colors, bad)
     with pytest.raises(TypeError, match="samples"):
         composite(sigmas, colors, None)
+    with pytest.raises(ValueError, match="sigmas"):
+        composite(sigmas.to_sparse(), colors, s)
     with pytest.raises(ValueError, match="early_stop_eps"):
         composite(sigmas, colors, s, early_stop_eps=2.0)
     if torch.cuda.is_available():

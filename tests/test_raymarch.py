@@ -240,8 +240,12 @@ def test_bad_inputs_name_the_argument():
         march_rays(o.long(), d)
     with pytest.raises(TypeError, match="rays_d"):
         march_rays(o, d.numpy())
+    with pytest.raises(ValueError, match="rays_o"):
+        march_rays(o.to_sparse(), d)
     with pytest.raises(ValueError, match="step"):
         march_rays(o, d, step=0.0)
+    with pytest.raises(ValueError, match="max_samples_per_ray"):
+        march_rays(o, d, max_samples_per_ray=-1)
     with pytest.raises(ValueError, match="cone_angle"):
         march_rays(o, d, cone_angle=-1.0)
     with pytest.raises(ValueError, match="bound"):
@@ -282,3 +286,17 @@ def test_property_invariants_and_backends_agree(n, seed, step, cone, inside, jit
             fast = march_rays(o, d, grid, generator=torch.Generator().manual_seed(seed), **kw)
         _assert_same(fast, ref, exact=True)
     assert math.isfinite(float(ref.t_ends.sum()))
+
+
+def test_compiled_caller_gets_the_same_samples():
+    o, d = _rays(40, seed=2)
+
+    def f(o, d):
+        s = march_rays(o, d)
+        return s.positions.sum(0) * 2.0, s.n_samples
+
+    torch._dynamo.reset()
+    got, n = torch.compile(f, backend="eager")(o, d)
+    want, m = f(o, d)
+    assert n == m
+    torch.testing.assert_close(got, want)
