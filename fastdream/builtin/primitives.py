@@ -81,6 +81,13 @@ def normals(shape: str, points: torch.Tensor) -> torch.Tensor:
     with torch.enable_grad():
         p = points.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(sdf(shape, p).sum(), p)
+    # Exactly on a kink of the SDF (d = 0 where max/clamp meet) autograd returns a zero subgradient: use
+    # central differences there.
+    bad = g.norm(dim=-1) < 0.5
+    if bool(bad.any()):
+        q, h = points[bad].detach(), 1e-4
+        eye = torch.eye(3, dtype=q.dtype, device=q.device) * h
+        g[bad] = torch.stack([sdf(shape, q + eye[k]) - sdf(shape, q - eye[k]) for k in range(3)], -1)
     return torch.nn.functional.normalize(g, dim=-1)
 
 
