@@ -63,8 +63,13 @@ def _torus(p: torch.Tensor) -> torch.Tensor:
 
 _SDF = {"sphere": _sphere, "cube": _cube, "cylinder": _cylinder, "cone": _cone, "torus": _torus}
 # Radius of a sphere at the origin that contains the primitive (for ray bounds).
-BOUNDING_RADIUS = {"sphere": 0.5, "cube": 0.4 * math.sqrt(3), "cylinder": 0.4 * math.sqrt(2), "cone": 0.45 * math.sqrt(2),
-                   "torus": 0.6}
+BOUNDING_RADIUS = {
+    "sphere": 0.5,
+    "cube": 0.4 * math.sqrt(3),
+    "cylinder": 0.4 * math.sqrt(2),
+    "cone": 0.45 * math.sqrt(2),
+    "torus": 0.6,
+}
 
 
 def sdf(shape: str, points: torch.Tensor) -> torch.Tensor:
@@ -146,8 +151,9 @@ def sample_surface(shape: str, n: int, generator: torch.Generator | None = None)
         x, z, y = s * r * torch.cos(ang), s * r * torch.sin(ang), h - 2 * h * s
         dx, dz = _disc(n, r, g)
         base = part == 1
-        p = torch.stack([torch.where(base, dx, x), torch.where(base, torch.full_like(y, -h), y),
-                         torch.where(base, dz, z)], -1)
+        p = torch.stack(
+            [torch.where(base, dx, x), torch.where(base, torch.full_like(y, -h), y), torch.where(base, dz, z)], -1
+        )
     elif shape == "torus":
         big, small = TORUS_MAJOR, TORUS_MINOR
         chunks, have = [], 0
