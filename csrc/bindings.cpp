@@ -19,4 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_compiled", &fastdream::cuda_compiled, "Whether the CUDA part was compiled");
   m.def("shade_forward", &fastdream::shade_forward);
   m.def("shade_backward", &fastdream::shade_backward);
+  m.def("hash_encode_forward", &fastdream::hash_encode_forward);
+  m.def("hash_encode_backward", &fastdream::hash_encode_backward);
+  m.def("hash_encode_jacobian_forward", &fastdream::hash_encode_jacobian_forward);
+  m.def("hash_encode_jacobian_backward", &fastdream::hash_encode_jacobian_backward);
 }

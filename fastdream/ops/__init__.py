@@ -2,6 +2,37 @@
 """Public ops: each module holds the public function, its autograd, its reference and its dispatch."""
 
 from fastdream.ops._dispatch import select, use_backend
+from fastdream.ops.composite import CompositeResult, composite, composite_reference
+from fastdream.ops.hash_grid import (
+    HashGridConfig,
+    hash_encode,
+    hash_encode_reference,
+    hash_encode_with_jacobian,
+    hash_encode_with_jacobian_reference,
+    init_hash_table,
+)
+from fastdream.ops.occupancy import OccupancyGrid
+from fastdream.ops.raymarch import RaySamples, march_rays, march_rays_reference, ray_sphere
 from fastdream.ops.shading import ShadeMode, shade, shade_reference
 
-__all__ = ["ShadeMode", "select", "shade", "shade_reference", "use_backend"]
+__all__ = [
+    "CompositeResult",
+    "HashGridConfig",
+    "OccupancyGrid",
+    "RaySamples",
+    "ShadeMode",
+    "composite",
+    "composite_reference",
+    "hash_encode",
+    "hash_encode_reference",
+    "hash_encode_with_jacobian",
+    "hash_encode_with_jacobian_reference",
+    "init_hash_table",
+    "march_rays",
+    "march_rays_reference",
+    "ray_sphere",
+    "select",
+    "shade",
+    "shade_reference",
+    "use_backend",
+]

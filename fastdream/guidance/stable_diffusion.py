@@ -1,0 +1,85 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Stable Diffusion 1.x/2.x guidance (latent diffusion) through diffusers.
+
+The render is resized (bilinear) to the model's native size, ``unet.config.sample_size`` × the VAE scale
+factor (512 for SD 2.1 base), mapped to [-1, 1] and VAE-encoded WITH gradient; z is the posterior mean
+× ``vae.config.scaling_factor``. The SDS gradient w.r.t. z flows back through the VAE encoder to the render.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fastdream.guidance._diffusers import DiffusersGuidance, freeze
+from fastdream.guidance.loading import ModelSource, load_component, load_tokenizer, transformers_class
+
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+class StableDiffusionGuidance(DiffusersGuidance):
+    """SDS with a frozen Stable Diffusion UNet + VAE encoder + CLIP text encoder.
+
+    Attributes:
+        vae: frozen AutoencoderKL (only its encoder is used). model_resolution: native image size (512).
+        resolution: render size the trainer should produce (default 64; upsampled to ``model_resolution``).
+    """
+
+    default_guidance_scale = 100.0
+    eps_channels = 4
+
+    def __init__(self, *, vae: torch.nn.Module, render_resolution: int = 64, **kw: Any) -> None:
+        super().__init__(resolution=render_resolution, **kw)
+        self.vae = freeze(vae, self.device, self.dtype)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.model_resolution = int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @classmethod
+    def from_source(
+        cls, source: ModelSource, device: torch.device, dtype: torch.dtype, *, variant: str | None = None, **kw: Any
+    ) -> StableDiffusionGuidance:
+        """Load unet, vae, text encoder, tokenizer and scheduler of ``source`` (see loading.py)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        weights = {"torch_dtype": dtype, "variant": variant}
+        text_cls = transformers_class(source, "text_encoder", TEXT_ENCODERS)
+
+        def text_encoder() -> torch.nn.Module:
+            return load_component(source, "text_encoder", text_cls, dtype=dtype, variant=variant)
+
+        return cls(
+            unet=load_component(source, "unet", UNet2DConditionModel, **weights),
+            vae=load_component(source, "vae", AutoencoderKL, **weights),
+            scheduler=load_component(source, "scheduler", DDPMScheduler),
+            text_encoder=text_encoder(),
+            tokenizer=load_tokenizer(source),
+            device=device,
+            dtype=dtype,
+            name=f"stable-diffusion:{source.model}",
+            text_encoder_loader=text_encoder,
+            **kw,
+        )
+
+    def _encode_text(self, texts: list[str]) -> torch.Tensor:
+        max_len = min(int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings))
+        tok = self.tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+        kwargs = {}
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            kwargs["attention_mask"] = tok.attention_mask.to(self.device)
+        return self.text_encoder(tok.input_ids.to(self.device), **kwargs)[0]
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        r = self.model_resolution
+        x = (
+            images
+            if images.shape[-2:] == (r, r)
+            else F.interpolate(images, (r, r), mode="bilinear", align_corners=False)
+        )
+        x = (x * 2.0 - 1.0).to(self.dtype)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        # The posterior mean, not a sample: deterministic, and the VAE's own noise is tiny next to SDS noise.
+        return self.vae.encode(x).latent_dist.mean * self.scaling_factor

@@ -1,0 +1,496 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Multi-resolution hash-grid encoding (instant-NGP, Müller et al. 2022) and its spatial Jacobian.
+
+Level ``l`` of ``L`` has resolution ``res_l = floor(base * b**l)`` with
+``b = exp((ln finest - ln base) / (L - 1))``; its grid has ``(res_l + 1)**3`` vertices. A level whose
+vertices fit in the table (``(res_l + 1)**3 <= 2**T``) indexes them densely
+(``i + j (res_l + 1) + k (res_l + 1)**2``), finer levels hash them
+(``(i * 1 ^ j * 2654435761 ^ k * 805459861) mod 2**T``, uint32 arithmetic). Each level interpolates its
+``F`` features trilinearly from the 8 vertices around the point; the encoding concatenates the levels:
+``enc[n, l * F + f]``.
+
+Positions are world coordinates: ``u = (x + bound) / (2 bound)`` maps the cube ``[-bound, bound]^3`` to
+``[0, 1]^3``. Defined behaviour off the cube, never an out-of-bounds access:
+
+* coordinates outside the cube are clamped onto its faces (the encoding is constant outside, its
+  derivative in that coordinate is 0);
+* ``+inf`` clamps to the upper face, ``-inf`` and ``NaN`` to the lower face (``u = 0``); the derivative
+  in a non-finite coordinate is 0. The outputs are always finite for a finite table.
+
+Gradients: :func:`hash_encode` is differentiable w.r.t. ``table`` and ``x`` (and its backward, w.r.t. the
+incoming gradient and ``table``: second derivatives through ``x`` are not implemented and raise).
+:func:`hash_encode_with_jacobian` (the fused pass used for analytic normals) is differentiable w.r.t.
+``table`` only — a loss on the encoding or on the Jacobian trains the table, while ``x`` is treated as a
+constant (samples are not optimised); its backward is differentiable again (the encoding is linear in
+the table, so the backward of the backward is the forward), so gradgradcheck holds to any order in
+``table``.
+
+Implementations: ``reference`` (PyTorch), ``cpp`` (C++ CPU loop, ``csrc/include/fastdream/hash_grid.h``),
+``triton`` (``fastdream.kernels.hash_grid``; on CUDA it reads an fp16 copy of the table, cached while the
+table is unchanged, and computes and accumulates in fp32: see ``FP16_TABLE_READS_ON_CUDA`` there). The
+``cpp`` and ``cuda`` backends read the fp32 table.
+
+Example:
+    >>> import torch
+    >>> from fastdream.ops import HashGridConfig, hash_encode, init_hash_table
+    >>> cfg = HashGridConfig(levels=4, features=2, log2_table_size=10, base_resolution=4, finest_resolution=32)
+    >>> table = init_hash_table(cfg, generator=torch.Generator().manual_seed(0))
+    >>> hash_encode(torch.rand(5, 3) * 2 - 1, table, cfg).shape
+    torch.Size([5, 8])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastdream import backends
+from fastdream.ops import _dispatch
+from fastdream.ops._checks import FLOAT_DTYPES, check_tensor, same_device
+
+OP = "hash_encode"
+
+PRIME_Y = 2654435761
+PRIME_Z = 805459861
+
+
+@dataclass(frozen=True)
+class HashGridConfig:
+    """Settings of the multi-resolution hash grid.
+
+    Attributes:
+        levels: number of resolution levels ``L`` (16).
+        features: features per level ``F`` (2).
+        log2_table_size: ``T``; each level has a table of ``2**T`` entries (19).
+        base_resolution: resolution of the coarsest level (16).
+        finest_resolution: resolution of the finest level across the bound (2048).
+        bound: the grid covers the cube ``[-bound, bound]^3`` (1.0).
+    """
+
+    levels: int = 16
+    features: int = 2
+    log2_table_size: int = 19
+    base_resolution: int = 16
+    finest_resolution: int = 2048
+    bound: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.levels < 1:
+            raise ValueError(f"levels: expected >= 1, got {self.levels}")
+        if self.features < 1:
+            raise ValueError(f"features: expected >= 1, got {self.features}")
+        if not 1 <= self.log2_table_size <= 30:
+            raise ValueError(f"log2_table_size: expected 1..30, got {self.log2_table_size}")
+        if self.base_resolution < 1:
+            raise ValueError(f"base_resolution: expected >= 1, got {self.base_resolution}")
+        if self.finest_resolution < self.base_resolution:
+            raise ValueError(
+                f"finest_resolution: expected >= base_resolution ({self.base_resolution}), got {self.finest_resolution}"
+            )
+        if not (self.bound > 0 and math.isfinite(self.bound)):
+            raise ValueError(f"bound: expected a finite positive number, got {self.bound}")
+
+    @property
+    def out_dim(self) -> int:
+        return self.levels * self.features
+
+    @property
+    def table_size(self) -> int:
+        return 1 << self.log2_table_size
+
+    @property
+    def growth(self) -> float:
+        """Per-level growth factor ``b``."""
+        if self.levels == 1:
+            return 1.0
+        return math.exp((math.log(self.finest_resolution) - math.log(self.base_resolution)) / (self.levels - 1))
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """``res_l`` per level. The 1e-9 keeps ``base * b**(L-1)`` from rounding down below ``finest``."""
+        b = self.growth
+        return tuple(max(1, math.floor(self.base_resolution * b**l + 1e-9)) for l in range(self.levels))
+
+    def is_dense(self, level: int) -> bool:
+        return (self.resolutions[level] + 1) ** 3 <= self.table_size
+
+
+def init_hash_table(
+    cfg: HashGridConfig,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:  # [L, 2**T, F]
+    """A table of uniform values in ``[-1e-4, 1e-4]`` (instant-NGP's initialisation)."""
+    gen_device = generator.device if generator is not None else device
+    t = torch.rand(cfg.levels, cfg.table_size, cfg.features, generator=generator, dtype=dtype, device=gen_device)
+    return ((t * 2 - 1) * 1e-4).to(device=device)
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+_CORNERS = [(c & 1, (c >> 1) & 1, (c >> 2) & 1) for c in range(8)]
+
+
+def _normalise(x: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u`` in ``[0, 1]^3`` (clamped, non-finite coordinates replaced) and where ``du/dx`` is non-zero."""
+    u_raw = (x + bound) / (2 * bound)
+    inside = (u_raw >= 0) & (u_raw <= 1)  # False for NaN; torch.clamp's gradient mask (inclusive)
+    u = torch.nan_to_num(u_raw, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+    return u, inside
+
+
+def _level_corners(u: torch.Tensor, res: int, dense: bool, size: int):
+    """Vertex indices [N, 8] and fractional positions [N, 3] of the cell holding each point."""
+    p = u * res
+    p0 = torch.floor(p.detach()).clamp(max=res - 1)
+    frac = p - p0
+    i0 = p0.long()
+    bits = torch.tensor(_CORNERS, device=u.device, dtype=torch.long)  # [8, 3]
+    ic = i0[:, None, :] + bits[None]  # [N, 8, 3]
+    if dense:
+        idx = ic[..., 0] + ic[..., 1] * (res + 1) + ic[..., 2] * (res + 1) ** 2
+    else:
+        idx = (ic[..., 0] ^ (ic[..., 1] * PRIME_Y) ^ (ic[..., 2] * PRIME_Z)) & (size - 1)
+    return idx, frac, bits
+
+
+def _corner_weights(frac: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trilinear weights [N, 8] and their derivatives w.r.t. the fractional position [N, 8, 3]."""
+    b = bits[None].to(frac.dtype)  # [1, 8, 3]
+    f = frac[:, None, :]
+    w1 = b * f + (1 - b) * (1 - f)  # [N, 8, 3]: per-axis weights
+    w = w1.prod(-1)
+    sign = 2 * b - 1
+    dw = torch.stack(
+        [
+            sign[..., 0] * w1[..., 1] * w1[..., 2],
+            sign[..., 1] * w1[..., 0] * w1[..., 2],
+            sign[..., 2] * w1[..., 0] * w1[..., 1],
+        ],
+        dim=-1,
+    ).expand(frac.shape[0], 8, 3)
+    return w, dw
+
+
+def _ref_dtype(x: torch.Tensor, table: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(x.dtype, table.dtype), torch.float32)
+
+
+def hash_encode_reference(
+    x: torch.Tensor,  # [N, 3] world positions
+    table: torch.Tensor,  # [L, 2**T, F]
+    cfg: HashGridConfig,
+) -> torch.Tensor:  # [N, L * F]
+    """Pure-PyTorch encoding (plain autograd: differentiable w.r.t. ``table`` and ``x``, any order)."""
+    dtype = _ref_dtype(x, table)
+    x = x.to(dtype)
+    table = table.to(dtype)
+    u, _ = _normalise(x, cfg.bound)
+    outs = []
+    for l, res in enumerate(cfg.resolutions):
+        idx, frac, bits = _level_corners(u, res, cfg.is_dense(l), cfg.table_size)
+        w, _ = _corner_weights(frac, bits)
+        feat = table[l][idx]  # [N, 8, F]
+        outs.append((w[..., None] * feat).sum(1))
+    if not outs:
+        return x.new_zeros(x.shape[0], 0)
+    return torch.cat(outs, dim=1)
+
+
+def hash_encode_with_jacobian_reference(
+    x: torch.Tensor,  # [N, 3] world positions
+    table: torch.Tensor,  # [L, 2**T, F]
+    cfg: HashGridConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:  # [N, L * F], [N, L * F, 3]
+    """Pure-PyTorch encoding and its spatial Jacobian ``d enc / d x``, both differentiable w.r.t. ``table``
+    (``x`` is detached, like in the fast implementations)."""
+    dtype = _ref_dtype(x, table)
+    x = x.detach().to(dtype)
+    table = table.to(dtype)
+    u, inside = _normalise(x, cfg.bound)
+    outs, jacs = [], []
+    for l, res in enumerate(cfg.resolutions):
+        idx, frac, bits = _level_corners(u, res, cfg.is_dense(l), cfg.table_size)
+        w, dw = _corner_weights(frac, bits)
+        feat = table[l][idx]  # [N, 8, F]
+        outs.append((w[..., None] * feat).sum(1))
+        scale = inside.to(dtype) * (res / (2 * cfg.bound))  # [N, 3]: d p / d x
+        jacs.append(torch.einsum("ncf,ncd->nfd", feat, dw) * scale[:, None, :])
+    n = x.shape[0]
+    return torch.cat(outs, dim=1).reshape(n, -1), torch.cat(jacs, dim=1).reshape(n, -1, 3)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+class _Impl:
+    """A fast implementation on contiguous float32 tensors (``resolutions`` a list of ints)::
+
+    forward(x, table, resolutions, bound) -> enc
+    backward(grad, x, table, resolutions, bound, need_x) -> (grad_table, grad_x)
+    jacobian_forward(x, table, resolutions, bound) -> (enc, jac)
+    jacobian_backward(grad_enc, grad_jac, x, resolutions, bound, table_size) -> grad_table
+    """
+
+    def __init__(self, forward, backward, jacobian_forward, jacobian_backward):
+        self.forward = forward
+        self.backward = backward
+        self.jacobian_forward = jacobian_forward
+        self.jacobian_backward = jacobian_backward
+
+
+def _cpp_impl() -> _Impl:
+    ext = backends.extension()
+    return _Impl(
+        ext.hash_encode_forward,
+        ext.hash_encode_backward,
+        ext.hash_encode_jacobian_forward,
+        ext.hash_encode_jacobian_backward,
+    )
+
+
+def _triton_impl() -> _Impl:
+    from fastdream.kernels import hash_grid as k
+
+    return _Impl(
+        k.hash_encode_forward, k.hash_encode_backward, k.hash_encode_jacobian_forward, k.hash_encode_jacobian_backward
+    )
+
+
+# cpp and cuda are the same entry point: the extension dispatches on the tensors' device.
+_dispatch.register(OP, "reference", hash_encode_reference)
+_dispatch.register(OP, "cpp", _cpp_impl)
+_dispatch.register(OP, "cuda", _cpp_impl)
+_dispatch.register(OP, "triton", _triton_impl)
+
+
+# The custom ops below carry the autograd of the fast backends, so that torch.compile can trace them. The
+# encoding is linear in the table, so each backward's derivative w.r.t. its incoming gradient is a forward
+# again: every backward op is itself differentiable (w.r.t. the gradient and the table), which gives the
+# second-order path of the normals loss and gradgradcheck.
+
+
+@torch.library.custom_op("fastdream::hash_encode", mutates_args=())
+def _encode_op(
+    x: torch.Tensor, table: torch.Tensor, resolutions: list[int], bound: float, backend: str
+) -> torch.Tensor:
+    return _dispatch.get(OP, backend)().forward(x, table, resolutions, bound)
+
+
+@_encode_op.register_fake
+def _(x, table, resolutions, bound, backend):
+    return x.new_empty(x.shape[0], table.shape[0] * table.shape[2])
+
+
+@torch.library.custom_op("fastdream::hash_encode_backward", mutates_args=())
+def _encode_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    table: torch.Tensor,
+    resolutions: list[int],
+    bound: float,
+    need_x: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g_table, g_x = _dispatch.get(OP, backend)().backward(grad.contiguous(), x, table, resolutions, bound, need_x)
+    return g_table, g_x
+
+
+@_encode_backward_op.register_fake
+def _(grad, x, table, resolutions, bound, need_x, backend):
+    return torch.empty_like(table), torch.empty_like(x)
+
+
+@torch.library.custom_op("fastdream::hash_encode_jacobian", mutates_args=())
+def _jacobian_op(
+    x: torch.Tensor, table: torch.Tensor, resolutions: list[int], bound: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    enc, jac = _dispatch.get(OP, backend)().jacobian_forward(x, table, resolutions, bound)
+    return enc, jac
+
+
+@_jacobian_op.register_fake
+def _(x, table, resolutions, bound, backend):
+    k = table.shape[0] * table.shape[2]
+    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, 3)
+
+
+@torch.library.custom_op("fastdream::hash_encode_jacobian_backward", mutates_args=())
+def _jacobian_backward_op(
+    grad_enc: torch.Tensor,
+    grad_jac: torch.Tensor,
+    x: torch.Tensor,
+    resolutions: list[int],
+    bound: float,
+    table_size: int,
+    backend: str,
+) -> torch.Tensor:
+    return _dispatch.get(OP, backend)().jacobian_backward(
+        grad_enc.contiguous(), grad_jac.contiguous(), x, resolutions, bound, table_size
+    )
+
+
+@_jacobian_backward_op.register_fake
+def _(grad_enc, grad_jac, x, resolutions, bound, table_size, backend):
+    levels = len(resolutions)
+    return grad_enc.new_empty(levels, table_size, grad_enc.shape[1] // levels)
+
+
+def _save_common(ctx, resolutions, bound, backend) -> None:
+    ctx.resolutions = resolutions
+    ctx.bound = bound
+    ctx.backend = backend
+
+
+# hash_encode: d/d(x, table)
+def _encode_setup(ctx, inputs, output):
+    x, table, resolutions, bound, backend = inputs
+    ctx.save_for_backward(x, table)
+    _save_common(ctx, resolutions, bound, backend)
+
+
+def _encode_backward(ctx, grad):
+    x, table = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    g_table, g_x = _encode_backward_op(grad, x, table, ctx.resolutions, ctx.bound, need_x, ctx.backend)
+    return (g_x if need_x else None), g_table, None, None, None
+
+
+_encode_op.register_autograd(_encode_backward, setup_context=_encode_setup)
+
+
+# hash_encode's backward: d/d(grad, table). g_table = A(x)^T grad, g_x = sum_k grad_k J_k(x, table).
+def _encode_backward_setup(ctx, inputs, output):
+    grad, x, table, resolutions, bound, need_x, backend = inputs
+    ctx.save_for_backward(grad, x, table)
+    ctx.need_x = need_x
+    _save_common(ctx, resolutions, bound, backend)
+
+
+def _encode_backward_backward(ctx, v_table, v_x):
+    grad, x, table = ctx.saved_tensors
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError(
+            "hash_encode: second derivatives w.r.t. x are not implemented by the fast backends; detach x, "
+            "or use hash_encode_with_jacobian (x constant) or the reference backend"
+        )
+    res, bound, backend = ctx.resolutions, ctx.bound, ctx.backend
+    g_grad = g_table = None
+    if v_table is not None:
+        g_grad = _encode_op(x, v_table.contiguous(), res, bound, backend)
+    if ctx.need_x and v_x is not None:
+        _, jac = _jacobian_op(x, table, res, bound, backend)
+        term = (jac * v_x[:, None, :]).sum(-1)
+        g_grad = term if g_grad is None else g_grad + term
+        if ctx.needs_input_grad[2]:
+            g_table = _jacobian_backward_op(
+                torch.zeros_like(grad), grad[:, :, None] * v_x[:, None, :], x, res, bound, table.shape[1], backend
+            )
+    return g_grad, None, g_table, None, None, None, None
+
+
+_encode_backward_op.register_autograd(_encode_backward_backward, setup_context=_encode_backward_setup)
+
+
+# hash_encode_with_jacobian: d/d table only (x constant).
+def _jacobian_setup(ctx, inputs, output):
+    x, table, resolutions, bound, backend = inputs
+    ctx.save_for_backward(x)
+    ctx.table_size = table.shape[1]
+    ctx.out_dim = table.shape[0] * table.shape[2]
+    _save_common(ctx, resolutions, bound, backend)
+
+
+def _jacobian_backward(ctx, grad_enc, grad_jac):
+    (x,) = ctx.saved_tensors
+    if grad_enc is None:
+        grad_enc = x.new_zeros(x.shape[0], ctx.out_dim)
+    if grad_jac is None:
+        grad_jac = x.new_zeros(x.shape[0], ctx.out_dim, 3)
+    g_table = _jacobian_backward_op(grad_enc, grad_jac, x, ctx.resolutions, ctx.bound, ctx.table_size, ctx.backend)
+    return None, g_table, None, None, None
+
+
+_jacobian_op.register_autograd(_jacobian_backward, setup_context=_jacobian_setup)
+
+
+# hash_encode_with_jacobian's backward is linear in (grad_enc, grad_jac): its adjoint is the fused forward.
+def _jacobian_backward_setup(ctx, inputs, output):
+    grad_enc, grad_jac, x, resolutions, bound, table_size, backend = inputs
+    ctx.save_for_backward(x)
+    _save_common(ctx, resolutions, bound, backend)
+
+
+def _jacobian_backward_backward(ctx, v_table):
+    (x,) = ctx.saved_tensors
+    if v_table is None:
+        return None, None, None, None, None, None, None
+    enc, jac = _jacobian_op(x, v_table.contiguous(), ctx.resolutions, ctx.bound, ctx.backend)
+    return enc, jac, None, None, None, None, None
+
+
+_jacobian_backward_op.register_autograd(_jacobian_backward_backward, setup_context=_jacobian_backward_setup)
+
+
+def _check(x: object, table: object, cfg: object) -> torch.device:
+    if not isinstance(cfg, HashGridConfig):
+        raise TypeError(f"cfg: expected a HashGridConfig, got {type(cfg).__name__}")
+    check_tensor("x", x, (None, 3), FLOAT_DTYPES)
+    check_tensor("table", table, (cfg.levels, cfg.table_size, cfg.features), FLOAT_DTYPES)
+    return same_device(x=x, table=table)
+
+
+def hash_encode(
+    x: torch.Tensor,  # [N, 3] world positions
+    table: torch.Tensor,  # [L, 2**T, F]
+    cfg: HashGridConfig,
+) -> torch.Tensor:  # [N, L * F]
+    """Encode ``N`` world positions; differentiable w.r.t. ``table`` and ``x``.
+
+    Fast backends compute in float32 and return float32; the reference keeps the promoted input dtype.
+    The backward of the fast backends is differentiable again w.r.t. the incoming gradient and ``table``
+    (not ``x``: asking for a second derivative through ``x`` raises).
+
+    Raises:
+        TypeError / ValueError: an argument of the wrong type, dtype, shape or device (named).
+    """
+    device = _check(x, table, cfg)
+    backend = _dispatch.select(OP, device)
+    if backend == "reference":
+        return hash_encode_reference(x, table, cfg)
+    return _encode_op(x.float().contiguous(), table.float().contiguous(), list(cfg.resolutions), cfg.bound, backend)
+
+
+def hash_encode_with_jacobian(
+    x: torch.Tensor,  # [N, 3] world positions
+    table: torch.Tensor,  # [L, 2**T, F]
+    cfg: HashGridConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:  # [N, L * F], [N, L * F, 3]
+    """The fused pass: the encoding and its spatial Jacobian ``jac[n, k, d] = d enc[n, k] / d x[n, d]``.
+
+    Differentiable w.r.t. ``table`` (to any order); ``x`` is treated as a constant (no gradient flows to
+    it). Fast backends compute in float32 and return float32.
+
+    Raises:
+        TypeError / ValueError: an argument of the wrong type, dtype, shape or device (named).
+    """
+    device = _check(x, table, cfg)
+    backend = _dispatch.select(OP, device)
+    if backend == "reference":
+        return hash_encode_with_jacobian_reference(x, table, cfg)
+    return _jacobian_op(
+        x.detach().float().contiguous(), table.float().contiguous(), list(cfg.resolutions), cfg.bound, backend
+    )
+
+
+__all__ = [
+    "HashGridConfig",
+    "hash_encode",
+    "hash_encode_reference",
+    "hash_encode_with_jacobian",
+    "hash_encode_with_jacobian_reference",
+    "init_hash_table",
+]

@@ -1,0 +1,254 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Compositing: the reference against a per-ray loop, then every usable implementation against the reference,
+outputs and gradients (sigmas, colors, background, and through the weights)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastdream.ops import RaySamples, _dispatch, composite, composite_reference, use_backend
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKENDS = [
+    pytest.param(d, b, id=f"{d}-{b}")
+    for d in DEVICES
+    for b in sorted(_dispatch.usable_backends("composite", torch.device(d)))
+    if b != "reference"
+] or [pytest.param("cpu", "none", marks=pytest.mark.skip(reason="no fast backend for composite here"))]
+CPU_FAST = sorted(b for b in _dispatch.usable_backends("composite", torch.device("cpu")) if b != "reference")
+
+
+def _samples(counts: list[int] | torch.Tensor, seed: int = 0, device: str = "cpu", dtype=torch.float32) -> RaySamples:
+    """Packed intervals with random positive lengths, front to back, ``counts[r]`` per ray."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.as_tensor(counts, dtype=torch.long)
+    r, s = counts.numel(), int(counts.sum())
+    offsets = torch.zeros(r + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(counts, 0)
+    ray_indices = torch.repeat_interleave(torch.arange(r), counts)
+    deltas = 0.005 + 0.03 * torch.rand(s, generator=g, dtype=torch.float64)
+    local_cum = torch.cumsum(deltas, 0)
+    start_of_ray = torch.cat([torch.zeros(1, dtype=torch.float64), local_cum])[offsets[:-1]][ray_indices]
+    t_ends = 1.0 + local_cum - start_of_ray
+    t_starts = t_ends - deltas
+    pos = torch.zeros(s, 3)
+    return RaySamples(
+        ray_indices.to(device),
+        t_starts.to(device, dtype),
+        t_ends.to(device, dtype),
+        pos.to(device, dtype),
+        pos.to(device, dtype),
+        offsets.to(device),
+    )
+
+
+def _inputs(n_rays: int, seed: int = 0, device: str = "cpu", dtype=torch.float32, scale: float = 30.0, c: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 60, (n_rays,), generator=g)
+    if n_rays > 2:
+        counts[0] = 0  # a ray with no samples
+    s = _samples(counts, seed, device, dtype)
+    sigmas = (torch.rand(s.n_samples, generator=g, dtype=dtype) * scale).to(device)
+    colors = torch.rand(s.n_samples, c, generator=g, dtype=dtype).to(device)
+    background = torch.rand(n_rays, c, generator=g, dtype=dtype).to(device)
+    return sigmas, colors, s, background
+
+
+def _loop_composite(sigmas, colors, s, background, eps=1e-4):
+    """The definition, one sample at a time, in float64."""
+    r = s.n_rays
+    image = torch.zeros(r, colors.shape[1], dtype=torch.float64)
+    opacity = torch.zeros(r, dtype=torch.float64)
+    depth = torch.zeros(r, dtype=torch.float64)
+    weights = torch.zeros(s.n_samples, dtype=torch.float64)
+    for ray in range(r):
+        trans = 1.0
+        for i in range(int(s.offsets[ray]), int(s.offsets[ray + 1])):
+            if trans < eps:
+                break
+            delta = float(s.t_ends[i] - s.t_starts[i])
+            alpha = 1.0 - math.exp(-float(sigmas[i]) * delta)
+            weights[i] = trans * alpha
+            image[ray] += weights[i] * colors[i].double()
+            opacity[ray] += weights[i]
+            depth[ray] += weights[i] * 0.5 * float(s.t_starts[i] + s.t_ends[i])
+            trans *= 1.0 - alpha
+        image[ray] += (1.0 - opacity[ray]) * background[ray].double()
+    return image, opacity, depth, weights
+
+
+def _run(backend, sigmas, colors, s, background, eps=1e-4, seed=1):
+    """Forward, then backward of a random linear loss on every output (weights included)."""
+    sig = sigmas.detach().clone().requires_grad_()
+    col = colors.detach().clone().requires_grad_()
+    bg = background.detach().clone().requires_grad_()
+    with use_backend(backend):
+        out = composite(sig, col, s, background=bg, early_stop_eps=eps)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum(
+        (t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)).sum()
+        for t in (out.image, out.opacity, out.depth, out.weights)
+    )
+    loss.backward()
+    grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in (sig, col, bg)]
+    return [t.detach() for t in (out.image, out.opacity, out.depth, out.weights)] + grads
+
+
+NAMES = ("image", "opacity", "depth", "weights", "grad_sigmas", "grad_colors", "grad_background")
+
+
+# --- the reference ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps", [1e-4, 0.0, 0.3])
+def test_reference_matches_the_definition(eps):
+    sigmas, colors, s, bg = _inputs(13, dtype=torch.float64)
+    out = composite_reference(sigmas, colors, s, background=bg, early_stop_eps=eps)
+    want = _loop_composite(sigmas, colors, s, bg, eps)
+    for name, a, b in zip(NAMES, (out.image, out.opacity, out.depth, out.weights), want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_reference_gradcheck_float64():
+    sigmas, colors, s, bg = _inputs(5, seed=2, dtype=torch.float64, scale=5.0)
+    sigmas.requires_grad_()
+    colors.requires_grad_()
+    bg.requires_grad_()
+
+    def f(sig, col, b):
+        out = composite_reference(sig, col, s, background=b)
+        return out.image, out.opacity, out.depth, out.weights
+
+    assert torch.autograd.gradcheck(f, (sigmas, colors, bg), eps=1e-6, atol=1e-6)
+
+
+def test_early_stop_zeroes_the_rest_of_the_ray():
+    s = _samples([50])
+    sigmas = torch.full((50,), 1e4)  # opaque from the first sample
+    out = composite_reference(sigmas, torch.rand(50, 3), s, early_stop_eps=1e-4)
+    assert out.weights[0] > 0.99 and (out.weights[2:] == 0).all()
+    torch.testing.assert_close(out.opacity, torch.ones(1))
+
+
+# --- every implementation against the reference ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("n", [0, 1, 97, 1025])
+def test_matches_reference(device, backend, n):
+    args = _inputs(n, seed=n, device=device)
+    ref = _run("reference", *args)
+    fast = _run(backend, *args)
+    for name, a, b in zip(NAMES, fast, ref):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_backward_matches_float64_reference(device, backend):
+    """The recompute-T backward (suffix = total - prefix) stays close to float64 autograd."""
+    sigmas, colors, s, bg = _inputs(97, seed=3, device=device)
+    ref = _run("reference", sigmas.double(), colors.double(), _samples_to(s, torch.float64), bg.double())
+    fast = _run(backend, sigmas, colors, s, bg)
+    for name, a, b in zip(NAMES, fast, ref):
+        torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-4, msg=name)
+
+
+def _samples_to(s: RaySamples, dtype) -> RaySamples:
+    return RaySamples(s.ray_indices, s.t_starts.to(dtype), s.t_ends.to(dtype), s.positions, s.directions, s.offsets)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("eps", [0.0, 1e-4, 0.05])
+def test_early_stop_matches_reference(device, backend, eps):
+    args = _inputs(60, seed=7, device=device, scale=300.0)  # dense: most rays terminate early
+    ref = _run("reference", *args, eps=eps)
+    fast = _run(backend, *args, eps=eps)
+    for name, a, b in zip(NAMES, fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=max(1e-4, 2 * eps), msg=name)
+    if eps > 0:
+        # after termination the weights are exactly zero (not merely small)
+        assert int((fast[3] == 0).sum()) >= int((ref[3] == 0).sum()) * 0.95
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_single_channel_and_broadcast_background(device, backend):
+    sigmas, colors, s, _ = _inputs(20, seed=4, device=device, c=1)
+    bg = torch.tensor([0.25], device=device)
+    with use_backend(backend):
+        out = composite(sigmas, colors, s, background=bg)
+    ref = composite_reference(sigmas, colors, s, background=bg)
+    torch.testing.assert_close(out.image, ref.image, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FAST)
+def test_nan_and_inf_sigmas_are_defined(backend):
+    sigmas, colors, s, bg = _inputs(5, seed=9)
+    first = int(s.offsets[1])  # ray 0 is empty: ray 1 starts here
+    sigmas[first] = float("nan")
+    sigmas[int(s.offsets[2])] = float("inf")
+    with use_backend(backend):
+        out = composite(sigmas, colors, s, background=bg)
+    assert torch.isnan(out.opacity[1])  # NaN propagates along its own ray only
+    torch.testing.assert_close(out.opacity[2], torch.tensor(1.0))  # an infinite density is opaque
+    assert torch.isfinite(out.image[3:]).all() and torch.isfinite(out.image[0]).all()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FAST)
+def test_no_samples_gives_background(backend):
+    s = _samples([0, 0, 0])
+    bg = torch.rand(3, 3)
+    sig = torch.zeros(0, requires_grad=True)
+    col = torch.zeros(0, 3, requires_grad=True)
+    with use_backend(backend):
+        out = composite(sig, col, s, background=bg)
+    torch.testing.assert_close(out.image, bg)
+    assert (out.opacity == 0).all() and out.weights.shape == (0,)
+
+
+# --- input checks -----------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_name_the_argument():
+    sigmas, colors, s, bg = _inputs(4)
+    with pytest.raises(ValueError, match="colors"):
+        composite(sigmas, colors[:-1], s)
+    with pytest.raises(ValueError, match="sigmas"):
+        composite(sigmas[:, None], colors, s)
+    with pytest.raises(TypeError, match="sigmas"):
+        composite(sigmas.long(), colors, s)
+    with pytest.raises(ValueError, match="background"):
+        composite(sigmas, colors, s, background=bg[:-1])
+    with pytest.raises(ValueError, match="n_rays"):
+        composite(sigmas, colors, s, n_rays=99)
+    with pytest.raises(TypeError, match="offsets"):
+        bad = RaySamples(s.ray_indices, s.t_starts, s.t_ends, s.positions, s.directions, s.offsets.int())
+        composite(sigmas, colors, bad)
+    with pytest.raises(TypeError, match="samples"):
+        composite(sigmas, colors, None)
+    with pytest.raises(ValueError, match="early_stop_eps"):
+        composite(sigmas, colors, s, early_stop_eps=2.0)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="colors"):
+            composite(sigmas, colors.cuda(), s)
+
+
+# --- properties -------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(0, 30), seed=st.integers(0, 2**16), scale=st.sampled_from([0.1, 10.0, 1000.0]))
+def test_property_weights_bounded_and_backends_agree(n, seed, scale):
+    sigmas, colors, s, bg = _inputs(n, seed=seed, scale=scale)
+    ref = _run("reference", sigmas, colors, s, bg)
+    assert (ref[3] >= 0).all() and (ref[1] <= 1 + 1e-6).all()
+    torch.testing.assert_close(ref[1], torch.zeros(n).index_add(0, s.ray_indices, ref[3]))
+    for backend in CPU_FAST:
+        fast = _run(backend, sigmas, colors, s, bg)
+        for name, a, b in zip(NAMES, fast, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)

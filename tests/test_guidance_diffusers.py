@@ -1,0 +1,304 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Diffusers guidance backends, loaded from tiny random pipelines written with save_pretrained.
+
+No hub: every model and tokenizer is built here, offline, and goes through the same loader as real
+checkpoints (``fastdream.guidance.load_guidance``).
+"""
+
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+
+from fastdream.errors import UserError
+from fastdream.guidance import SDSConfig, load_guidance
+from fastdream.guidance.base import VIEW_WORDS, Guidance
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz,."
+
+
+def tiny_clip_tokenizer():
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in LETTERS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+
+
+def tiny_t5_tokenizer():
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + [(c, -2.0) for c in LETTERS]
+    tok = transformers.T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok.model_max_length = 16
+    return tok
+
+
+def tiny_sd_folder(path):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=16,
+    )
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=len(LETTERS) * 2 + 2,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    scheduler = diffusers.DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1
+    )
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def tiny_if_folder(path):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(  # the shape of diffusers' own IF test UNet
+        sample_size=16,
+        in_channels=3,
+        out_channels=6,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        cross_attention_dim=32,
+        encoder_hid_dim=32,
+        attention_head_dim=8,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift",
+        act_fn="gelu",
+    )
+    text_encoder = transformers.T5EncoderModel(
+        transformers.T5Config(
+            vocab_size=len(LETTERS) + 4, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, pad_token_id=0
+        )
+    )
+    scheduler = diffusers.DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2", variance_type="learned_range", thresholding=True
+    )
+    pipe = diffusers.IFPipeline(
+        tokenizer=tiny_t5_tokenizer(),
+        text_encoder=text_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return tiny_sd_folder(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="module")
+def if_folder(tmp_path_factory):
+    return tiny_if_folder(tmp_path_factory.mktemp("tiny-if"))
+
+
+def _images(b=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, size, size, generator=g).requires_grad_(True)
+
+
+@pytest.mark.parametrize("kind", ["sd", "if"])
+def test_load_prepare_and_sds_loss(kind, sd_folder, if_folder):
+    folder = sd_folder if kind == "sd" else if_folder
+    g = load_guidance(str(folder), "cpu")
+    assert isinstance(g, Guidance)
+    assert type(g).__name__ == ("StableDiffusionGuidance" if kind == "sd" else "DeepFloydIFGuidance")
+    assert g.unet.dtype == torch.float32 and not g.unet.training
+    assert all(not p.requires_grad for p in g.unet.parameters())
+    assert g.default_guidance_scale == (100.0 if kind == "sd" else 20.0)
+    if kind == "sd":
+        assert g.model_resolution == 16 and g.resolution == 64  # sample_size 8 × VAE factor 2; renders at 64
+        assert all(not p.requires_grad for p in g.vae.parameters())
+    else:
+        assert g.resolution == 16
+
+    encoder_ref = weakref.ref(g.text_encoder)
+    g.prepare("a red cube")
+    gc.collect()
+    assert g.text_encoder is None and encoder_ref() is None  # freed, nothing else holds it
+    assert g.cond_embeddings.shape[:2] == (len(VIEW_WORDS), 16) and g.uncond_embeddings.shape[:2] == (1, 16)
+    # every view word gets its own embedding
+    for i in range(len(VIEW_WORDS)):
+        for j in range(i):
+            assert not torch.allclose(g.cond_embeddings[i], g.cond_embeddings[j])
+
+    images = _images()
+    loss, info = g.sds_loss(images, ["front", "back view"], SDSConfig(), generator=torch.Generator().manual_seed(0))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert all(p.grad is None for p in g.unet.parameters())
+    assert info["t"].shape == (2,) and info["t"].dtype == torch.long
+    assert ((info["t"] >= 20) & (info["t"] <= 980)).all()
+    assert info["guidance_scale"] == g.default_guidance_scale
+    torch.testing.assert_close(loss.detach(), 0.5 * info["grad_norm"] ** 2)
+
+    # seeded: the same generator seed reproduces loss and gradient exactly
+    images2 = images.detach().clone().requires_grad_(True)
+    loss2, _ = g.sds_loss(images2, ["front", "back"], SDSConfig(), generator=torch.Generator().manual_seed(0))
+    loss2.backward()
+    assert torch.equal(loss, loss2) and torch.equal(images.grad, images2.grad)
+
+
+@pytest.mark.parametrize("kind", ["sd", "if"])
+def test_gradient_is_sds_gradient_at_model_input(kind, sd_folder, if_folder):
+    """d loss / d z equals w(t)(ε̂ − ε) recomputed by hand from one explicit UNet call."""
+    from fastdream.sds import add_noise, sample_timesteps, sds_weight
+
+    g = load_guidance(str(sd_folder if kind == "sd" else if_folder), "cpu")
+    g.prepare("a blue torus")
+    images = _images(b=2, seed=3)
+    words = ["side", "overhead"]
+    cfg = SDSConfig(guidance_scale=7.5, weighting="sds")
+
+    captured = {}
+    encode = g.encode_images
+
+    def spy(x):
+        z = encode(x)
+        z.retain_grad()
+        captured["z"] = z
+        return z
+
+    g.encode_images = spy
+    loss, info = g.sds_loss(images, words, cfg, generator=torch.Generator().manual_seed(5))
+    loss.backward()
+    z = captured["z"]
+
+    gen = torch.Generator().manual_seed(5)  # replay the draws: t first, then ε
+    t = sample_timesteps(2, g.num_train_timesteps, cfg.t_range, gen)
+    eps = torch.randn(z.shape, generator=gen)
+    assert torch.equal(t, info["t"])
+    with torch.no_grad():
+        z_t = add_noise(z.detach(), eps, t, g.alphas_cumprod)
+        idx = torch.tensor([VIEW_WORDS.index(w) for w in words])
+        emb = torch.cat([g.uncond_embeddings.expand(2, -1, -1), g.cond_embeddings[idx]])
+        out = g.unet(torch.cat([z_t, z_t]), torch.cat([t, t]), encoder_hidden_states=emb).sample
+        eps_u, eps_c = out[:, : g.eps_channels].chunk(2)
+        expected = sds_weight(t, g.alphas_cumprod, "sds").view(2, 1, 1, 1) * (eps_u + 7.5 * (eps_c - eps_u) - eps)
+    assert z.shape[1] == (4 if kind == "sd" else 3)
+    torch.testing.assert_close(z.grad, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sd_attention_uses_sdpa(sd_folder):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    g = load_guidance(str(sd_folder), "cpu")
+    assert all(isinstance(p, AttnProcessor2_0) for p in g.unet.attn_processors.values())
+
+
+def test_prepare_again_reloads_the_text_encoder(sd_folder):
+    g = load_guidance(str(sd_folder), "cpu")
+    g.prepare("a red cube")
+    first = g.cond_embeddings.clone()
+    g.prepare("a yellow torus")
+    assert g.text_encoder is None and g.prompt == "a yellow torus"
+    assert not torch.allclose(first, g.cond_embeddings)
+
+
+def test_sds_loss_before_prepare_and_bad_inputs(sd_folder):
+    g = load_guidance(str(sd_folder), "cpu")
+    with pytest.raises(RuntimeError, match="prepare"):
+        g.sds_loss(_images(), ["front", "side"], SDSConfig())
+    g.prepare("a cube")
+    with pytest.raises(ValueError, match="view_words"):
+        g.sds_loss(_images(), ["front"], SDSConfig())
+    with pytest.raises(ValueError, match="view word"):
+        g.sds_loss(_images(), ["front", "under"], SDSConfig())
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        g.sds_loss(torch.rand(2, 4, 8, 8), ["front", "side"], SDSConfig())
+
+
+def _one_line_user_error(excinfo):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg.strip() == msg and len(msg) < 500
+    assert "--model builtin" in msg
+    return msg
+
+
+def test_offline_unknown_hub_id_is_one_line_user_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(UserError) as excinfo:
+        load_guidance("nobody-here/no-such-model", "cpu")
+    msg = _one_line_user_error(excinfo)
+    assert "HF_HUB_OFFLINE" in msg and "hf download nobody-here/no-such-model" in msg
+
+
+def test_not_a_diffusers_folder(tmp_path):
+    (tmp_path / "readme.txt").write_text("hello")
+    with pytest.raises(UserError) as excinfo:
+        load_guidance(str(tmp_path), "cpu")
+    assert "no model_index.json" in _one_line_user_error(excinfo)
+    with pytest.raises(UserError) as excinfo:
+        load_guidance(str(tmp_path / "missing"), "cpu")
+    assert "does not exist" in _one_line_user_error(excinfo)
+
+
+def test_missing_weights_and_unsupported_pipelines(sd_folder, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd_folder, broken)
+    for f in (broken / "unet").glob("diffusion_pytorch_model*"):
+        f.unlink()
+    with pytest.raises(UserError) as excinfo:
+        load_guidance(str(broken), "cpu")
+    assert "cannot load the unet" in _one_line_user_error(excinfo)
+
+    index = json.loads((broken / "model_index.json").read_text())
+    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError) as excinfo:
+        load_guidance(str(broken), "cpu")
+    assert "SDXL" in _one_line_user_error(excinfo)

@@ -1,0 +1,260 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Ray marching: the reference's geometry, then every usable implementation against the reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastdream.ops import (
+    OccupancyGrid,
+    RaySamples,
+    _dispatch,
+    march_rays,
+    march_rays_reference,
+    ray_sphere,
+    use_backend,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _backend_params(op: str) -> list:
+    params = [
+        pytest.param(d, b, id=f"{d}-{b}")
+        for d in DEVICES
+        for b in sorted(_dispatch.usable_backends(op, torch.device(d)))
+        if b != "reference"
+    ]
+    return params or [pytest.param("cpu", "none", marks=pytest.mark.skip(reason=f"no fast backend for {op} here"))]
+
+
+BACKENDS = _backend_params("march_rays")
+CPU_BACKENDS = sorted(_dispatch.usable_backends("march_rays", torch.device("cpu")))  # reference included
+CPU_FAST = [b for b in CPU_BACKENDS if b != "reference"]
+
+
+def _rays(n: int, seed: int = 0, device: str = "cpu", inside: bool = False):
+    """Rays from a shell of radius 2..3 towards points near the origin (most hit, some miss)."""
+    g = torch.Generator().manual_seed(seed)
+    o = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1) * (2 + torch.rand(n, 1, generator=g))
+    if inside:
+        o = o * 0.3
+    target = torch.randn(n, 3, generator=g) * 0.6
+    d = target - o
+    return o.to(device), d.to(device)
+
+
+def _blob_grid(device: str = "cpu", res: int = 32) -> OccupancyGrid:
+    grid = OccupancyGrid(resolution=res).to(device)
+    grid.update(lambda x: 50.0 * ((x - 0.2).norm(dim=-1) < 0.45).float(), warmup=True)
+    return grid
+
+
+def _assert_same(a: RaySamples, b: RaySamples, exact: bool) -> None:
+    assert torch.equal(a.offsets.cpu(), b.offsets.cpu()), "offsets differ"
+    assert torch.equal(a.ray_indices.cpu(), b.ray_indices.cpu()), "ray_indices differ"
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5)
+    for name in ("t_starts", "t_ends", "positions", "directions"):
+        x, y = getattr(a, name).cpu(), getattr(b, name).cpu()
+        assert x.dtype == y.dtype == torch.float32, name
+        torch.testing.assert_close(x, y, **tol, msg=name)
+
+
+def _check_invariants(s: RaySamples, rays_o: torch.Tensor, bound: float = 1.0) -> None:
+    r = rays_o.shape[0]
+    assert s.offsets.shape == (r + 1,) and s.offsets[0] == 0 and s.offsets[-1] == s.n_samples
+    counts = s.offsets[1:] - s.offsets[:-1]
+    assert torch.equal(s.ray_indices, torch.repeat_interleave(torch.arange(r, device=counts.device), counts))
+    assert (s.t_ends > s.t_starts).all()
+    assert (s.t_starts >= 0).all()
+    assert (s.positions.norm(dim=-1) <= bound * (1 + 1e-5)).all()
+    mid = s.t_mids
+    torch.testing.assert_close(s.positions, rays_o[s.ray_indices] + s.directions * mid[:, None], rtol=1e-5, atol=1e-5)
+    same_ray = s.ray_indices[1:] == s.ray_indices[:-1]
+    assert (s.t_starts[1:][same_ray] >= s.t_ends[:-1][same_ray] - 1e-6).all()
+
+
+# --- the reference's geometry ---------------------------------------------------------------------------------
+
+
+def test_ray_sphere_hits_misses_and_inside():
+    o = torch.tensor([[0.0, 0.0, 3.0], [0.0, 2.0, 3.0], [0.0, 0.0, 0.5], [0.0, 0.0, 3.0], [0.0, 0.0, 3.0]])
+    d = torch.tensor([[0.0, 0.0, -2.0], [0.0, 0.0, -1.0], [0.0, 0.0, -1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    t_near, t_far, hit = ray_sphere(o, d, 1.0)
+    assert hit.tolist() == [True, False, True, False, False]
+    torch.testing.assert_close(t_near[[0, 2]], torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(t_far[[0, 2]], torch.tensor([4.0, 1.5]))
+
+
+def test_fixed_step_spans_diameter_in_128_samples():
+    s = march_rays_reference(torch.tensor([[0.0, 0.0, 3.0]]), torch.tensor([[0.0, 0.0, -1.0]]))
+    assert s.n_samples == 128
+    torch.testing.assert_close(s.t_starts[0], torch.tensor(2.0))
+    torch.testing.assert_close(s.t_ends[-1], torch.tensor(4.0))
+    torch.testing.assert_close(s.deltas, torch.full((128,), 1 / 64), rtol=1e-4, atol=1e-5)
+
+
+def test_cone_angle_grows_steps_and_clamps():
+    o, d = torch.tensor([[0.0, 0.0, 3.0]]), torch.tensor([[0.0, 0.0, -1.0]])
+    s = march_rays_reference(o, d, cone_angle=0.02, max_step=0.07)
+    assert s.n_samples < 128
+    interior = s.deltas[:-1]  # the last interval is cut at the sphere
+    torch.testing.assert_close(interior, (s.t_starts[:-1] * 0.02).clamp(1 / 64, 0.07), rtol=1e-5, atol=1e-6)
+    assert interior.max() > 1 / 64
+
+
+def test_max_samples_per_ray_keeps_the_front():
+    o, d = torch.tensor([[0.0, 0.0, 3.0]]), torch.tensor([[0.0, 0.0, -1.0]])
+    s = march_rays_reference(o, d, max_samples_per_ray=10)
+    assert s.n_samples == 10 and float(s.t_starts[0]) == 2.0
+    assert march_rays_reference(o, d, max_samples_per_ray=0).n_samples == 0
+
+
+def test_grid_skips_empty_cells_and_keeps_occupied_ones():
+    o, d = _rays(200)
+    grid = _blob_grid()
+    full = march_rays_reference(o, d)
+    s = march_rays_reference(o, d, grid)
+    _check_invariants(s, o)
+    assert 0 < s.n_samples < full.n_samples
+    assert grid.occupied_at(s.positions).all()
+    dropped = ~grid.occupied_at(full.positions)
+    assert int(dropped.sum()) == full.n_samples - s.n_samples
+
+
+def test_jitter_is_reproducible_and_within_first_step():
+    o, d = _rays(50)
+    a = march_rays_reference(o, d, jitter=True, generator=torch.Generator().manual_seed(3))
+    b = march_rays_reference(o, d, jitter=True, generator=torch.Generator().manual_seed(3))
+    _assert_same(a, b, exact=True)
+    t_near, _, hit = ray_sphere(o, d)
+    first = a.t_starts[a.offsets[:-1][hit & (a.offsets[1:] > a.offsets[:-1])]]
+    near = t_near[hit & (a.offsets[1:] > a.offsets[:-1])]
+    assert ((first >= near) & (first < near + 1 / 64 + 1e-6)).all()
+    assert not torch.equal(first, near)
+
+
+# --- every implementation against the reference ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("n", [0, 1, 97, 1025])
+@pytest.mark.parametrize("with_grid", [False, True])
+def test_matches_reference(device, backend, n, with_grid):
+    o, d = _rays(n, seed=n, device=device)
+    grid = _blob_grid(device) if with_grid else None
+    ref = march_rays_reference(o, d, grid)
+    with use_backend(backend):
+        fast = march_rays(o, d, grid)
+    _check_invariants(fast, o)
+    _assert_same(fast, ref, exact=device == "cpu")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_matches_reference_cone_jitter_inside(device, backend):
+    o, d = _rays(300, seed=5, device=device, inside=True)
+    kw = dict(cone_angle=0.01, max_step=0.05, step=0.01, max_samples_per_ray=100, bound=1.2)
+    ref = march_rays_reference(o, d, jitter=True, generator=torch.Generator(device).manual_seed(1), **kw)
+    with use_backend(backend):
+        fast = march_rays(o, d, jitter=True, generator=torch.Generator(device).manual_seed(1), **kw)
+    assert (ref.offsets[1:] > ref.offsets[:-1]).all()  # every ray starts inside: all get samples
+    _assert_same(fast, ref, exact=device == "cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_every_cell_empty_gives_no_samples(backend):
+    o, d = _rays(97)
+    grid = OccupancyGrid(resolution=16)
+    grid.update(lambda x: torch.zeros(x.shape[0]), warmup=True)
+    assert not grid.occupied.any()
+    with use_backend(backend):
+        s = march_rays(o, d, grid)
+    assert (
+        s.n_samples == 0 and s.positions.shape == (0, 3) and torch.equal(s.offsets, torch.zeros(98, dtype=torch.long))
+    )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_inf_and_zero_rays_get_no_samples(backend):
+    o, d = _rays(6)
+    d[0] = float("nan")
+    d[1] = float("inf")
+    d[2] = 0.0
+    o[3] = float("inf")
+    o[4, 0] = float("nan")
+    with use_backend(backend):
+        s = march_rays(o, d)
+    counts = (s.offsets[1:] - s.offsets[:-1]).tolist()
+    assert counts[:5] == [0, 0, 0, 0, 0]
+    assert torch.isfinite(s.positions).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_rays_that_miss_or_point_away(backend):
+    o = torch.tensor([[0.0, 1.5, 3.0], [0.0, 0.0, 3.0], [0.0, 0.0, 3.0]])
+    d = torch.tensor([[0.0, 0.0, -1.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0]])
+    with use_backend(backend):
+        s = march_rays(o, d)
+    assert s.offsets.tolist() == [0, 0, 0, 128]
+
+
+# --- input checks -----------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_name_the_argument():
+    o, d = _rays(4)
+    with pytest.raises(ValueError, match="rays_d"):
+        march_rays(o, d[:3])
+    with pytest.raises(ValueError, match="rays_o"):
+        march_rays(o[:, :2], d)
+    with pytest.raises(TypeError, match="rays_o"):
+        march_rays(o.long(), d)
+    with pytest.raises(TypeError, match="rays_d"):
+        march_rays(o, d.numpy())
+    with pytest.raises(ValueError, match="step"):
+        march_rays(o, d, step=0.0)
+    with pytest.raises(ValueError, match="cone_angle"):
+        march_rays(o, d, cone_angle=-1.0)
+    with pytest.raises(ValueError, match="bound"):
+        march_rays(o, d, bound=float("nan"))
+    with pytest.raises(TypeError, match="grid"):
+        march_rays(o, d, grid="grid")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="rays_d"):
+            march_rays(o, d.cuda())
+
+
+# --- properties -------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    seed=st.integers(0, 2**16),
+    step=st.floats(0.005, 0.2),
+    cone=st.sampled_from([0.0, 0.004, 0.05]),
+    inside=st.booleans(),
+    jitter=st.booleans(),
+)
+def test_property_invariants_and_backends_agree(n, seed, step, cone, inside, jitter):
+    o, d = _rays(n, seed=seed, inside=inside)
+    grid = _blob_grid(res=16) if seed % 2 else None
+    kw = dict(step=step, cone_angle=cone, jitter=jitter)
+    ref = march_rays_reference(o, d, grid, generator=torch.Generator().manual_seed(seed), **kw)
+    _check_invariants(ref, o)
+    t_near, t_far, hit = ray_sphere(o, d)
+    counts = ref.offsets[1:] - ref.offsets[:-1]
+    assert (counts[~hit] == 0).all()
+    if grid is None and cone == 0.0 and not jitter:
+        expected = torch.ceil((t_far - t_near)[hit] / step).long().clamp_max(1024)
+        assert ((counts[hit] - expected).abs() <= 1).all()  # +-1: rounding of the accumulated t at t_far
+    for backend in CPU_FAST:
+        with use_backend(backend):
+            fast = march_rays(o, d, grid, generator=torch.Generator().manual_seed(seed), **kw)
+        _assert_same(fast, ref, exact=True)
+    assert math.isfinite(float(ref.t_ends.sum()))
