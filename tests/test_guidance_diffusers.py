@@ -275,6 +275,25 @@ def test_offline_unknown_hub_id_is_one_line_user_error(monkeypatch, tmp_path):
     assert "HF_HUB_OFFLINE" in msg and "hf download nobody-here/no-such-model" in msg
 
 
+def test_unreachable_hub_fails_fast_with_one_line(monkeypatch, tmp_path, capfd):
+    import socket
+    import time
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror("no network")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    start = time.perf_counter()
+    with pytest.raises(UserError) as excinfo:
+        load_guidance("nobody-here/no-such-model", "cpu")
+    assert time.perf_counter() - start < 5.0  # no retry loop
+    assert "cannot be reached" in _one_line_user_error(excinfo)
+    assert capfd.readouterr().err == ""  # nothing else on stderr
+
+
 def test_not_a_diffusers_folder(tmp_path):
     (tmp_path / "readme.txt").write_text("hello")
     with pytest.raises(UserError) as excinfo:
