@@ -38,6 +38,7 @@ import torch
 from fastdream.builtin.primitives import BOUNDING_RADIUS, normals, sdf
 from fastdream.builtin.vocabulary import COLOURS, SHAPES
 from fastdream.cameras import VIEW_WORDS, CameraConfig, get_rays, sample_cameras, view_word
+from fastdream.config import ShadingConfig
 from fastdream.ops import shade
 
 DATA_VERSION = 1
@@ -58,8 +59,8 @@ class DatasetConfig:
     resolution: int = 64
     cameras_per_view: int = 64
     seed: int = 0
-    ambient: float = 0.1
-    diffuse: float = 0.9
+    ambient: float = ShadingConfig().ambient[0]  # the trainer's defaults (grey light)
+    diffuse: float = ShadingConfig().diffuse[0]
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def key(self) -> str:
