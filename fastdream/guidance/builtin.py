@@ -139,12 +139,11 @@ class BuiltinGuidance:
     Attributes:
         resolution: 64 (the data's image size).
         default_guidance_scale: ω used when ``SDSConfig.guidance_scale`` is None.
-        recommended: settings the generate command applies for ``--model builtin`` unless the user sets them.
         alphas_cumprod: [1000] ᾱ_t (float32, on ``device``).
     """
 
+    # The feasibility study's ω (DESIGN.md); fastdream.config.resolve picks the builtin's step count.
     default_guidance_scale: float = 20.0
-    recommended: dict[str, Any] = {"guidance_scale": 20.0}
 
     def __init__(
         self,
