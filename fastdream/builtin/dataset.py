@@ -23,9 +23,9 @@ is only the default of :meth:`BuiltinDataset.image`.
 
 The surface is found by sphere tracing the exact SDF (what the volume renderer shows of an opaque field, one
 ray per pixel; volume-rendering ~1300 images through ``march_rays``/``composite`` would cost minutes of a
-first run on a CPU, tracing costs seconds), normals are the SDF's analytic gradient, and shading is fastdream's own shade op. The arrays are cached as
-uint8 under ``$FASTDREAM_CACHE`` (default ``~/.cache/fastdream``), written atomically, generated on first use
-(a few seconds).
+first run on a CPU, tracing costs seconds), normals are the SDF's analytic gradient, and shading is
+fastdream's own shade op. The arrays are cached as uint8 under ``$FASTDREAM_CACHE`` (default
+``~/.cache/fastdream``), written atomically, generated on first use (a few seconds).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ empirical distribution, the optimal denoiser is known in closed form:
 over the images of the label (prompt colour and shape, and the view word) for the conditional model and over
 the whole set for the unconditional one. Both are restricted to the render's shading mode (the trainer calls
 :meth:`BuiltinGuidance.set_shading_mode` each step) and composited over the render's own background (read at
-its corners, :func:`corner_background`), so they judge the object only; classifier-free guidance and the SDS gradient are
-:mod:`fastdream.sds`'s. z is the image in [-1, 1] at 64×64; ᾱ is DDPM's linear-β schedule (1000 steps).
+its corners, :func:`corner_background`), so they judge the object only. Classifier-free guidance and the
+SDS gradient are :mod:`fastdream.sds`'s. z is the image in [-1, 1] at 64×64; ᾱ is DDPM's linear-β schedule (1000 steps).
 
 A closed-vocabulary demonstration and test prior, not a general text model: prompts are
 ``[a] COLOUR SHAPE`` (:mod:`fastdream.builtin.vocabulary`).
