@@ -114,9 +114,10 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
                 setattr(target, key, getattr(src, key))
         ignored = sorted(explicit - set(RESUME_OVERRIDES) - {"out"})
         if ignored:
+            names = ", ".join("--" + n.replace("_", "-") for n in ignored)
             raise UserError(
                 f"--resume continues {run_dir} with its saved settings; only --steps, --save-every, "
-                f"--preview-every and --device may change (got {', '.join('--' + n.replace('_', '-') for n in ignored)})"
+                f"--preview-every and --device may change (got {names})"
             )
         saved.out = str(run_dir)
         saved.device = str(device)
