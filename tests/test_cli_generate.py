@@ -129,3 +129,18 @@ def test_existing_run_is_refused_and_left_unchanged(sd_model, tmp_path):
     proc = fastdream("generate", "a red cube", "--out", str(out), "--resume", "--steps", "3", "--quiet")
     assert proc.returncode == 2 and "corrupt or truncated" in proc.stderr, proc.stderr
     assert snapshot(out) == before
+
+
+def test_help_documents_every_option_with_its_default():
+    from fastdream.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in ("generate", "export"):
+        p = sub.choices[name]
+        text = " ".join(p.format_help().split())
+        for action in p._actions:
+            if action.option_strings and action.default not in (None, False) and action.dest != "help":
+                assert action.help and action.option_strings[0] in text
+        assert "(default: stabilityai/stable-diffusion-2-1-base)" in text or name == "export"
+        assert "(default: auto)" in text
