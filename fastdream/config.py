@@ -1,0 +1,332 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Configuration of a run: small dataclasses with documented defaults, saved as ``config.json``.
+
+The CLI is a thin layer over these. Some defaults depend on the device and the guidance model (a smaller
+hash grid on the CPU, fewer steps and another guidance scale for ``--model builtin``): such fields default to
+``None`` ("auto") and :func:`resolve` fills them in once the device and the model are known, so the saved
+``config.json`` always holds the concrete values the run used.
+
+Example:
+    >>> cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin"), device="cpu")
+    >>> cfg = resolve(cfg)
+    >>> cfg.optim.steps, cfg.field.log2_table_size
+    (800, 16)
+    >>> RunConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from fastdream.cameras import CameraConfig
+from fastdream.errors import UserError
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+BACKGROUNDS = ("mlp", "random", "white", "black")
+DENSITY_ACTIVATIONS = ("softplus", "exp")
+NORMAL_METHODS = ("analytic", "finite_difference")
+WEIGHTINGS = ("sds", "uniform", "sigma")
+SHADING_MODES = ("albedo", "shaded", "textureless")
+
+
+@dataclass
+class FieldConfig:
+    """The neural field: a multiresolution hash grid and a small MLP.
+
+    ``None`` fields are chosen per device by :func:`resolve`: on CUDA the Instant-NGP grid (16 levels,
+    2**19 entries, finest 2048); on the CPU a small one (16 levels, 2**16 entries, finest 512) so that a step
+    stays well under a second on two cores.
+    """
+
+    levels: int = 16
+    features: int = 2  # per level
+    log2_table_size: int | None = None  # CUDA 19, CPU 16
+    base_resolution: int = 16
+    finest_resolution: int | None = None  # CUDA 2048, CPU 512
+    hidden: int = 64  # MLP width
+    hidden_layers: int = 1  # hidden layers of the MLP after the input layer
+    density_activation: str = "softplus"  # "softplus" | "exp"
+    # Density bias at initialisation, added before the activation: blob_density * exp(-|x|^2 / (2 r^2)) + shift
+    # with r = blob_radius * bound. The (negative) shift keeps empty space empty so the occupancy grid can skip
+    # it; with the defaults the initial density is 6 at the centre, 0.3 at 0.4 * bound and 0.0025 at the bound.
+    blob_density: float = 12.0
+    blob_radius: float = 0.3
+    density_shift: float = -6.0
+    normals: str = "analytic"  # "analytic" (hash-grid Jacobian) | "finite_difference"
+
+
+@dataclass
+class RenderConfig:
+    """Rendering during training (the guidance's input) and for previews/turntable."""
+
+    resolution: int = 64  # training render height = width
+    samples_per_ray: int = 96  # march step = 2 * bound / samples_per_ray (samples across the diameter)
+    bound: float = 1.0  # radius of the bounding sphere at the origin
+    # "mlp" (environment map of the ray direction) | "random" (a random solid colour per step) | "white" | "black".
+    # auto: "black" for --model builtin (its images' background), "mlp" otherwise.
+    background: str | None = None
+    grid_resolution: int | None = None  # occupancy grid cells per axis: CUDA 128, CPU 48
+    grid_threshold: float = 0.01  # a cell is occupied when density * step exceeds this
+    grid_decay: float = 0.95
+    jitter: bool = True  # random offset of the samples along each ray during training
+    preview_resolution: int | None = None  # CUDA 256, CPU 64
+    turntable_resolution: int | None = None  # CUDA 256, CPU 96
+    turntable_frames: int | None = None  # CUDA 120, CPU 36
+    turntable_shading: str = "shaded"  # "albedo" | "shaded" | "textureless"
+    turntable_fps: int = 20
+
+
+@dataclass
+class ShadingConfig:
+    """DreamFusion's shading schedule: an albedo-only warm-up, then a random mix of shaded and textureless."""
+
+    albedo_warmup_steps: int | None = None  # auto: 10% of the steps
+    textureless_ratio: float = 0.5  # after the warm-up, probability of a textureless render (else shaded)
+    ambient: tuple[float, float, float] = (0.3, 0.3, 0.3)
+    diffuse: tuple[float, float, float] = (0.7, 0.7, 0.7)
+
+
+@dataclass
+class OptimConfig:
+    steps: int | None = None  # auto: 800 for --model builtin, 5000 for diffusion models
+    lr: float = 1e-2  # field (hash grid and MLP)
+    background_lr: float = 1e-2  # the environment map must follow the prior's background quickly, or the
+    # field fills empty space with density to paint it (slow: the occupancy grid can skip nothing)
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-15
+    save_every: int = 200  # checkpoint period in steps (and always at the end)
+    preview_every: int = 200  # preview-grid period in steps (0: never)
+    grid_update_every: int = 16  # occupancy-grid update period in steps
+    grid_warmup_steps: int = 256  # until then every cell is re-evaluated at each update
+    lambda_orient: float = 1e-2
+    lambda_opacity: float = 1e-3
+    seed: int = 0
+    max_bad_steps: int = 25  # this many non-finite steps in a row stop the run
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class GuidanceConfig:
+    model: str = DEFAULT_MODEL  # hub id, local diffusers folder, or "builtin"
+    guidance_scale: float | None = None  # auto: 100 for diffusion models, the builtin prior's own otherwise
+    t_range: tuple[float, float] = (0.02, 0.98)
+    weighting: str = "sds"  # w(t): "sds" (sigma_t^2) | "uniform"
+
+
+@dataclass
+class ExportConfig:
+    mesh_resolution: int = 128  # marching-cubes grid cells per axis over [-bound, bound]^3
+    iso_level: float = 10.0  # density level of the surface (falls back to half the maximum when above it)
+    min_component_ratio: float = 0.05  # drop connected components with fewer faces than this * the largest
+
+
+@dataclass
+class RunConfig:
+    prompt: str = ""
+    out: str = ""
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
+    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
+    render: RenderConfig = dataclasses.field(default_factory=RenderConfig)
+    shading: ShadingConfig = dataclasses.field(default_factory=ShadingConfig)
+    camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+
+    @property
+    def model(self) -> str:
+        return self.guidance.model
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return _from_dict(cls, d)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return cls.from_dict(json.loads(text))
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two configs the same run (for refusing to mix runs in one folder)."""
+        d = self.to_dict()
+        for k in ("out", "device"):
+            d.pop(k)
+        for k in ("steps", "save_every", "preview_every"):
+            d["optim"].pop(k)
+        return d
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from a dict, recursively; unknown keys are an error, missing ones default."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}: expected an object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    kwargs = {}
+    for name, value in d.items():
+        default = getattr(cls(), name) if name in fields else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def slugify(prompt: str, max_len: int = 48) -> str:
+    """'A red cube!' -> 'a_red_cube' (the default run folder name)."""
+    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")
+    return slug[:max_len].rstrip("_") or "run"
+
+
+def is_builtin(model: str) -> bool:
+    return model.strip().lower() == "builtin"
+
+
+def resolve(cfg: RunConfig, device_type: str | None = None) -> RunConfig:
+    """Fill in the "auto" (None) fields for ``device_type`` ("cpu" | "cuda"; default from ``cfg.device``)."""
+    cfg = _from_dict(RunConfig, cfg.to_dict())  # a copy
+    if device_type is None:
+        device_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    gpu = device_type == "cuda"
+    f, r, o, s = cfg.field, cfg.render, cfg.optim, cfg.shading
+    if f.log2_table_size is None:
+        f.log2_table_size = 19 if gpu else 16
+    if f.finest_resolution is None:
+        f.finest_resolution = 2048 if gpu else 512
+    if r.grid_resolution is None:
+        r.grid_resolution = 128 if gpu else 48
+    if r.preview_resolution is None:
+        r.preview_resolution = 256 if gpu else 64
+    if r.turntable_resolution is None:
+        r.turntable_resolution = 256 if gpu else 96
+    if r.turntable_frames is None:
+        r.turntable_frames = 120 if gpu else 36
+    if r.background is None:
+        r.background = "black" if is_builtin(cfg.guidance.model) else "mlp"
+    if o.steps is None:
+        o.steps = 800 if is_builtin(cfg.guidance.model) else 5000
+    if s.albedo_warmup_steps is None:
+        s.albedo_warmup_steps = o.steps // 10
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every check of a run's settings, in one place. Raises UserError naming the option and the fix."""
+    if not cfg.prompt or not cfg.prompt.strip():
+        raise UserError('the prompt is empty; give a text prompt, e.g. fastdream generate "a red cube"')
+    if not cfg.guidance.model or not cfg.guidance.model.strip():
+        raise UserError("--model is empty; give a hub id, a local diffusers folder, or 'builtin'")
+    o, r, f, s, g = cfg.optim, cfg.render, cfg.field, cfg.shading, cfg.guidance
+
+    def positive_int(name: str, v: Any, lo: int = 1, hi: int | None = None) -> None:
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise UserError(f"{name} must be an integer {rng}, got {v!r}")
+
+    def finite(name: str, v: Any, lo: float | None = None, lo_open: bool = False) -> None:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise UserError(f"{name} must be a finite number, got {v!r}")
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            raise UserError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+
+    if o.steps is not None:
+        positive_int("--steps", o.steps)
+    positive_int("--save-every", o.save_every)
+    positive_int("--preview-every", o.preview_every, lo=0)
+    positive_int("--seed", o.seed, lo=0, hi=2**63 - 1)
+    positive_int("--resolution", r.resolution, lo=16, hi=1024)
+    positive_int("--samples-per-ray", r.samples_per_ray, lo=8, hi=1024)
+    positive_int("grid_update_every", o.grid_update_every)
+    positive_int("max_bad_steps", o.max_bad_steps)
+    if r.preview_resolution is not None:
+        positive_int("--preview-resolution", r.preview_resolution, lo=16, hi=2048)
+    if r.turntable_shading not in SHADING_MODES:
+        raise UserError(f"turntable_shading must be one of {', '.join(SHADING_MODES)}, got {r.turntable_shading!r}")
+    if r.grid_resolution is not None:
+        positive_int("grid_resolution", r.grid_resolution, lo=8, hi=512)
+    finite("--lr", o.lr, lo=0.0, lo_open=True)
+    finite("background_lr", o.background_lr, lo=0.0)
+    finite("--lambda-orient", o.lambda_orient, lo=0.0)
+    finite("--lambda-opacity", o.lambda_opacity, lo=0.0)
+    finite("bound", r.bound, lo=0.0, lo_open=True)
+    if g.guidance_scale is not None:
+        finite("--guidance-scale", g.guidance_scale, lo=0.0)
+    lo, hi = g.t_range
+    if not (0.0 <= lo < hi <= 1.0):
+        raise UserError(f"t_range must satisfy 0 <= lo < hi <= 1, got {g.t_range}")
+    if g.weighting not in WEIGHTINGS:
+        raise UserError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {g.weighting!r}")
+    if r.background is not None and r.background not in BACKGROUNDS:
+        raise UserError(f"--background must be one of {', '.join(BACKGROUNDS)}, got {r.background!r}")
+    if f.density_activation not in DENSITY_ACTIVATIONS:
+        raise UserError(f"density_activation must be one of {DENSITY_ACTIVATIONS}, got {f.density_activation!r}")
+    if f.normals not in NORMAL_METHODS:
+        raise UserError(f"--normals must be one of {', '.join(NORMAL_METHODS)}, got {f.normals!r}")
+    finite("--textureless-ratio", s.textureless_ratio, lo=0.0)
+    if s.textureless_ratio > 1.0:
+        raise UserError(f"--textureless-ratio must be in [0, 1], got {s.textureless_ratio}")
+    if s.albedo_warmup_steps is not None:
+        positive_int("--albedo-warmup", s.albedo_warmup_steps, lo=0)
+    for name, col in (("--ambient", s.ambient), ("--diffuse", s.diffuse)):
+        if len(col) != 3 or any(not math.isfinite(c) or c < 0 for c in col):
+            raise UserError(f"{name} must be three non-negative numbers, got {col}")
+    positive_int("levels", f.levels, hi=32)
+    if f.log2_table_size is not None:
+        positive_int("log2_table_size", f.log2_table_size, lo=8, hi=24)
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.key=value`` strings (``--set``), e.g. ``render.turntable_frames=12`` or
+    ``shading.ambient=[0.2,0.2,0.2]``; values parse as JSON, else as a plain string.
+
+    Raises:
+        UserError: an unknown key or a value of the wrong type.
+    """
+    d = cfg.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects section.key=value, got {item!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        node, parts = d, key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise UserError(f"--set {key}: unknown setting (see config.json of a run for the names)")
+            node = node[p]
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise UserError(f"--set {key}: unknown setting (see config.json of a run for the names)")
+        old = node[parts[-1]]
+        if old is not None and value is not None:
+            if isinstance(old, bool) != isinstance(value, bool) or (
+                isinstance(old, (int, float)) and not isinstance(value, (int, float))
+            ):
+                raise UserError(f"--set {key}: expected a value like {old!r}, got {value!r}")
+            if isinstance(old, int) and not isinstance(old, bool) and isinstance(value, float):
+                raise UserError(f"--set {key}: expected an integer, got {value!r}")
+            if isinstance(old, (list, tuple)) and (not isinstance(value, list) or len(value) != len(old)):
+                raise UserError(f"--set {key}: expected a list of {len(old)} values, got {value!r}")
+            if isinstance(old, str) and not isinstance(value, str):
+                value = text
+        node[parts[-1]] = value
+    try:
+        return RunConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--set: {e}") from e
