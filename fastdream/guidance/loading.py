@@ -10,12 +10,17 @@ safetensors files where a folder has them.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -31,6 +36,36 @@ def hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def hub_reachable() -> bool:
+    """Whether the hub's host name resolves: a fast check that spares the user huggingface_hub's ~25 s of
+    retries on a machine without network (the cache is then used as if HF_HUB_OFFLINE were set)."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return True
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def quiet_hub_logs() -> Iterator[None]:
+    """Silence huggingface_hub / diffusers / transformers log lines while loading: failures become one
+    UserError line, and retry chatter on stderr would break that contract."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "diffusers", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def one_line(err: BaseException, limit: int = 160) -> str:
@@ -94,6 +129,8 @@ def resolve_model(model: str) -> ModelSource:
         raise UserError(
             f"model folder {model} does not exist; pass a diffusers folder, a hub id (owner/name) {_BUILTIN_HINT}"
         )
+    if not offline and not hub_reachable():
+        offline = True
     return ModelSource(model, model, False, offline, _read_index(_hub_file(model, "model_index.json", offline), model))
 
 
@@ -126,7 +163,7 @@ def _hub_file(repo_id: str, filename: str, offline: bool) -> str:
     except hub_errors.RemoteEntryNotFoundError as err:
         raise UserError(f"{repo_id} has no {filename}: it is not a diffusers pipeline {_BUILTIN_HINT}") from err
     except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled) as err:
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub cannot be reached"
         raise UserError(
             f"{repo_id} is not in the Hugging Face cache and {why}; download it first with "
             f"`hf download {repo_id}` {_BUILTIN_HINT}"
@@ -209,6 +246,11 @@ def load_diffusers_guidance(model: str, device: torch.device, dtype: torch.dtype
     no VAE and a 3-channel UNet input means pixel diffusion (IF stage I). Other pipelines (SDXL, IF
     super-resolution, inpainting, transformer-based models) are refused with a one-line UserError.
     """
+    with quiet_hub_logs():
+        return _load_diffusers_guidance(model, device, dtype, **kw)
+
+
+def _load_diffusers_guidance(model: str, device: torch.device, dtype: torch.dtype | None, **kw: Any):
     from diffusers import UNet2DConditionModel
 
     source = resolve_model(model)
