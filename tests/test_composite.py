@@ -91,7 +91,7 @@ def _run(backend, sigmas, colors, s, background, eps=1e-4, seed=1):
         out = composite(sig, col, s, background=bg, early_stop_eps=eps)
     g = torch.Generator().manual_seed(seed)
     loss = sum(
-        (t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)).sum()
+        (t * torch.randn(t.shape, generator=g).to(t.device, t.dtype)).sum()
         for t in (out.image, out.opacity, out.depth, out.weights)
     )
     loss.backward()

@@ -87,9 +87,15 @@ class RaySamples:
         return (self.t_starts + self.t_ends) * 0.5
 
 
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    # torch's vectorised float32 sqrt is not always correctly rounded (AVX-512 builds); through float64 it is,
+    # like sqrtf in the compiled marcher, so both take the same steps.
+    return torch.sqrt(x.double()).float()
+
+
 def _normalize(d: torch.Tensor) -> torch.Tensor:
     # Written out component by component so that the float32 rounding matches the compiled marcher's.
-    n = torch.sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2])
+    n = _sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2])
     return d / n[:, None]
 
 
@@ -97,7 +103,7 @@ def _ray_sphere_unit(o: torch.Tensor, d: torch.Tensor, radius: float) -> tuple[t
     b = o[:, 0] * d[:, 0] + o[:, 1] * d[:, 1] + o[:, 2] * d[:, 2]
     c = (o[:, 0] * o[:, 0] + o[:, 1] * o[:, 1] + o[:, 2] * o[:, 2]) - radius * radius
     disc = b * b - c
-    sq = torch.sqrt(disc.clamp_min(0))
+    sq = _sqrt(disc.clamp_min(0))
     t_near = (-b - sq).clamp_min(0)
     t_far = -b + sq
     hit = (disc >= 0) & (t_far > t_near) & torch.isfinite(t_near) & torch.isfinite(t_far)
