@@ -1,0 +1,227 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The builtin prior's data: every primitive, in every colour and shading mode, from the generator's cameras.
+
+What the trainer renders, the data shows. The trainer draws cameras and point lights from
+:func:`fastdream.cameras.sample_cameras` with the default :class:`~fastdream.cameras.CameraConfig`, casts one
+ray per pixel centre (:func:`fastdream.cameras.get_rays`) and shades with :func:`fastdream.ops.shade` in one
+of three modes. So the data are, for each primitive and each of ``cameras_per_view`` cameras of every view
+word (front, side, back, overhead: balanced, drawn from that same distribution with a fixed seed):
+
+- ``shaded``: ``rho * S`` with ``S`` the Lambertian shade of a white surface (ambient + diffuse * cos);
+- ``albedo``: ``rho * A`` with ``A`` the 0/1 silhouette (the renderer's opacity);
+- ``textureless``: ``S`` (the shade op replaces the albedo by white light);
+
+for every colour ``rho`` of the palette, over a black background: ``x = rho * B + (1 - A) * background``.
+Lambertian shading is linear in a uniform albedo, so each (primitive, camera) is rendered once (``S``, ``A``)
+and coloured on the fly: the denoiser never materialises the ~100k images.
+
+Why black: the trainer's background is a learned environment map, which can learn any constant. Black keeps
+every palette colour and every lit textureless face visible (on white, a textureless face lit head-on shades to
+~1 and vanishes, and so does a white object in albedo mode), so the silhouette always carries the shape.
+
+The surface is found by sphere tracing the exact SDF (the surface a converged field's opacity shows),
+normals are the SDF's analytic gradient, and shading is fastdream's own shade op. The arrays are cached as
+uint8 under ``$FASTDREAM_CACHE`` (default ``~/.cache/fastdream``), written atomically, generated on first use
+(a few seconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fastdream.builtin.primitives import BOUNDING_RADIUS, normals, sdf
+from fastdream.builtin.vocabulary import COLOURS, SHAPES
+from fastdream.cameras import VIEW_WORDS, CameraConfig, get_rays, sample_cameras, view_word
+from fastdream.config import ShadingConfig
+from fastdream.ops import shade
+
+DATA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """How the builtin data are made (all fields enter the cache key).
+
+    Attributes:
+        resolution: image size H = W (the guidance's resolution).
+        cameras_per_view: cameras per view word; 4x this per primitive.
+        seed: seed of the camera draw.
+        ambient, diffuse: grey light intensities of the trainer's shading.
+        background: RGB of the background, 0..1.
+    """
+
+    resolution: int = 64
+    cameras_per_view: int = 64
+    seed: int = 0
+    ambient: float = ShadingConfig().ambient[0]  # the trainer's defaults (grey light)
+    diffuse: float = ShadingConfig().diffuse[0]
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def key(self) -> str:
+        blob = repr((DATA_VERSION, sorted(asdict(self).items()), SHAPES, CameraConfig()))
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+@dataclass
+class BuiltinDataset:
+    """Shade and silhouette images of every (primitive, camera), and their labels.
+
+    Attributes:
+        shade: [P, J, H, W] float32 in [0, 1], the Lambertian shade S of a white surface (0 off the object).
+        alpha: [P, J, H, W] float32 in {0, 1}, the silhouette A.
+        views: [J] int64 index into :data:`fastdream.cameras.VIEW_WORDS` of each camera.
+        elevation, azimuth: [J] degrees of each camera.
+        shapes: the P primitive names; colours: name -> RGB.
+        config: how it was made.
+    """
+
+    shade: torch.Tensor
+    alpha: torch.Tensor
+    views: torch.Tensor
+    elevation: torch.Tensor
+    azimuth: torch.Tensor
+    shapes: tuple[str, ...]
+    colours: dict[str, tuple[float, float, float]]
+    config: DatasetConfig
+
+    def image(self, shape: str, camera: int, colour: str, mode: str = "shaded") -> torch.Tensor:
+        """One data image [3, H, W] in [0, 1] (``mode`` shaded, albedo or textureless)."""
+        p = self.shapes.index(shape)
+        rho = torch.tensor([1.0, 1.0, 1.0] if mode == "textureless" else self.colours[colour])
+        base = self.alpha[p, camera] if mode == "albedo" else self.shade[p, camera]
+        bg = torch.tensor(self.config.background)
+        return rho[:, None, None] * base + bg[:, None, None] * (1 - self.alpha[p, camera])
+
+    def label(self, camera: int) -> str:
+        return VIEW_WORDS[int(self.views[camera])]
+
+
+def balanced_cameras(per_view: int, seed: int, cfg: CameraConfig | None = None):
+    """``per_view`` cameras of each view word, in order front.., side.., back.., overhead.., drawn from ``cfg``."""
+    cfg = cfg or CameraConfig()
+    g = torch.Generator().manual_seed(seed)
+    picked: dict[str, list[int]] = {w: [] for w in VIEW_WORDS}
+    pool = None
+    n = 8 * per_view
+    while any(len(v) < per_view for v in picked.values()):
+        pool = sample_cameras(cfg, n, g)
+        picked = {w: [] for w in VIEW_WORDS}
+        for i in range(n):
+            w = view_word(float(pool.elevation[i]), float(pool.azimuth[i]))
+            if len(picked[w]) < per_view:
+                picked[w].append(i)
+        n *= 2
+    order = torch.tensor([i for w in VIEW_WORDS for i in picked[w]])
+    views = torch.arange(len(VIEW_WORDS)).repeat_interleave(per_view)
+    return pool[order], views
+
+
+def _trace(shape: str, rays_o: torch.Tensor, rays_d: torch.Tensor, iters: int = 40, eps: float = 1e-3):
+    """First hit of each ray with the primitive by sphere tracing its exact SDF: (hit [R] bool, points [R, 3]).
+
+    Only rays that meet the primitive's bounding sphere are traced, with dense iterations (index bookkeeping
+    per iteration costs more than the SDF on a CPU).
+    """
+    r = BOUNDING_RADIUS[shape] + 1e-3
+    b = (rays_o * rays_d).sum(-1)
+    disc = b * b - (rays_o.square().sum(-1) - r * r)
+    idx = torch.nonzero(disc > 0).squeeze(1)
+    o, d = rays_o[idx], rays_d[idx]
+    root = disc[idx].sqrt()
+    t, t_far = (-b[idx] - root).clamp_min(0), -b[idx] + root
+    for _ in range(iters):
+        t = torch.minimum(t + sdf(shape, torch.addcmul(o, t[:, None], d)).clamp_min(0), t_far)
+    p = torch.addcmul(o, t[:, None], d)
+    hit = torch.zeros(rays_o.shape[0], dtype=torch.bool)
+    hit[idx] = sdf(shape, p) < eps
+    points = rays_o.clone()
+    points[idx] = p
+    return hit, points
+
+
+@torch.no_grad()
+def render_dataset(cfg: DatasetConfig = DatasetConfig()) -> BuiltinDataset:
+    """Render the data (no cache). A few seconds on a CPU at the default size."""
+    cams, views = balanced_cameras(cfg.cameras_per_view, cfg.seed)
+    j, res = len(cams), cfg.resolution
+    shade_img = torch.zeros(len(SHAPES), j, res * res)
+    alpha_img = torch.zeros(len(SHAPES), j, res * res)
+    ambient, diffuse = torch.full((3,), cfg.ambient), torch.full((3,), cfg.diffuse)
+    rays_o, rays_d = get_rays(cams, res, res)  # [J*H*W, 3]
+    for p, shape in enumerate(SHAPES):
+        hit, points = _trace(shape, rays_o, rays_d)
+        hit = hit.reshape(j, res * res)
+        points = points.reshape(j, res * res, 3)
+        for k in range(j):
+            pts = points[k][hit[k]]
+            if pts.shape[0] == 0:
+                continue
+            n = normals(shape, pts)
+            c = shade(torch.ones_like(pts), n, pts, cams.light[k].float(), ambient, diffuse, "shaded")
+            shade_img[p, k, hit[k]] = c[:, 0].float()
+        alpha_img[p] = hit.float()
+    return BuiltinDataset(
+        shade=shade_img.reshape(len(SHAPES), j, res, res).clamp(0, 1),
+        alpha=alpha_img.reshape(len(SHAPES), j, res, res),
+        views=views,
+        elevation=cams.elevation.clone(),
+        azimuth=cams.azimuth.clone(),
+        shapes=SHAPES,
+        colours=dict(COLOURS),
+        config=cfg,
+    )
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FASTDREAM_CACHE") or Path.home() / ".cache" / "fastdream")
+
+
+def load_dataset(cfg: DatasetConfig = DatasetConfig(), cache: bool = True) -> BuiltinDataset:
+    """The data for ``cfg``: read from the cache, or rendered and cached (atomic write) on first use."""
+    path = cache_dir() / f"builtin-v{DATA_VERSION}-{cfg.key()}.pt"
+    if cache and path.exists():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            return BuiltinDataset(
+                shade=blob["shade"].float() / 255.0,
+                alpha=blob["alpha"].float(),
+                views=blob["views"],
+                elevation=blob["elevation"],
+                azimuth=blob["azimuth"],
+                shapes=SHAPES,
+                colours=dict(COLOURS),
+                config=cfg,
+            )
+        except Exception:  # a corrupt or foreign file: render again and overwrite it
+            pass
+    ds = render_dataset(cfg)
+    # Quantise like an 8-bit image, and use the quantised values now too, so a fresh and a cached
+    # dataset are bit-identical.
+    q = (ds.shade * 255.0).round().to(torch.uint8)
+    ds.shade = q.float() / 255.0
+    if cache:
+        blob = {
+            "shade": q,
+            "alpha": ds.alpha.to(torch.bool),
+            "views": ds.views,
+            "elevation": ds.elevation,
+            "azimuth": ds.azimuth,
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                torch.save(blob, f)
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache is not an error: the data are only re-rendered next time
+            pass
+    return ds
+
+
+__all__ = ["BuiltinDataset", "DatasetConfig", "balanced_cameras", "load_dataset", "render_dataset"]

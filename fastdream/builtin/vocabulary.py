@@ -1,0 +1,55 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The builtin prior's vocabulary: ``[a|an|the] COLOUR SHAPE``, case-insensitive.
+
+Example:
+    >>> from fastdream.builtin.vocabulary import parse_prompt
+    >>> parse_prompt("A Red  cube")
+    ('red', 'cube')
+"""
+
+from __future__ import annotations
+
+from fastdream.errors import UserError
+
+SHAPES: tuple[str, ...] = ("sphere", "cube", "cylinder", "cone", "torus")
+
+# Albedo in linear RGB, 0..1. "grey" is an alias of "gray".
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.85, 0.10, 0.10),
+    "green": (0.10, 0.70, 0.15),
+    "blue": (0.10, 0.25, 0.85),
+    "yellow": (0.90, 0.85, 0.10),
+    "orange": (0.95, 0.50, 0.05),
+    "purple": (0.55, 0.15, 0.75),
+    "white": (0.95, 0.95, 0.95),
+    "gray": (0.50, 0.50, 0.50),
+}
+ALIASES: dict[str, str] = {"grey": "gray"}
+ARTICLES = ("a", "an", "the")
+
+
+def vocabulary_line() -> str:
+    """One line naming every accepted word."""
+    colours = ", ".join([*COLOURS, *ALIASES])
+    return f"builtin prompts are '[a] COLOUR SHAPE' with COLOUR one of {colours} and SHAPE one of {', '.join(SHAPES)}"
+
+
+def parse_prompt(prompt: str) -> tuple[str, str]:
+    """``"A Red cube"`` -> ``("red", "cube")``.
+
+    Raises:
+        UserError: the prompt is not ``[a|an|the] COLOUR SHAPE`` of the vocabulary (the message lists it).
+    """
+    words = str(prompt).lower().replace(".", " ").split()
+    if words and words[0] in ARTICLES:
+        words = words[1:]
+    if len(words) == 2:
+        colour, shape = ALIASES.get(words[0], words[0]), words[1]
+        if colour in COLOURS and shape in SHAPES:
+            return colour, shape
+    raise UserError(f"prompt {prompt!r} is not in the builtin vocabulary; {vocabulary_line()}")
+
+
+def label(colour: str, shape: str) -> str:
+    """The canonical prompt of a label: ``"a red cube"``."""
+    return f"a {colour} {shape}"

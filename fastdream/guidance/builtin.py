@@ -1,0 +1,216 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``--model builtin``: the exact diffusion model of a small, known image distribution.
+
+The data (:mod:`fastdream.builtin.dataset`) are images x_i of five primitive shapes in a palette of colours,
+in the trainer's three shading modes, from the trainer's own camera distribution, each labelled with its
+prompt ("a red cube") and view word. For the forward process z_t = α_t x + σ_t ε of the Gaussian-smoothed
+empirical distribution, the optimal denoiser is known in closed form:
+
+    x̂0(z_t) = Σ_i softmax_i(−‖z_t − α_t x_i‖² / (2σ_t²)) x_i,     ε̂ = (z_t − α_t x̂0) / σ_t
+
+over the images of the label (prompt colour and shape, and the view word) for the conditional model and over
+the whole set for the unconditional one; classifier-free guidance and the SDS gradient are
+:mod:`fastdream.sds`'s. z is the image in [-1, 1] at 64×64; ᾱ is DDPM's linear-β schedule (1000 steps).
+
+A closed-vocabulary demonstration and test prior, not a general text model: prompts are
+``[a] COLOUR SHAPE`` (:mod:`fastdream.builtin.vocabulary`).
+
+Example:
+    >>> import torch
+    >>> from fastdream.guidance import SDSConfig, load_guidance
+    >>> g = load_guidance("builtin", "cpu")
+    >>> g.prepare("a red cube")
+    >>> images = torch.rand(1, 3, 64, 64, requires_grad=True)
+    >>> loss, info = g.sds_loss(images, ["front"], SDSConfig())
+    >>> loss.backward()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fastdream import sds
+from fastdream.builtin.dataset import BuiltinDataset, DatasetConfig, load_dataset
+from fastdream.builtin.vocabulary import COLOURS, SHAPES, parse_prompt
+from fastdream.guidance.base import SDSConfig, check_images, view_indices
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def ddpm_alphas_cumprod(steps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = 1e-4, beta_end: float = 0.02):
+    """ᾱ_t [steps] (float64) of DDPM's linear β schedule."""
+    betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+class ImageSet:
+    """The data as ``(base image, colour)`` items, for closed-form posterior means.
+
+    Every item image is ``y = rho_k * B_b + background * (1 - A_b)`` in [0, 1] with ``B_b`` a base (a shade
+    image S or a silhouette A of one primitive and camera) and ``rho_k`` a colour (the palette, then white light
+    for textureless renders, which only pairs with shade bases). Distances to all items and their weighted mean
+    are a few matrix products with the bases; the items are never materialised.
+    """
+
+    def __init__(self, data: BuiltinDataset, device: torch.device, dtype: torch.dtype = torch.float64):
+        p, j = data.shade.shape[:2]
+        pix = data.shade.shape[2] * data.shade.shape[3]
+        self.resolution = data.shade.shape[2]
+        shade = data.shade.reshape(p * j, pix)
+        alpha = data.alpha.reshape(p * j, pix)
+        # Bases: all shade images, then all silhouettes; base b belongs to camera slot b % (p*j).
+        self.bases = torch.cat([shade, alpha]).to(device, dtype)  # [NB, P]
+        self.holes = (1.0 - alpha).repeat(2, 1).to(device, dtype)  # [NB, P]
+        self.base_shape = torch.arange(p).repeat_interleave(j).repeat(2).to(device)  # [NB]
+        self.base_view = data.views.repeat(p).repeat(2).to(device)  # [NB]
+        is_shade = torch.arange(2 * p * j, device=device) < p * j
+        self.colour_names = [*data.colours, "light"]
+        self.rho = torch.tensor([*data.colours.values(), (1.0, 1.0, 1.0)], dtype=dtype, device=device)  # [K, 3]
+        self.background = torch.tensor(data.config.background, dtype=dtype, device=device)  # [3]
+        k = self.rho.shape[0]
+        # Valid items: every base with every palette colour; the white light (textureless) with shade bases only.
+        self.valid = torch.ones(len(self.bases), k, dtype=torch.bool, device=device)
+        self.valid[:, k - 1] = is_shade
+        # ‖y‖² = Σ_c ρ_c² ‖B‖² + bg_c² ‖1 − A‖²  (B · (1 − A) = 0: bases vanish off the object).
+        self.norm_y = (self.rho.square() @ torch.ones(3, 1, dtype=dtype, device=device)).T * self.bases.square().sum(
+            -1, keepdim=True
+        ) + self.background.square().sum() * self.holes.sum(-1, keepdim=True)  # [NB, K]
+        self.shapes = tuple(data.shapes)
+        self.dtype = dtype
+        self.bases_f, self.holes_f = self.bases.float(), self.holes.float()  # for the weighted means
+
+    def label_mask(self, colour: str, shape: str, views: torch.Tensor) -> torch.Tensor:
+        """[B, NB, K] items of the label (colour, shape) with view index ``views`` [B], in all three modes."""
+        k = self.colour_names.index(colour)
+        base_ok = self.base_shape == self.shapes.index(shape)
+        colour_ok = torch.zeros_like(self.valid)
+        colour_ok[:, k] = True
+        colour_ok[:, -1] = True  # textureless renders of the shape
+        m = self.valid & colour_ok & base_ok[:, None]
+        return m[None] & (self.base_view[None, :] == views[:, None])[..., None]
+
+    def posterior_means(
+        self, z_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, masks: list[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """E[x0 | z_t] over the items of each mask (the distances are computed once for all masks).
+
+        Args:
+            z_t: [B, 3, H, W] noisy images (x in [-1, 1]). alpha, sigma: [B] α_t, σ_t.
+            masks: each [NB, K] or [B, NB, K], the items in the set.
+
+        Returns:
+            per mask: x0 [B, 3, H, W] in [-1, 1] (float32) and weights [B, NB, K], the posterior over items.
+        """
+        b = z_t.shape[0]
+        a, s = alpha.to(self.dtype)[:, None, None], sigma.to(self.dtype)[:, None, None]
+        # ‖z_t − α x‖² = 4α² ‖u − y‖² with x = 2y − 1 and u = (z_t + α) / (2α); float64 so that the
+        # expansion ‖u‖² − 2u·y + ‖y‖² keeps its precision at small σ, where the logits are scaled by 2α²/σ².
+        u = (z_t.reshape(b, 3, -1).to(self.dtype) + a) / (2 * a)  # [B, 3, P]
+        dot = torch.einsum("bcn,kc->bnk", u @ self.bases.T, self.rho)  # [B, NB, K]
+        has_bg = bool(self.background.abs().sum() > 0)
+        if has_bg:
+            dot = dot + torch.einsum("bcn,c->bn", u @ self.holes.T, self.background)[..., None]
+        dist = u.square().sum((1, 2))[:, None, None] - 2 * dot + self.norm_y[None]
+        logits = -(2 * a.square() / s.square()) * dist
+        out = []
+        for mask in masks:
+            m = mask.expand_as(logits)
+            w = torch.softmax(logits.masked_fill(~m, float("-inf")).reshape(b, -1), dim=-1).reshape_as(logits)
+            used = m.any(dim=(0, 2))  # only bases with weight enter the mean
+            wu = w[:, used].float()
+            y = torch.einsum("bnk,kc->bcn", wu, self.rho.float()) @ self.bases_f[used]
+            if has_bg:
+                y = y + self.background.float()[None, :, None] * (wu.sum(-1) @ self.holes_f[used])[:, None, :]
+            out.append(((2 * y - 1).reshape(z_t.shape), w))
+        return out
+
+    def posterior_mean(self, z_t, alpha, sigma, mask):
+        """:meth:`posterior_means` for one mask: (x0 [B, 3, H, W], weights [B, NB, K])."""
+        return self.posterior_means(z_t, alpha, sigma, [mask])[0]
+
+
+class BuiltinGuidance:
+    """The builtin prior behind the :class:`fastdream.guidance.base.Guidance` interface.
+
+    Attributes:
+        resolution: 64 (the data's image size).
+        default_guidance_scale: ω used when ``SDSConfig.guidance_scale`` is None.
+        recommended: settings the generate command applies for ``--model builtin`` unless the user sets them.
+        alphas_cumprod: [1000] ᾱ_t (float32, on ``device``).
+    """
+
+    default_guidance_scale: float = 20.0
+    recommended: dict[str, Any] = {"guidance_scale": 20.0}
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        data: BuiltinDataset | None = None,
+        data_config: DatasetConfig | None = None,
+    ):
+        self.device = torch.device(device)
+        del dtype  # the closed-form denoiser runs in float64 for the distances, float32 out
+        self.data = data if data is not None else load_dataset(data_config or DatasetConfig())
+        self.resolution = int(self.data.shade.shape[-1])
+        self.set = ImageSet(self.data, self.device)
+        self.alphas_cumprod = ddpm_alphas_cumprod().float().to(self.device)
+        self.label: tuple[str, str] | None = None
+
+    def prepare(self, prompt: str, negative_prompt: str = "") -> None:
+        """Parse ``prompt`` into its label. The unconditional model is the whole set, so a negative prompt has
+        no effect here.
+
+        Raises:
+            fastdream.errors.UserError: the prompt is outside the vocabulary (the message lists it).
+        """
+        self.label = parse_prompt(prompt)
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂0 unconditional, x̂0 conditional) [B, 3, H, W] for z_t [B, 3, H, W], timesteps t [B], view
+        indices [B]."""
+        if self.label is None:
+            raise RuntimeError("call prepare(prompt) before sds_loss / denoise")
+        ab = self.alphas_cumprod[t.long()].double()
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        (x0_u, _), (x0_c, _) = self.set.posterior_means(
+            z_t, a, s, [self.set.valid, self.set.label_mask(*self.label, views)]
+        )
+        return x0_u, x0_c
+
+    def sds_loss(
+        self,
+        images: torch.Tensor,  # [B, 3, H, W] in [0, 1]
+        view_words: list[str],
+        cfg: SDSConfig,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        check_images(images, view_words)
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            images = F.interpolate(images, size=(self.resolution,) * 2, mode="bilinear", antialias=True)
+        z = images.to(self.device).float() * 2.0 - 1.0
+        b = z.shape[0]
+        t = sds.sample_timesteps(b, NUM_TRAIN_TIMESTEPS, cfg.t_range, generator, self.device)
+        gen_device = generator.device if generator is not None else self.device
+        eps = torch.randn(z.shape, generator=generator, device=gen_device).to(self.device)
+        with torch.no_grad():
+            z_t = sds.add_noise(z.detach(), eps, t, self.alphas_cumprod)
+            x0_u, x0_c = self.denoise(z_t, t, view_indices(view_words, self.device))
+            eps_u = sds.eps_from_prediction(x0_u, z_t, t, self.alphas_cumprod, "sample")
+            eps_c = sds.eps_from_prediction(x0_c, z_t, t, self.alphas_cumprod, "sample")
+            scale = self.default_guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
+            grad = sds.sds_grad(eps_u, eps_c, eps, t, self.alphas_cumprod, scale, cfg.weighting, cfg.grad_clip)
+        loss = sds.sds_loss_from_grad(z, grad)
+        info = {
+            "t": t.detach(),
+            "t_frac": t.float() / NUM_TRAIN_TIMESTEPS,
+            "weight": sds.sds_weight(t, self.alphas_cumprod, cfg.weighting),
+            "grad_norm": grad.norm().detach(),
+        }
+        return loss, info
+
+
+__all__ = ["BuiltinGuidance", "ImageSet", "ddpm_alphas_cumprod", "COLOURS", "SHAPES"]

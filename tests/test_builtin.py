@@ -1,0 +1,344 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The builtin prior: vocabulary, primitives, data, the closed-form denoiser, CFG, and scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastdream import sds
+from fastdream.builtin.dataset import BuiltinDataset, DatasetConfig, balanced_cameras, load_dataset, render_dataset
+from fastdream.builtin.evaluate import chamfer, evaluate_mesh, evaluate_run
+from fastdream.builtin.primitives import normals, sample_surface, sdf
+from fastdream.builtin.vocabulary import COLOURS, SHAPES, parse_prompt
+from fastdream.cameras import VIEW_WORDS, view_word
+from fastdream.errors import UserError
+from fastdream.guidance import SDSConfig
+from fastdream.guidance.builtin import BuiltinGuidance, ImageSet, ddpm_alphas_cumprod
+
+SMALL = DatasetConfig(resolution=16, cameras_per_view=2)
+
+
+@pytest.fixture(scope="module")
+def small_data() -> BuiltinDataset:
+    return render_dataset(SMALL)
+
+
+# --- prompts ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("a red cube", ("red", "cube")),
+        ("A Green Torus", ("green", "torus")),
+        ("blue cylinder", ("blue", "cylinder")),
+        ("  the   GREY\tsphere ", ("gray", "sphere")),
+        ("an orange cone", ("orange", "cone")),
+        ("a purple cube.", ("purple", "cube")),
+    ],
+)
+def test_parse_prompt_accepts(prompt, expected):
+    assert parse_prompt(prompt) == expected
+
+
+@pytest.mark.parametrize(
+    "prompt", ["a red dragon", "a cube", "", "red cube on a table", "a a red cube", "a cube red", "a magenta cube"]
+)
+def test_parse_prompt_rejects_with_vocabulary(prompt):
+    with pytest.raises(UserError) as e:
+        parse_prompt(prompt)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for word in [*COLOURS, *SHAPES]:
+        assert word in msg
+
+
+def test_palette_has_the_required_colours():
+    for c in ("red", "green", "blue", "yellow", "orange", "purple", "white", "gray"):
+        assert all(0.0 <= v <= 1.0 for v in COLOURS[c])
+
+
+# --- primitives ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, point, value",
+    [
+        ("sphere", (0.5, 0.0, 0.0), 0.0),
+        ("sphere", (0.0, 0.0, 0.0), -0.5),
+        ("cube", (0.4, 0.2, -0.1), 0.0),
+        ("cube", (0.5, 0.0, 0.0), 0.1),
+        ("cube", (0.5, 0.5, 0.5), 0.1 * math.sqrt(3)),
+        ("cube", (0.0, 0.0, 0.0), -0.4),
+        ("cylinder", (0.0, 0.5, 0.0), 0.1),
+        ("cylinder", (0.5, 0.0, 0.0), 0.1),
+        ("cylinder", (0.0, 0.0, 0.0), -0.4),
+        ("cone", (0.0, 0.45, 0.0), 0.0),
+        ("cone", (0.0, -0.45, 0.0), 0.0),
+        ("cone", (0.45, -0.45, 0.0), 0.0),
+        ("cone", (0.0, -0.55, 0.0), 0.1),
+        ("torus", (0.45, 0.0, 0.0), -0.15),
+        ("torus", (0.0, 0.0, 0.0), 0.3),
+        ("torus", (0.0, 0.15, 0.45), 0.0),
+    ],
+)
+def test_sdf_values(shape, point, value):
+    assert float(sdf(shape, torch.tensor([point]))) == pytest.approx(value, abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_surface_samples_lie_on_the_surface(shape):
+    p = sample_surface(shape, 4000, torch.Generator().manual_seed(0))
+    assert p.shape == (4000, 3)
+    assert sdf(shape, p).abs().max() < 1e-5
+    n = normals(shape, p)
+    assert torch.allclose(n.norm(dim=-1), torch.ones(4000), atol=1e-5)
+    # Outward: a small step along the normal leaves the solid.
+    assert (sdf(shape, p + 0.01 * n) > 0.005).all()
+
+
+def test_primitive_sizes():
+    ext = {s: sample_surface(s, 20000, torch.Generator().manual_seed(1)) for s in SHAPES}
+    assert ext["sphere"].norm(dim=-1).max() == pytest.approx(0.5, abs=1e-5)
+    assert ext["cube"].abs().amax(0).tolist() == pytest.approx([0.4, 0.4, 0.4], abs=1e-5)
+    cyl = ext["cylinder"]
+    assert cyl[:, [0, 2]].norm(dim=-1).max() == pytest.approx(0.4, abs=1e-4)
+    assert (cyl[:, 1].min(), cyl[:, 1].max()) == pytest.approx((-0.4, 0.4), abs=1e-5)
+    cone = ext["cone"]
+    assert (cone[:, 1].min(), cone[:, 1].max()) == pytest.approx((-0.45, 0.45), abs=0.01)
+    assert cone[cone[:, 1] < -0.449][:, [0, 2]].norm(dim=-1).max() == pytest.approx(0.45, abs=0.01)
+    tor = ext["torus"]
+    assert tor[:, [0, 2]].norm(dim=-1).max() == pytest.approx(0.6, abs=1e-3)
+    assert tor[:, [0, 2]].norm(dim=-1).min() == pytest.approx(0.3, abs=1e-3)
+
+
+def test_kink_normals_are_defined():
+    # Exactly on the cylinder's side the SDF's max/clamp kink gives autograd a zero subgradient.
+    n = normals("cylinder", torch.tensor([[0.0, 0.1, 0.4]]))
+    assert torch.allclose(n, torch.tensor([[0.0, 0.0, 1.0]]), atol=1e-4)
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+def test_cameras_balanced_and_labelled():
+    cams, views = balanced_cameras(5, seed=3)
+    assert len(cams) == 20
+    assert torch.bincount(views, minlength=4).tolist() == [5, 5, 5, 5]
+    for k in range(20):
+        assert view_word(float(cams.elevation[k]), float(cams.azimuth[k])) == VIEW_WORDS[int(views[k])]
+
+
+def test_dataset_deterministic_and_cached(tmp_path, monkeypatch, small_data):
+    monkeypatch.setenv("FASTDREAM_CACHE", str(tmp_path))
+    first = load_dataset(SMALL)
+    files = list(tmp_path.glob("builtin-*.pt"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+    second = load_dataset(SMALL)
+    assert torch.equal(first.shade, second.shade) and torch.equal(first.alpha, second.alpha)
+    assert torch.allclose(first.shade, small_data.shade, atol=0.5 / 255 + 1e-6)
+    assert torch.equal(first.alpha, small_data.alpha)
+    assert torch.equal(first.views, small_data.views)
+
+
+def test_dataset_images(small_data):
+    ds = small_data
+    assert ds.shade.shape == (5, 8, 16, 16)
+    # Every primitive is visible from every camera and the shade lives on the silhouette only.
+    assert (ds.alpha.flatten(2).sum(-1) > 5).all()
+    assert (ds.shade[ds.alpha == 0] == 0).all()
+    assert ds.shade.max() <= 1.0 and ds.shade[ds.alpha == 1].min() >= SMALL.ambient - 1e-3
+    red = ds.image("cube", 0, "red", "albedo")
+    on = ds.alpha[SHAPES.index("cube"), 0] == 1
+    assert torch.allclose(red[:, on], torch.tensor(COLOURS["red"])[:, None].expand(3, int(on.sum())))
+    tl = ds.image("cube", 0, "red", "textureless")
+    assert torch.allclose(tl[0], tl[1]) and torch.allclose(tl[1], tl[2])
+    # Bigger primitives cover more pixels: the sphere (r 0.5) more than the torus (thin ring).
+    cover = ds.alpha.mean(dim=(1, 2, 3))
+    assert cover[SHAPES.index("sphere")] > cover[SHAPES.index("torus")]
+
+
+# --- the denoiser -------------------------------------------------------------------------------------------
+
+
+def _tiny_set(seed: int = 0) -> tuple[ImageSet, BuiltinDataset]:
+    g = torch.Generator().manual_seed(seed)
+    p, j, h = 5, 4, 6
+    alpha = (torch.rand(p, j, h, h, generator=g) > 0.4).float()
+    shade = torch.rand(p, j, h, h, generator=g) * alpha
+    ds = BuiltinDataset(
+        shade=shade,
+        alpha=alpha,
+        views=torch.arange(4),
+        elevation=torch.zeros(j),
+        azimuth=torch.zeros(j),
+        shapes=SHAPES,
+        colours=dict(COLOURS),
+        config=DatasetConfig(resolution=h, background=(0.2, 0.3, 0.4)),
+    )
+    return ImageSet(ds, torch.device("cpu")), ds
+
+
+def _all_items(s: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialised items x [NB, K, 3, P] in [-1, 1] and their validity [NB, K]."""
+    y = s.rho[None, :, :, None] * s.bases[:, None, None, :] + s.background[None, None, :, None] * s.holes[:, None, None]
+    return 2 * y - 1, s.valid
+
+
+def test_posterior_mean_matches_brute_force():
+    s, _ = _tiny_set()
+    x, valid = _all_items(s)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    alpha, sigma = torch.tensor([0.8, 0.3]), torch.tensor([0.6, 0.95])
+    x0, w = s.posterior_mean(z, alpha, sigma, s.valid)
+    for b in range(2):
+        d = (z[b].reshape(1, 1, 3, -1) - alpha[b].double() * x).square().sum((2, 3))
+        logits = (-d / (2 * sigma[b].double() ** 2)).masked_fill(~valid, -math.inf)
+        wb = torch.softmax(logits.flatten(), 0).reshape_as(logits)
+        assert torch.allclose(w[b], wb, atol=1e-9)
+        ref = (wb[..., None, None] * x).sum((0, 1)).reshape(3, 6, 6)
+        assert torch.allclose(x0[b].double(), ref, atol=1e-5)
+
+
+def test_small_sigma_returns_the_nearest_image_and_large_sigma_the_mean():
+    s, _ = _tiny_set()
+    x, valid = _all_items(s)
+    target = x[7, 2].reshape(1, 3, 6, 6)
+    a = torch.tensor([0.9999])
+    x0, _ = s.posterior_mean(a.double() * target + 1e-3 * torch.randn_like(target), a, (1 - a**2).sqrt(), s.valid)
+    assert torch.allclose(x0.double(), target, atol=1e-5)
+    a = torch.tensor([1e-6])
+    x0, w = s.posterior_mean(torch.randn(1, 3, 6, 6, dtype=torch.float64), a, (1 - a**2).sqrt(), s.valid)
+    mean = x[valid].mean(0).reshape(1, 3, 6, 6)
+    assert torch.allclose(x0.double(), mean, atol=1e-4)
+    assert w[0][valid].std() < 1e-3 * w[0][valid].mean()
+
+
+def test_eps_is_consistent_with_x0():
+    s, _ = _tiny_set()
+    ac = ddpm_alphas_cumprod().float()
+    t = torch.tensor([100, 900])
+    x0_true = _all_items(s)[0][[3, 11], [0, 4]].reshape(2, 3, 6, 6).float()
+    eps = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    z_t = sds.add_noise(x0_true, eps, t, ac)
+    a, sg = ac[t].sqrt(), (1 - ac[t]).sqrt()
+    x0, _ = s.posterior_mean(z_t, a, sg, s.valid)
+    e = sds.eps_from_prediction(x0, z_t, t, ac, "sample")
+    assert torch.allclose(a[:, None, None, None] * x0 + sg[:, None, None, None] * e, z_t, atol=1e-4)
+
+
+def test_conditional_set_is_the_label(small_data):
+    g = BuiltinGuidance(data=small_data)
+    g.prepare("A Red Cube")
+    m = g.set.label_mask("red", "cube", torch.tensor([2]))[0]  # back view
+    nb, k = m.shape
+    items = m.nonzero()
+    assert len(items) == 3 * 2  # 2 cameras x (shaded, albedo, textureless)
+    assert (g.set.base_shape[items[:, 0]] == SHAPES.index("cube")).all()
+    assert (g.set.base_view[items[:, 0]] == 2).all()
+    assert set(items[:, 1].tolist()) == {g.set.colour_names.index("red"), k - 1}
+    # A clean data image of the label, at small noise, is its own denoised estimate under both models.
+    x = small_data.image("cube", 5, "red", "shaded")[None] * 2 - 1  # camera 5: view "back"
+    x0_u, x0_c = g.denoise(x, torch.tensor([0]), torch.tensor([2]))
+    assert torch.allclose(x0_u, x, atol=1e-5) and torch.allclose(x0_c, x, atol=1e-5)
+
+
+def test_prepare_rejects_unknown_prompts(small_data):
+    g = BuiltinGuidance(data=small_data)
+    with pytest.raises(UserError, match="cylinder"):
+        g.prepare("a photo of a dog")
+
+
+def test_cfg_combines_the_two_models(small_data):
+    g = BuiltinGuidance(data=small_data)
+    g.prepare("a green torus")
+    img = small_data.image("sphere", 0, "blue", "shaded")[None].clone().requires_grad_(True)
+    words = ["front"]
+    grads = {}
+    for w in (0.0, 1.0, 7.5):
+        img.grad = None
+        gen = torch.Generator().manual_seed(5)
+        loss, info = g.sds_loss(img, words, SDSConfig(guidance_scale=w, t_range=(0.5, 0.5)), generator=gen)
+        loss.backward()
+        grads[w] = img.grad.clone()
+        assert int(info["t"][0]) == 500
+    # Linear in ω: ε̂(ω) = ε_u + ω (ε_c − ε_u); the image is z = 2x − 1, so d/dx = 2 d/dz.
+    assert torch.allclose(grads[7.5], grads[0.0] + 7.5 * (grads[1.0] - grads[0.0]), atol=1e-4)
+    # The guided gradient points from the blue sphere towards the green torus: descending it moves the
+    # image closer to the label's images.
+    target = torch.stack([small_data.image("torus", k, "green", "shaded") for k in (0, 1)]).mean(0)
+    step = -grads[7.5][0]
+    assert (step * (target - img[0].detach())).sum() > 0
+
+
+def test_sds_loss_gradient_is_w_times_eps_difference(small_data):
+    g = BuiltinGuidance(data=small_data)
+    g.prepare("a yellow cone")
+    img = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    cfg = SDSConfig(guidance_scale=20.0)
+    loss, info = g.sds_loss(img, ["side", "overhead view"], cfg, generator=torch.Generator().manual_seed(9))
+    loss.backward()
+    gen = torch.Generator().manual_seed(9)
+    t = sds.sample_timesteps(2, 1000, cfg.t_range, gen)
+    eps = torch.randn(2, 3, 16, 16, generator=gen)
+    z = img.detach() * 2 - 1
+    z_t = sds.add_noise(z, eps, t, g.alphas_cumprod)
+    x0_u, x0_c = g.denoise(z_t, t, torch.tensor([1, 3]))
+    e_u = sds.eps_from_prediction(x0_u, z_t, t, g.alphas_cumprod, "sample")
+    e_c = sds.eps_from_prediction(x0_c, z_t, t, g.alphas_cumprod, "sample")
+    expected = sds.sds_grad(e_u, e_c, eps, t, g.alphas_cumprod, 20.0)
+    assert torch.equal(info["t"], t)
+    assert torch.allclose(img.grad, 2 * expected, atol=1e-5)
+
+
+# --- scoring ------------------------------------------------------------------------------------------------
+
+
+def test_chamfer_self_and_others():
+    g = torch.Generator().manual_seed(0)
+    pts = {s: sample_surface(s, 10000, g) for s in SHAPES}
+    for s in SHAPES:
+        assert chamfer(pts[s], sample_surface(s, 10000, g)) < 0.015
+        for o in SHAPES:
+            if o != s:
+                assert chamfer(pts[s], pts[o]) > 0.03
+
+
+def _write_run(tmp_path, prompt: str, mesh) -> str:
+    (tmp_path / "config.json").write_text(json.dumps({"prompt": prompt}))
+    mesh.export(tmp_path / "mesh.obj")
+    return str(tmp_path)
+
+
+def test_evaluate_run_scores_a_true_mesh(tmp_path):
+    trimesh = pytest.importorskip("trimesh")
+    mesh = trimesh.creation.box((0.8, 0.8, 0.8)).subdivide().subdivide()
+    mesh.visual.vertex_colors = np.tile([242, 128, 13, 255], (len(mesh.vertices), 1))
+    r = evaluate_run(_write_run(tmp_path, "an orange cube", mesh))
+    assert r["shape"] == "cube" and r["correct_shape"]
+    assert r["chamfer"] < 0.015 and r["chamfer"] == min(r["chamfer_to"].values())
+    assert r["silhouette_iou"] > 0.95
+    assert r["albedo_error"] < 0.01
+    r = evaluate_mesh(trimesh.creation.icosphere(3, 0.5), "a white cube")
+    assert r["nearest_shape"] == "sphere" and not r["correct_shape"] and r["silhouette_iou"] < 0.95
+    assert r["albedo_error"] is None
+
+
+def test_evaluate_cli_bad_input(tmp_path, capsys):
+    from fastdream.cli import main
+
+    assert main(["evaluate", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "config.json").write_text(json.dumps({"prompt": "a red dragon"}))
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "vocabulary" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"prompt": "a red cube"}))
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "mesh.obj" in capsys.readouterr().err
