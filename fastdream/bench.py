@@ -23,7 +23,7 @@ the CPU parts are wall time and peak memory is the process's maximum resident se
 process lifetime, so it includes setup).
 
 Models: ``builtin`` (the closed-form prior), ``sd`` (a Stable-Diffusion-2.1-base-shaped UNet and VAE built from
-the configs below with RANDOM weights: no download) and ``if`` (a DeepFloyd-IF-I-XL-shaped pixel-space UNet,
+the configs below with RANDOM weights: no download) and ``if`` (a DeepFloyd-IF-I-XL-sized pixel-space UNet,
 random weights). The diffusers models run in fp16 and channels_last on CUDA (as the guidance backends do);
 ``compile`` wraps the UNet in ``torch.compile``, ``cuda_graphs`` replays it from a CUDA graph (both: inductor's
 ``reduce-overhead`` mode). ``tiny`` swaps in tiny configs so every path runs on a CPU in seconds (tests).
@@ -125,10 +125,11 @@ SD21_BASE_SCHEDULER: dict[str, Any] = {
 }
 SD21_TEXT_SHAPE = (77, 1024)  # OpenCLIP ViT-H/14 hidden states
 
-# DeepFloyd/IF-I-XL-v1.0 (4.3B parameters), as diffusers' converter builds it from the original config
-# (model_channels 512, channel_mult 1,2,3,4, 3 res blocks, 64-channel heads, T5-XXL 4096-d text, pixel space
-# 64x64, eps + learned variance out). Written from the published architecture, not copied from a downloaded
-# config; ~8.6 GB in fp16, which fits every CUDA card the targets are set for.
+# DeepFloyd IF stage I, XL size: the published block layout of IF-I (ResNet down/up blocks at 64x64, simple
+# cross-attention blocks with 64-channel heads at 32, 16 and 8, 3 res blocks per level, T5-XXL 4096-d text
+# projected into the UNet, eps + learned variance out, pixel space 64x64) with widths chosen so the parameter
+# count matches the published 4.3B (this config: 4.43B; 11 x 64 base channels). The checkpoint's own
+# config.json could not be checked offline, so this is "IF-I-XL-sized", not a copy. ~8.9 GB in fp16.
 IF_I_XL_UNET: dict[str, Any] = {
     "sample_size": 64,
     "in_channels": 3,
@@ -146,7 +147,7 @@ IF_I_XL_UNET: dict[str, Any] = {
         "SimpleCrossAttnUpBlock2D",
         "ResnetUpsampleBlock2D",
     ),
-    "block_out_channels": (512, 1024, 1536, 2048),
+    "block_out_channels": (704, 1408, 2112, 2816),
     "layers_per_block": 3,
     "attention_head_dim": 64,
     "cross_attention_dim": 4096,
@@ -396,7 +397,7 @@ def build_guidance(cfg: BenchConfig, device: torch.device) -> Any:
     else:
         from fastdream.guidance.deepfloyd_if import DeepFloydIFGuidance
 
-        g = DeepFloydIFGuidance(unet=models["unet"], dtype=dtype, name="if-i-xl-shaped (random weights)", **common)
+        g = DeepFloydIFGuidance(unet=models["unet"], dtype=dtype, name="if-i-xl-sized (random weights)", **common)
         length, dim = TINY_TEXT_SHAPE if cfg.tiny else IF_TEXT_SHAPE
     gen = torch.Generator().manual_seed(cfg.seed)
     # Unit-variance random embeddings: the shapes and dtypes of real ones, which is all the timing depends on.
