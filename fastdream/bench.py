@@ -560,6 +560,7 @@ class StepRunner:
         self.noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
         self.sds_cfg = SDSConfig(t_range=tuple(self.run.guidance.t_range), weighting=self.run.guidance.weighting)
         self.n_samples = 0
+        self.skipped = 0  # steps with a non-finite loss or gradient (skipped, as the trainer does)
 
     def warm_grid(self) -> None:
         """One warm-up grid update (every cell), as in the first steps of a run: empty space is skipped after."""
@@ -666,17 +667,26 @@ class StepRunner:
         out = self.render(cams, clock)
         clock.mark("shade_composite")
         loss = self.sds_loss(out["image"].float(), words, clock) + out["reg"]
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        # As Trainer.train_step: skip non-finite losses and gradients (two host synchronisations, timed too).
+        ok = bool(torch.isfinite(loss))
+        if ok:
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
         clock.mark("backward")
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        if ok:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            grads = [p.grad for grp in self.optimizer.param_groups for p in grp["params"] if p.grad is not None]
+            ok = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if ok:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        self.skipped += not ok
         clock.mark("optimizer")
         self._grid_update(warmup=False)
         clock.mark("grid_update")
@@ -751,6 +761,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     notes = []
     if cfg.model in ("sd", "if"):
         notes.append("random weights: timings only (the SDS gradient is meaningless)")
+    if runner.skipped:
+        notes.append(f"{runner.skipped} steps had a non-finite loss or gradient and skipped backward/optimizer")
     if device.type == "cpu":
         notes.append("CPU timings are wall time and depend on the machine's load")
     config = dataclasses.asdict(cfg) | {"resolution": resolution, "device": str(device)}
