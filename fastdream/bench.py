@@ -325,6 +325,8 @@ def validate(cfg: BenchConfig, device: torch.device) -> None:
         raise UserError(f"--resolution must be an integer in [8, 1024], got {cfg.resolution!r}")
     if cfg.shading not in ("shaded", "textureless", "albedo"):
         raise UserError(f"--shading must be shaded, textureless or albedo, got {cfg.shading!r}")
+    if (cfg.compile or cfg.cuda_graphs) and cfg.model == "builtin":
+        raise UserError("--compile and --cuda-graphs speed up the UNet call; use them with --model sd or --model if")
     if cfg.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device; drop it or use --device cuda")
     if cfg.model in ("sd", "if") and device.type == "cpu" and not cfg.tiny:

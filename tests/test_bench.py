@@ -122,7 +122,8 @@ def test_cli_sd_tiny_writes_json(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs"),
+        (["--model", "sd", "--tiny", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs"),
+        (["--compile", "--device", "cpu"], "--model sd"),
         (["--model", "sd", "--device", "cpu"], "--tiny"),
         (["--steps", "0", "--device", "cpu"], "--steps"),
         (["--device", "tpu"], "--device"),
