@@ -4,12 +4,22 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 #include "fastdream/ops.h"
 
 namespace fastdream {
 
 namespace {
-constexpr int64_t kGrain = 128;
+// A task gets at least kMinRays rays and about kSamplesPerTask samples: a sample costs a few nanoseconds, so
+// smaller tasks spend more on waking threads than they save (milliseconds on a busy machine).
+constexpr int64_t kMinRays = 128;
+constexpr int64_t kSamplesPerTask = 1 << 15;
+
+int64_t grain_for(int64_t n_rays, int64_t n_samples) {
+  const int64_t by_samples = n_samples > 0 ? n_rays * kSamplesPerTask / n_samples : n_rays;
+  return std::max<int64_t>(kMinRays, by_samples);
+}
 
 void check_f32(const torch::Tensor& t, const char* name, const torch::Tensor& like) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous(), "composite: ", name,
@@ -52,7 +62,7 @@ std::vector<torch::Tensor> composite_forward(torch::Tensor sigmas, torch::Tensor
   float *o_col = color.data_ptr<float>(), *o_op = opacity.data_ptr<float>(), *o_dep = depth.data_ptr<float>();
   float* o_w = weights.data_ptr<float>();
   const float eps = static_cast<float>(early_stop_eps);
-  at::parallel_for(0, r, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, r, grain_for(r, s), [&](int64_t begin, int64_t end) {
     for (int64_t ray = begin; ray < end; ++ray) {
       int64_t b, e;
       ray_range(off, ray, s, &b, &e);
@@ -100,7 +110,7 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor grad_color, torch::T
   const float* o_w = weights.data_ptr<float>();
   float *g_sig = g_sigmas.data_ptr<float>(), *g_col = g_colors.data_ptr<float>();
   const float eps = static_cast<float>(early_stop_eps);
-  at::parallel_for(0, r, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, r, grain_for(r, s), [&](int64_t begin, int64_t end) {
     for (int64_t ray = begin; ray < end; ++ray) {
       int64_t b, e;
       ray_range(off, ray, s, &b, &e);

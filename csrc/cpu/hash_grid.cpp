@@ -6,6 +6,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "fastdream/ops.h"
@@ -13,7 +14,7 @@
 namespace fastdream {
 
 namespace {
-constexpr int64_t kGrain = 512;
+constexpr int64_t kChunk = 2048;
 
 std::vector<HashLevel> make_levels(const std::vector<int64_t>& resolutions, int64_t table_size) {
   std::vector<HashLevel> lv;
@@ -57,13 +58,20 @@ void forward_loop(const torch::Tensor& x, const torch::Tensor& table, const std:
   T* jp = jac != nullptr ? jac->data_ptr<T>() : nullptr;
   const uint32_t mask = static_cast<uint32_t>(S - 1);
   const T b = static_cast<T>(bound);
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T u[3], du[3];
-      hash_point(xp + 3 * i, b, u, du);
+  // Chunks of points, level by level inside a chunk: one level's table (a few MB) stays in cache while
+  // the chunk's points gather from it, instead of all L tables competing for it point after point.
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<T> u(3 * kChunk), du(3 * kChunk);
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t i0 = c * kChunk, i1 = std::min(n, i0 + kChunk);
+      for (int64_t i = i0; i < i1; ++i) hash_point(xp + 3 * i, b, &u[3 * (i - i0)], &du[3 * (i - i0)]);
       for (int64_t l = 0; l < L; ++l) {
-        hash_level_forward(u, du, lv[l], tp + l * S * F, static_cast<int>(F), mask, ep + (i * L + l) * F,
-                           jp != nullptr ? jp + (i * L + l) * F * 3 : nullptr);
+        const T* tl = tp + l * S * F;
+        for (int64_t i = i0; i < i1; ++i) {
+          hash_level_forward(&u[3 * (i - i0)], &du[3 * (i - i0)], lv[l], tl, static_cast<int>(F), mask,
+                             ep + (i * L + l) * F, jp != nullptr ? jp + (i * L + l) * F * 3 : nullptr);
+        }
       }
     }
   });
@@ -104,13 +112,18 @@ void backward_x_loop(const torch::Tensor& grad, const torch::Tensor& x, const to
   T* gx = grad_x.data_ptr<T>();
   const uint32_t mask = static_cast<uint32_t>(S - 1);
   const T b = static_cast<T>(bound);
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T u[3], du[3];
-      hash_point(xp + 3 * i, b, u, du);
+  const int64_t chunks = (n + kChunk - 1) / kChunk;  // level by level inside a chunk, as in forward_loop
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<T> u(3 * kChunk), du(3 * kChunk);
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t i0 = c * kChunk, i1 = std::min(n, i0 + kChunk);
+      for (int64_t i = i0; i < i1; ++i) hash_point(xp + 3 * i, b, &u[3 * (i - i0)], &du[3 * (i - i0)]);
       for (int64_t l = 0; l < L; ++l) {
-        hash_level_backward_x(u, du, lv[l], tp + l * S * F, static_cast<int>(F), mask, gp + (i * L + l) * F,
-                              gx + 3 * i);
+        const T* tl = tp + l * S * F;
+        for (int64_t i = i0; i < i1; ++i) {
+          hash_level_backward_x(&u[3 * (i - i0)], &du[3 * (i - i0)], lv[l], tl, static_cast<int>(F), mask,
+                                gp + (i * L + l) * F, gx + 3 * i);
+        }
       }
     }
   });

@@ -17,9 +17,9 @@ Implementations: ``reference`` (vectorised PyTorch, one iteration per step over 
 compiled extension (``cpp`` on the CPU, ``cuda``: the per-ray code of ``csrc/include/fastdream/raymarch.h``,
 run as two passes, count then fill, with one read of the total sample count to allocate the output).
 
-``march_rays`` is a plain function rather than a ``torch.library`` custom op: its output size depends on the
-data (the number of samples), there is nothing to differentiate (positions are constants of the step), and
-under ``torch.compile`` the one host read of the sample count is a graph break anyway.
+``march_rays`` is a plain function rather than a ``torch.library`` custom op, excluded from ``torch.compile``
+tracing: its output size depends on the data (the number of samples), there is nothing to differentiate
+(positions are constants of the step), and the one host read of the sample count is a graph break anyway.
 
 Example:
     >>> import torch
@@ -175,8 +175,8 @@ def _prepare(rays_o, rays_d, grid, step, cone_angle, max_step, max_samples_per_r
     else:
         u = torch.zeros(r, device=device)
     return _MarchArgs(
-        o=rays_o.float().contiguous(),
-        d=rays_d.float().contiguous(),
+        o=rays_o.detach().float().contiguous(),
+        d=rays_d.detach().float().contiguous(),
         u=u,
         occupied=occupied,
         grid_resolution=res,
@@ -259,6 +259,9 @@ if hasattr(backends.extension(), "march_rays"):  # an extension built before thi
     _dispatch.register(OP, "cuda", _march_extension)
 
 
+# Not traced by torch.compile: the output size is data-dependent (one host read on CUDA) and the reference's
+# loop runs a data-dependent number of steps; a compiled caller gets one clean graph break here.
+@torch.compiler.disable
 def _march(rays_o, rays_d, grid, step, cone_angle, max_step, max_samples_per_ray, bound, jitter, generator, backend):
     a = _prepare(rays_o, rays_d, grid, step, cone_angle, max_step, max_samples_per_ray, bound, jitter, generator)
     if backend is None:

@@ -28,7 +28,6 @@ std::tuple<torch::Tensor, torch::Tensor> hash_encode_jacobian_forward(torch::Ten
                                                                       std::vector<int64_t> resolutions, double bound);
 torch::Tensor hash_encode_jacobian_backward(torch::Tensor grad_enc, torch::Tensor grad_jac, torch::Tensor x,
                                             std::vector<int64_t> resolutions, double bound, int64_t table_size);
-
 // ray marching (csrc/cpu/raymarch.cpp, csrc/cuda/raymarch.cu): rays_o, rays_d [R, 3] float32, jitter [R] float32
 // in [0, 1), occupied [res^3] bool or empty (no grid). Returns ray_indices [S] int64, t_starts [S], t_ends [S],
 // positions [S, 3], directions [S, 3], offsets [R + 1] int64.
