@@ -181,7 +181,7 @@ def _tiny_set(seed: int = 0) -> tuple[ImageSet, BuiltinDataset]:
         colours=dict(COLOURS),
         config=DatasetConfig(resolution=h, background=(0.2, 0.3, 0.4)),
     )
-    return ImageSet(ds, torch.device("cpu")), ds
+    return ImageSet(ds, torch.device("cpu"), dtype=torch.float64), ds
 
 
 def _all_items(s: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
