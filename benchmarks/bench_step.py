@@ -6,8 +6,9 @@
   64x64 renders; a few rounds, each a full step of 1-3 s on two loaded cores);
 - on CUDA also the SD-2.1-base-shaped UNet + VAE (random weights, fp16, channels_last), plain.
 
-``FASTDREAM_BENCH_TINY=1`` swaps in the tiny configs (a smoke run in seconds). Per-part medians:
-``fastdream bench``.
+Each round is one whole step including an occupancy-grid update (the trainer updates every 16 steps), so these
+times are an upper bound of ``fastdream bench``'s amortised step. ``FASTDREAM_BENCH_TINY=1`` swaps in the tiny
+configs (a smoke run in seconds). Per-part medians: ``fastdream bench``.
 """
 
 from __future__ import annotations
