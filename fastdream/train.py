@@ -182,6 +182,8 @@ class Trainer:
         cfg = self.cfg
         cams = sample_cameras(cfg.camera, 1, self.schedule_gen)
         mode = self.shading_mode()
+        if hasattr(self.guidance, "set_shading_mode"):  # a prior that conditions on it (builtin)
+            self.guidance.set_shading_mode(mode)
         background = self._background_for_step()
         res = cfg.render.resolution
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
@@ -200,6 +202,8 @@ class Trainer:
                 generator=self.noise_gen,
             )
         words = [view_word(float(cams.elevation[0]), float(cams.azimuth[0]))]
+        if hasattr(self.guidance, "set_shading_mode"):  # the builtin prior conditions on the shading mode
+            self.guidance.set_shading_mode(mode)
         sds, info = self.guidance.sds_loss(out["image"].float(), words, self.sds_cfg, generator=self.noise_gen)
         loss = sds
         o = cfg.optim

@@ -261,6 +261,7 @@ def test_cfg_combines_the_two_models(small_data):
     img = small_data.image("sphere", 0, "blue", "shaded")[None].clone().requires_grad_(True)
     words = ["front"]
     grads = {}
+    g.set_shading_mode("shaded")
     for w in (0.0, 1.0, 7.5):
         img.grad = None
         gen = torch.Generator().manual_seed(5)
@@ -342,3 +343,54 @@ def test_evaluate_cli_bad_input(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"prompt": "a red cube"}))
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "mesh.obj" in capsys.readouterr().err
+
+
+# --- SDS with the builtin prior, end to end (CPU, reduced) ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sds_with_the_builtin_prior_finds_the_primitive(tmp_path):
+    """A few reduced runs (32×32 renders of a 32×32 prior, few steps): the mesh is nearest the asked shape."""
+    from fastdream.config import GuidanceConfig, RunConfig, resolve
+    from fastdream.export import extract_mesh
+    from fastdream.train import Trainer
+
+    data = render_dataset(DatasetConfig(resolution=32, cameras_per_view=24))
+    for prompt in ("a red cube", "a blue torus"):
+        cfg = RunConfig(prompt=prompt, device="cpu", guidance=GuidanceConfig(model="builtin"))
+        cfg.render.resolution = 32
+        cfg.render.samples_per_ray = 64
+        cfg.optim.steps = 150
+        cfg.optim.lr = 2e-2
+        cfg.optim.preview_every = 0
+        cfg.optim.save_every = 10**6
+        cfg.export.mesh_resolution = 64
+        cfg = resolve(cfg, "cpu")
+        guidance = BuiltinGuidance(data=data)
+        guidance.prepare(prompt)
+        trainer = Trainer(cfg, guidance, tmp_path / prompt.replace(" ", "_"), "cpu")
+        trainer.train(progress=False)
+        result = evaluate_mesh(extract_mesh(trainer.field, cfg), prompt)
+        assert result["correct_shape"], result["chamfer_to"]
+        assert result["chamfer"] < 0.1, result
+
+
+def test_shading_mode_conditioning(small_data):
+    g = BuiltinGuidance(data=small_data)
+    g.prepare("a red sphere")
+    views = torch.tensor([0])
+    red = g.set.colour_names.index("red")
+    for mode, kinds in (("albedo", {(False, red)}), ("shaded", {(True, red)}), ("textureless", {(True, 8)})):
+        items = g.set.label_mask("red", "sphere", views, mode)[0].nonzero()
+        assert {(bool(g.set.is_shade[b]), int(k)) for b, k in items.tolist()} == kinds
+        assert len(items) == 2
+    # A white shaded sphere is a perfect textureless sphere, but not a red shaded one.
+    x = small_data.image("sphere", 0, "red", "textureless")[None] * 2 - 1
+    t = torch.tensor([10])
+    g.set_shading_mode("textureless")
+    assert torch.allclose(g.denoise(x, t, views)[1], x, atol=1e-5)
+    g.set_shading_mode("shaded")
+    x0_c = g.denoise(x, t, views)[1]
+    assert torch.allclose(x0_c, small_data.image("sphere", 0, "red", "shaded")[None] * 2 - 1, atol=1e-5)
+    with pytest.raises(ValueError):
+        g.set_shading_mode("glossy")
