@@ -665,6 +665,8 @@ class StepRunner:
             torch.compiler.cudagraph_mark_step_begin()
         cams = sample_cameras(self.run.camera, self.cfg.batch, self.camera_gen)
         words = [view_word(float(e), float(a)) for e, a in zip(cams.elevation, cams.azimuth)]
+        if hasattr(self.guidance, "set_shading_mode"):  # as the trainer: a prior that conditions on it (builtin)
+            self.guidance.set_shading_mode(self.cfg.shading)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.render(cams, clock)
         clock.mark("shade_composite")

@@ -79,6 +79,7 @@ def test_step_trains_the_field_and_updates_the_grid():
     assert not torch.equal(runner.field.table, table0)
     assert not torch.equal(runner.background.net[0].weight, bg0)
     assert int(runner.grid.updates) == updates0 + 1
+    assert runner.guidance.shading_mode == "shaded"  # the prior is told the mode, as the trainer does
 
 
 def test_run_bench_builtin_parts_and_total():
