@@ -1,0 +1,80 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``fastdream bench``: time one SDS step in parts (see :mod:`fastdream.bench`).
+
+Examples::
+
+    fastdream bench                                   # builtin prior on the CPU (CUDA when visible)
+    fastdream bench --model sd --device cuda          # SD-2.1-base-shaped UNet + VAE, random weights, fp16
+    fastdream bench --model sd --cuda-graphs --json sd.json
+    fastdream bench --model sd --reference            # the field with the pure-PyTorch ops
+    fastdream bench --model if --compile              # IF-I-XL-shaped pixel-space UNet, torch.compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fastdream.bench import MODELS, BenchConfig, run_bench
+from fastdream.errors import UserError
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="time one SDS step in parts (medians, peak memory)")
+    d = BenchConfig()
+    p.add_argument("--model", choices=MODELS, default=d.model, help="guidance: builtin | sd | if (default builtin)")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"timed steps (default {d.steps})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed steps first (default {d.warmup})")
+    p.add_argument("--resolution", type=int, default=None, help="render size (default: the guidance's, 64)")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"cameras per step (default {d.batch})")
+    ops = p.add_mutually_exclusive_group()
+    ops.add_argument(
+        "--fused", dest="ops", action="store_const", const="fused", help="the fastest ops available (default)"
+    )
+    ops.add_argument(
+        "--reference", dest="ops", action="store_const", const="reference", help="pure-PyTorch ops everywhere"
+    )
+    p.set_defaults(ops=d.ops)
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet call")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the UNet call from a CUDA graph (CUDA only)")
+    p.add_argument("--tiny", action="store_true", help="tiny field and tiny random models (a smoke run)")
+    p.add_argument(
+        "--shading", choices=("shaded", "textureless", "albedo"), default=d.shading, help="shading mode of the step"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="weights, cameras and noise")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON to OUT ('-': stdout)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = BenchConfig(
+        model=args.model,
+        device=args.device,
+        steps=args.steps,
+        warmup=args.warmup,
+        resolution=args.resolution,
+        batch=args.batch,
+        ops=args.ops,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        tiny=args.tiny,
+        shading=args.shading,
+        seed=args.seed,
+    )
+    out = Path(args.json) if args.json not in (None, "-") else None
+    if out is not None and out.parent and not out.parent.is_dir():
+        raise UserError(f"--json {args.json}: folder {out.parent} does not exist; create it or pick another path")
+    result = run_bench(cfg)
+    doc = json.dumps(result.to_dict(), indent=2)
+    if args.json == "-":
+        print(doc)
+        return 0
+    print(result.format_table())
+    if out is not None:
+        try:
+            out.write_text(doc + "\n")
+        except OSError as e:
+            raise UserError(f"--json {args.json}: cannot write ({e.strerror}); pick a writable path") from e
+    return 0

@@ -1,0 +1,176 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The step benchmark: its step is the trainer's, its numbers add up, its CLI and its model configs.
+
+Everything runs on the CPU with tiny configs (``--tiny``); the CUDA-graph wrapper is checked when a GPU is there.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastdream import bench
+from fastdream.bench import BenchConfig, StepRunner, build_guidance, run_bench
+from fastdream.cameras import make_cameras
+from fastdream.cli import main
+from fastdream.guidance.base import SDSConfig
+from fastdream.renderer import render
+
+CPU = torch.device("cpu")
+
+
+def _runner(model: str, **kw) -> StepRunner:
+    cfg = BenchConfig(model=model, device="cpu", tiny=True, **kw)
+    g = build_guidance(cfg, CPU)
+    return StepRunner(cfg, CPU, g, int(g.resolution))
+
+
+def test_render_in_parts_matches_the_renderer():
+    runner = _runner("builtin")
+    runner.run.render.jitter = False
+    runner.warm_grid()
+    assert runner.grid.fraction_occupied() < 1.0  # the grid skips space, so the march really uses it
+    t = torch.tensor
+    light = t([[1.0, 2.0, 1.5], [-1.5, 1.0, 2.0]])  # away from the camera: shading really depends on normals
+    cams = make_cameras(t([20.0, 70.0]), t([30.0, -120.0]), t([2.2, 2.4]), t([50.0, 45.0]), light)
+    h = runner.resolution
+    r, s = runner.run.render, runner.run.shading
+    ref = render(
+        runner.field, runner.background, cams, h, h, shading_mode="shaded", grid=runner.grid,
+        samples_per_ray=r.samples_per_ray, ambient=s.ambient, diffuse=s.diffuse,
+    )  # fmt: skip
+    ours = runner.render(cams)
+    assert ours["image"].shape == (2, 3, h, h)
+    torch.testing.assert_close(ours["image"], ref["image"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["opacity"], ref["ray_opacity"], rtol=1e-5, atol=1e-6)
+    assert runner.n_samples == ref["n_samples"] > 0
+
+
+@pytest.mark.parametrize("model", ["sd", "if"])
+def test_parted_sds_loss_is_the_guidance_sds_loss(model):
+    pytest.importorskip("diffusers")
+    runner = _runner(model)
+    g = runner.guidance
+    h = runner.resolution
+    images = torch.rand(2, 3, h, h, generator=torch.Generator().manual_seed(1))
+    words = ["front", "overhead"]
+    x1 = images.clone().requires_grad_()
+    runner.noise_gen.manual_seed(7)
+    loss1 = runner.sds_loss(x1, words)
+    loss1.backward()
+    x2 = images.clone().requires_grad_()
+    loss2, _ = g.sds_loss(x2, words, SDSConfig(), generator=torch.Generator().manual_seed(7))
+    loss2.backward()
+    torch.testing.assert_close(loss1, loss2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    assert x1.grad.abs().sum() > 0
+
+
+def test_step_trains_the_field_and_updates_the_grid():
+    runner = _runner("builtin")
+    runner.warm_grid()
+    table0 = runner.field.table.detach().clone()
+    bg0 = runner.background.net[0].weight.detach().clone()
+    updates0 = int(runner.grid.updates)
+    loss = runner.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(runner.field.table, table0)
+    assert not torch.equal(runner.background.net[0].weight, bg0)
+    assert int(runner.grid.updates) == updates0 + 1
+    assert runner.guidance.shading_mode == "shaded"  # the prior is told the mode, as the trainer does
+
+
+def test_run_bench_builtin_parts_and_total():
+    steps = 2
+    r = run_bench(BenchConfig(model="builtin", device="cpu", steps=steps, warmup=1, tiny=True))
+    expected = [p for p in bench.PARTS if p != "guidance_encode"]  # the builtin prior encodes nothing
+    assert list(r.parts) == expected
+    for s in r.parts.values():
+        assert 0.0 < s.min_ms <= s.median_ms <= s.max_ms
+    total = sum(s.median_ms for k, s in r.parts.items() if k != "grid_update") + r.parts["grid_update"].median_ms / 16
+    assert r.step_ms == pytest.approx(total)
+    assert r.samples_per_step > 0 and r.peak_memory_bytes > 2**20
+    assert r.config["resolution"] == 16
+    from fastdream.ops import _dispatch
+
+    assert r.backends["hash_encode"] == _dispatch.select("hash_encode", CPU)
+    table = r.format_table()
+    for label in ("rays + marching", "field forward", "guidance: denoiser", "backward", "optimizer", "grid update"):
+        assert label in table
+
+
+def test_reference_ops_are_forced():
+    r = run_bench(BenchConfig(model="builtin", device="cpu", steps=1, warmup=0, tiny=True, ops="reference"))
+    assert set(r.backends.values()) == {"reference"}
+
+
+def test_cli_sd_tiny_writes_json(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "sd.json"
+    rc = main(
+        ["bench", "--model", "sd", "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--json", str(out)]
+    )
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["parts"]) == list(bench.PARTS)  # SD has the VAE-encode part
+    assert doc["config"]["model"] == "sd" and doc["config"]["tiny"] is True
+    assert doc["parts"]["guidance_encode"]["median_ms"] > 0
+    assert "guidance: encode" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--model", "sd", "--tiny", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs"),
+        (["--compile", "--device", "cpu"], "--model sd"),
+        (["--model", "sd", "--device", "cpu"], "--tiny"),
+        (["--steps", "0", "--device", "cpu"], "--steps"),
+        (["--device", "tpu"], "--device"),
+        (["--device", "cpu", "--tiny", "--json", "/nonexistent-dir/x.json"], "--json"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(argv, words, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err
+
+
+def test_cli_cuda_without_gpu_is_a_user_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_model_configs_have_the_published_sizes():
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):  # shapes only: no memory, no time
+        unet = diffusers.UNet2DConditionModel(**bench.SD21_BASE_UNET)
+        vae = diffusers.AutoencoderKL(**bench.SD21_BASE_VAE)
+        if_unet = diffusers.UNet2DConditionModel(**bench.IF_I_XL_UNET)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(unet) == 865_910_724  # stable-diffusion-2-1-base UNet
+    assert n(vae) == 83_653_863  # its AutoencoderKL
+    assert 4.2e9 < n(if_unet) < 4.5e9  # IF-I-XL: 4.3B
+    assert unet.config.cross_attention_dim == bench.SD21_TEXT_SHAPE[1]
+    assert if_unet.config.encoder_hid_dim == bench.IF_TEXT_SHAPE[1] and if_unet.config.out_channels == 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_unet_matches_eager():
+    diffusers = pytest.importorskip("diffusers")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**bench.TINY_SD_UNET).to(dev).eval()
+    wrapped = bench.CUDAGraphUNet(unet)
+    for seed in (0, 1):  # the second call replays with new inputs
+        g = torch.Generator(device=dev).manual_seed(seed)
+        x = torch.randn(2, 4, 8, 8, device=dev, generator=g)
+        t = torch.tensor([10, 500], device=dev)
+        c = torch.randn(2, 8, 32, device=dev, generator=g)
+        with torch.no_grad():
+            ref = unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        out = wrapped(x, t, encoder_hidden_states=c)[0]
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
