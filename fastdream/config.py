@@ -72,7 +72,7 @@ class RenderConfig:
     grid_threshold: float = 0.01  # a cell is occupied when density * step exceeds this
     grid_decay: float = 0.95
     jitter: bool = True  # random offset of the samples along each ray during training
-    preview_resolution: int = 128
+    preview_resolution: int | None = None  # CUDA 256, CPU 64
     turntable_resolution: int | None = None  # CUDA 256, CPU 96
     turntable_frames: int = 60
     turntable_fps: int = 20
@@ -205,6 +205,8 @@ def resolve(cfg: RunConfig, device_type: str | None = None) -> RunConfig:
         f.finest_resolution = 2048 if gpu else 512
     if r.grid_resolution is None:
         r.grid_resolution = 128 if gpu else 48
+    if r.preview_resolution is None:
+        r.preview_resolution = 256 if gpu else 64
     if r.turntable_resolution is None:
         r.turntable_resolution = 256 if gpu else 96
     if o.steps is None:
@@ -242,7 +244,8 @@ def validate(cfg: RunConfig) -> None:
     positive_int("--samples-per-ray", r.samples_per_ray, lo=8, hi=1024)
     positive_int("grid_update_every", o.grid_update_every)
     positive_int("max_bad_steps", o.max_bad_steps)
-    positive_int("--preview-resolution", r.preview_resolution, lo=16, hi=2048)
+    if r.preview_resolution is not None:
+        positive_int("--preview-resolution", r.preview_resolution, lo=16, hi=2048)
     if r.grid_resolution is not None:
         positive_int("grid_resolution", r.grid_resolution, lo=8, hi=512)
     finite("--lr", o.lr, lo=0.0, lo_open=True)

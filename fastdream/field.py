@@ -25,16 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdream import _fallback_ops
 from fastdream.config import FieldConfig
-
-
-def _op(name: str):
-    """The public op ``fastdream.ops.<name>``, or its pure-PyTorch stand-in until that op is merged."""
-    import fastdream.ops as ops
-
-    fn = getattr(ops, name, None)
-    return fn if fn is not None else getattr(_fallback_ops, name)
+from fastdream.ops import HashGridConfig, hash_encode, hash_encode_with_jacobian, init_hash_table
 
 
 class NeuralField(nn.Module):
@@ -49,7 +41,7 @@ class NeuralField(nn.Module):
             raise ValueError("FieldConfig has unresolved 'auto' fields; call fastdream.config.resolve first")
         self.cfg = cfg
         self.bound = float(bound)
-        self.grid_cfg = _op("HashGridConfig")(
+        self.grid_cfg = HashGridConfig(
             levels=cfg.levels,
             features=cfg.features,
             log2_table_size=cfg.log2_table_size,
@@ -57,7 +49,7 @@ class NeuralField(nn.Module):
             finest_resolution=cfg.finest_resolution,
             bound=self.bound,
         )
-        self.table = nn.Parameter(_op("init_hash_table")(self.grid_cfg, generator=generator))
+        self.table = nn.Parameter(init_hash_table(self.grid_cfg, generator=generator))
         dims = [cfg.levels * cfg.features] + [cfg.hidden] * (cfg.hidden_layers + 1)
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.out = nn.Linear(cfg.hidden, 4)  # raw density, albedo logits
@@ -95,7 +87,7 @@ class NeuralField(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, 3] world points -> (density [N], albedo [N, 3]), both float32."""
-        raw, _ = self._mlp(_op("hash_encode")(x, self.table, self.grid_cfg))
+        raw, _ = self._mlp(hash_encode(x, self.table, self.grid_cfg))
         sigma, rho, _ = self._heads(raw, x)
         return sigma, rho
 
@@ -122,32 +114,17 @@ class NeuralField(nn.Module):
             return sigma, rho, -F.normalize(grad, dim=-1, eps=1e-12)
         if method != "analytic":
             raise ValueError(f"method: expected 'analytic' or 'finite_difference', got {method!r}")
-        import fastdream.ops as ops
-
-        jac_op = getattr(ops, "hash_encode_with_jacobian", None)
-        if jac_op is not None:
-            enc, jac = jac_op(x, self.table, self.grid_cfg)  # [N, D], [N, D, 3]
-            raw, masks = self._mlp(enc)
-            sigma, rho, pre = self._heads(raw, x)
-            # d raw_density / d enc by hand through the ReLU MLP: cheap, and differentiable w.r.t. the weights.
-            g = self.out.weight[0].float().expand(x.shape[0], -1)
-            for lin, m in zip(reversed(self.hidden), reversed(masks)):
-                g = (g * m) @ lin.weight.float()
-            grad = torch.bmm(g[:, None, :], jac.float())[:, 0]  # [N, 3]
-            r = self.cfg.blob_radius * self.bound
-            xb = x.float()
-            blob_grad = -(self.blob(x) - self.cfg.density_shift)[:, None] * xb / (r * r)
-            grad = grad + blob_grad
-            # act' > 0 scales the gradient but not its direction: normalise the pre-activation gradient.
-            return sigma, rho, -F.normalize(grad, dim=-1, eps=1e-12)
-        # Until the fused Jacobian op is merged: autograd w.r.t. the positions (double backward).
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            raw, _ = self._mlp(_op("hash_encode")(xg, self.table, self.grid_cfg))
-            sigma, rho, pre = self._heads(raw, xg)
-            (grad,) = torch.autograd.grad(pre.sum(), xg, create_graph=torch.is_grad_enabled() and self.training)
-        if not self.training:
-            sigma, rho, grad = sigma.detach(), rho.detach(), grad.detach()
+        enc, jac = hash_encode_with_jacobian(x, self.table, self.grid_cfg)  # [N, D], [N, D, 3]
+        raw, masks = self._mlp(enc)
+        sigma, rho, _ = self._heads(raw, x)
+        # d raw_density / d enc by hand through the ReLU MLP: cheap, and differentiable w.r.t. the weights.
+        g = self.out.weight[0].float().expand(x.shape[0], -1)
+        for lin, m in zip(reversed(self.hidden), reversed(masks)):
+            g = (g * m) @ lin.weight.float()
+        grad = torch.bmm(g[:, None, :], jac.float())[:, 0]  # [N, 3]
+        r = self.cfg.blob_radius * self.bound
+        grad = grad - (self.blob(x) - self.cfg.density_shift)[:, None] * x.float() / (r * r)
+        # act' > 0 scales the gradient but not its direction: normalise the pre-activation gradient.
         return sigma, rho, -F.normalize(grad, dim=-1, eps=1e-12)
 
 

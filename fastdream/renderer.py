@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from fastdream.cameras import Cameras, get_rays
-from fastdream.field import Background, NeuralField, _op
-from fastdream.ops import ShadeMode, shade
+from fastdream.field import Background, NeuralField
+from fastdream.ops import ShadeMode, composite, march_rays, shade
 
 DEFAULT_AMBIENT = (0.3, 0.3, 0.3)
 DEFAULT_DIFFUSE = (0.7, 0.7, 0.7)
@@ -67,7 +67,7 @@ def render(
         shading_mode: "albedo" | "shaded" | "textureless" (the latter two need normals).
         grid: an occupancy grid (skips empty space) or None.
         samples_per_ray: march step = 2 * bound / samples_per_ray.
-        need_normals: compute normals even in albedo mode (default: only when shading needs them).
+        need_normals: also compute normals in albedo mode (shaded and textureless always do).
         jitter: random sample offsets along each ray (training).
 
     Returns:
@@ -83,7 +83,7 @@ def render(
     b = len(cameras)
     rays_o, rays_d = get_rays(cameras, height, width)
     n_rays = rays_o.shape[0]
-    samples = _op("march_rays")(
+    samples = march_rays(
         rays_o,
         rays_d,
         grid,
@@ -93,8 +93,7 @@ def render(
         generator=generator,
     )
     positions = samples.positions
-    if need_normals is None:
-        need_normals = mode != ShadeMode.ALBEDO
+    need_normals = bool(need_normals) or mode != ShadeMode.ALBEDO
     if need_normals:
         sigma, albedo, normals = field.density_and_normals(positions, method=normals_method)
     else:
@@ -125,7 +124,7 @@ def render(
             )
         colors = torch.cat(parts) if parts else albedo
     bg = _background_colors(background, rays_d, b)
-    comp = _op("composite")(sigma, colors.float(), samples, n_rays, background=bg)
+    comp = composite(sigma, colors.float(), samples, n_rays, background=bg)
     normals_image = None
     if normals is not None:
         nimg = torch.zeros(n_rays, 3, device=device, dtype=torch.float32)
@@ -160,7 +159,7 @@ def render_views(
     size: int,
     *,
     shading_mode: str = "albedo",
-    need_normals: bool = False,
+    need_normals: bool | None = None,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Render cameras one at a time without gradients (previews, turntables): bounded memory."""

@@ -1,0 +1,356 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The optimisation loop: SDS on random views, regularisers, occupancy-grid updates, checkpoints, previews.
+
+One step: a random camera and light (``fastdream.cameras.sample_cameras``), a shading mode (albedo during the
+warm-up, then shaded or textureless at random), a render at the guidance's resolution, the SDS loss for the
+view word of the camera, plus ``lambda_orient * L_orient + lambda_opacity * L_opacity``, and an Adam step
+(field and background groups; on CUDA under fp16 autocast with a gradient scaler).
+
+Reliability: a step whose loss or gradients hold NaN/inf is skipped and counted (``max_bad_steps`` in a row
+stop the run with a UserError); checkpoints are atomic and never hold NaN (:mod:`fastdream.checkpoint`);
+SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns with ``interrupted=True``.
+Every random draw comes from generators saved in the checkpoint, so on the CPU a resumed run ends with the
+same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastdream import checkpoint as ckpt
+from fastdream.cameras import make_cameras, sample_cameras, view_word
+from fastdream.config import RunConfig
+from fastdream.errors import UserError
+from fastdream.field import Background, NeuralField
+from fastdream.guidance.base import SDSConfig
+from fastdream.losses import opacity_loss, orientation_loss
+from fastdream.ops import OccupancyGrid
+from fastdream.renderer import render, render_views
+
+
+@dataclass
+class TrainResult:
+    step: int  # steps done in total
+    skipped: int  # non-finite steps skipped in total
+    interrupted: bool
+    checkpoint: Path | None
+    seconds: float
+    last_loss: float
+
+
+def build_models(cfg: RunConfig, device: torch.device) -> tuple[NeuralField, Background | None, OccupancyGrid]:
+    """The field, the background (None unless ``background == "mlp"``) and the occupancy grid, seeded."""
+    gen = torch.Generator().manual_seed(cfg.optim.seed)
+    r = cfg.render
+    field = NeuralField(cfg.field, bound=r.bound, generator=gen).to(device)
+    background = Background(generator=gen).to(device) if r.background == "mlp" else None
+    grid = OccupancyGrid(
+        r.grid_resolution,
+        bound=r.bound,
+        threshold=r.grid_threshold,
+        decay=r.grid_decay,
+        step=2.0 * r.bound / r.samples_per_ray,
+    ).to(device)
+    return field, background, grid
+
+
+class Trainer:
+    """Owns the models, the optimiser and the random state of a run in ``run_dir``.
+
+    Args:
+        cfg: a resolved (:func:`fastdream.config.resolve`) and validated config.
+        guidance: a prepared :class:`fastdream.guidance.Guidance` (``prepare(prompt)`` already called).
+        run_dir: the run folder (checkpoints/ and previews/ are written there).
+        device: where the field lives.
+    """
+
+    def __init__(self, cfg: RunConfig, guidance: Any, run_dir: str | Path, device: torch.device | str):
+        self.cfg = cfg
+        self.guidance = guidance
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device)
+        torch.manual_seed(cfg.optim.seed)
+        self.field, self.background, self.grid = build_models(cfg, self.device)
+        o = cfg.optim
+        groups = [{"params": list(self.field.parameters()), "lr": o.lr}]
+        if self.background is not None:
+            groups.append({"params": list(self.background.parameters()), "lr": o.background_lr})
+        self.optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), eps=o.eps)
+        self.amp = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        # Separate streams: the view/mode schedule (CPU) and the noise of SDS, jitter and grid updates.
+        self.schedule_gen = torch.Generator().manual_seed(o.seed + 1)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(o.seed + 2)
+        self.sds_cfg = SDSConfig(
+            guidance_scale=cfg.guidance.guidance_scale,
+            t_range=tuple(cfg.guidance.t_range),
+            weighting=cfg.guidance.weighting,
+        )
+        self.step = 0
+        self.skipped = 0
+        self.bad_in_a_row = 0
+        self.last_loss = float("nan")
+        self._stop = False
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "step": self.step,
+            "field": self.field.state_dict(),
+            "background": self.background.state_dict() if self.background is not None else {},
+            "grid": self.grid.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "rng": {
+                "schedule": self.schedule_gen.get_state(),
+                "noise": self.noise_gen.get_state().cpu(),
+                "torch": torch.get_rng_state(),
+            },
+            "stats": {"skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self.field.load_state_dict(state["field"])
+            if self.background is not None:
+                self.background.load_state_dict(state["background"])
+            self.grid.load_state_dict(state["grid"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.schedule_gen.set_state(state["rng"]["schedule"])
+            self.noise_gen.set_state(state["rng"]["noise"])
+            torch.set_rng_state(state["rng"]["torch"])
+            self.step = int(state["step"])
+            self.skipped = int(state["stats"]["skipped"])
+            self.bad_in_a_row = int(state["stats"]["bad_in_a_row"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(
+                f"the checkpoint does not match this run's settings ({type(e).__name__}: {str(e)[:120]}); "
+                f"start over with --overwrite"
+            ) from e
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.state_dict(), keep=self.cfg.optim.keep_checkpoints)
+
+    def resume(self, path: str | Path | None = None) -> Path:
+        path = Path(path) if path is not None else ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            raise UserError(f"nothing to resume in {self.run_dir} (no checkpoint); run without --resume")
+        self.load_state_dict(ckpt.load_checkpoint(path, map_location=self.device))
+        return path
+
+    # -- one step ---------------------------------------------------------------------------------------
+
+    def shading_mode(self) -> str:
+        """Albedo during the warm-up; then textureless with probability ``textureless_ratio``, else shaded.
+        Always draws one number so the schedule stream does not depend on the step."""
+        u = float(torch.rand((), generator=self.schedule_gen))
+        s = self.cfg.shading
+        if self.step < s.albedo_warmup_steps:
+            return "albedo"
+        return "textureless" if u < s.textureless_ratio else "shaded"
+
+    def _background_for_step(self) -> Background | torch.Tensor:
+        col = torch.rand(3, generator=self.schedule_gen)  # drawn every step: a fixed stream
+        bg = self.cfg.render.background
+        if bg == "mlp":
+            return self.background
+        return col if bg == "random" else torch.ones(3)
+
+    def _update_grid(self) -> None:
+        o = self.cfg.optim
+        self.field.eval()
+        try:
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                self.grid.update(self.field.density, warmup=self.step < o.grid_warmup_steps, generator=self.noise_gen)
+        finally:
+            self.field.train()
+
+    def compute_loss(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Render one random view and return (total loss, info). Consumes the step's random numbers."""
+        cfg = self.cfg
+        cams = sample_cameras(cfg.camera, 1, self.schedule_gen)
+        mode = self.shading_mode()
+        background = self._background_for_step()
+        res = cfg.render.resolution
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+            out = render(
+                self.field,
+                background,
+                cams,
+                res,
+                res,
+                shading_mode=mode,
+                grid=self.grid,
+                samples_per_ray=cfg.render.samples_per_ray,
+                ambient=cfg.shading.ambient,
+                diffuse=cfg.shading.diffuse,
+                jitter=cfg.render.jitter,
+                generator=self.noise_gen,
+            )
+        words = [view_word(float(cams.elevation[0]), float(cams.azimuth[0]))]
+        sds, info = self.guidance.sds_loss(out["image"].float(), words, self.sds_cfg, generator=self.noise_gen)
+        loss = sds
+        o = cfg.optim
+        if o.lambda_orient > 0 and out["normals"] is not None:
+            loss = loss + o.lambda_orient * orientation_loss(
+                out["weights"], out["normals"], out["directions"], out["ray_indices"], out["n_rays"]
+            )
+        if o.lambda_opacity > 0:
+            loss = loss + o.lambda_opacity * opacity_loss(out["ray_opacity"])
+        info = dict(info)
+        info.update(mode=mode, view=words[0], samples=out["n_samples"])
+        return loss, info
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def train_step(self) -> bool:
+        """One optimisation step. Returns False when it was skipped (non-finite loss or gradients)."""
+        o = self.cfg.optim
+        if self.step % o.grid_update_every == 0:
+            self._update_grid()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, info = self.compute_loss()
+        ok = bool(torch.isfinite(loss))
+        if ok:
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            ok = self._grads_finite()
+        if ok:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.bad_in_a_row = 0
+            self.last_loss = float(loss.detach())
+        else:
+            if self.scaler is not None and loss.requires_grad and bool(torch.isfinite(loss)):
+                self.scaler.update()  # found inf: lowers the scale
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.bad_in_a_row += 1
+        self.last_info = info
+        self.step += 1
+        if self.bad_in_a_row >= o.max_bad_steps:
+            raise UserError(
+                f"{self.bad_in_a_row} steps in a row had a NaN/inf loss or gradient (step {self.step}); the run "
+                f"diverged: lower --lr or --guidance-scale and resume from the last checkpoint with --resume"
+            )
+        return ok
+
+    # -- previews ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def preview(self) -> Path:
+        """A 3 x 4 grid (rows: colour, normals, textureless; columns: front, right, back, left) as PNG."""
+        img = preview_grid(self.field, self.background, self.grid, self.cfg)
+        path = self.run_dir / "previews" / f"step_{self.step:06d}.png"
+        write_png(path, img)
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _sigint_saves(self):
+        """First Ctrl-C: stop after the current step (then save); a second one interrupts at once."""
+
+        def handler(signum, frame):
+            if self._stop:
+                raise KeyboardInterrupt
+            self._stop = True
+
+        try:
+            prev = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, prev)
+
+    def train(self, progress: bool = True) -> TrainResult:
+        """Run until ``optim.steps``, writing previews and checkpoints; returns what happened."""
+        o = self.cfg.optim
+        start = time.perf_counter()
+        last_ckpt = None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=o.steps, initial=self.step, unit="step", dynamic_ncols=True, leave=True)
+        try:
+            with self._sigint_saves():
+                while self.step < o.steps and not self._stop:
+                    self.train_step()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(
+                            loss=f"{self.last_loss:.4g}", mode=self.last_info["mode"][:5], skipped=self.skipped
+                        )
+                    if o.preview_every and self.step % o.preview_every == 0:
+                        self.preview()
+                    if self.step % o.save_every == 0 or self.step == o.steps:
+                        last_ckpt = self.save()
+                if self._stop and (last_ckpt is None or self.step % o.save_every):
+                    last_ckpt = self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+        if last_ckpt is None:  # nothing to do (already at the end): the latest one
+            last_ckpt = ckpt.latest_checkpoint(self.run_dir)
+        return TrainResult(self.step, self.skipped, self._stop, last_ckpt, time.perf_counter() - start, self.last_loss)
+
+
+def preview_grid(
+    field: NeuralField, background: Background | None, grid: OccupancyGrid | None, cfg: RunConfig
+) -> np.ndarray:
+    """[3*S, 4*S, 3] uint8: colour (albedo), normals and textureless renders from four azimuths."""
+    s = cfg.render.preview_resolution
+    n = 4
+    az = torch.arange(n, dtype=torch.float32) * 90.0
+    az = torch.remainder(az + 180.0, 360.0) - 180.0
+    full = torch.ones(n)
+    cams = make_cameras(full * 15.0, az, full * 2.2, full * 50.0)
+    bg = background if background is not None else torch.ones(3)
+    kw = dict(
+        grid=grid,
+        samples_per_ray=cfg.render.samples_per_ray,
+        ambient=cfg.shading.ambient,
+        diffuse=cfg.shading.diffuse,
+    )
+    colour = render_views(field, bg, cams, s, shading_mode="albedo", need_normals=True, **kw)
+    plain = render_views(field, torch.ones(3), cams, s, shading_mode="textureless", **kw)
+    rows = [
+        torch.cat([o["image"][0] for o in colour], dim=2),
+        torch.cat([(o["normals_image"][0] + 1) / 2 * o["opacity"][0] + (1 - o["opacity"][0]) for o in colour], 2),
+        torch.cat([o["image"][0] for o in plain], dim=2),
+    ]
+    img = torch.cat(rows, dim=1).clamp(0, 1)
+    return (img.permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def write_png(path: str | Path, img: np.ndarray) -> None:
+    import imageio.v3 as iio
+
+    data = iio.imwrite("<bytes>", img, extension=".png")
+    ckpt.atomic_write(path, data)
