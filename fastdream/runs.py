@@ -1,29 +1,24 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Run folders that lose nothing: ownership checks, atomic writes, safe checkpoint loading, RNG state.
+"""Run folders that lose nothing: who may write where, decided before anything is written.
 
-A run folder belongs to one run (its ``config.json``). This module decides, before anything is written,
-whether a command may use a folder (:func:`prepare_run_dir`), writes every file atomically (temporary file in
-the same folder, flush, fsync, ``os.replace``, fsync of the folder) so that a ``kill -9`` at any moment leaves
-either the old file or the new one under the final name, and loads checkpoints with
-``torch.load(weights_only=True)``, which cannot execute code.
+A run folder belongs to one run (its ``config.json``). :func:`prepare_run_dir` decides whether a command may use
+a folder: another run's folder is refused unless ``--overwrite`` (which deletes only fastdream's own files),
+``--resume`` needs a checkpoint, an unwritable folder is reported in one line. Files are written atomically by
+:mod:`fastdream.checkpoint` (temporary file, flush, fsync, ``os.replace``), checkpoints load with
+``weights_only=True``.
 
 Example:
-    >>> import tempfile, torch
-    >>> d = Path(tempfile.mkdtemp())
-    >>> p = save_checkpoint({"step": 3, "w": torch.ones(2)}, checkpoint_path(d, 3))
-    >>> p.name, load_checkpoint(p)["step"], latest_checkpoint(d) == p
-    ('step_00000003.pt', 3, True)
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()) / "run"
+    >>> prepare_run_dir(d, {"prompt": "a red cube"}).resume_from is None
+    True
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import math
 import os
-import random
-import re
 import shutil
 import signal
 import tempfile
@@ -34,11 +29,10 @@ from typing import Any
 
 import torch
 
+from fastdream.checkpoint import CHECKPOINT_DIR, atomic_write, latest_checkpoint
 from fastdream.errors import UserError
 
 CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-_CHECKPOINT_RE = re.compile(r"^(?:step_|ckpt_|checkpoint_)?0*(\d+)\.(?:pt|pth|safetensors)$")
 # What fastdream writes into a run folder: --overwrite removes these and nothing else.
 RUN_ARTIFACTS = (
     CONFIG_FILE,
@@ -56,191 +50,13 @@ RUN_ARTIFACTS = (
 )
 
 
-class NonFiniteError(UserError):
-    """Too many non-finite steps in a row: the run stops with one line (its last checkpoint is intact)."""
-
-
 # ----------------------------------------------------------------------------------------------- atomic IO
 
 
-def _fsync_dir(folder: Path) -> None:
-    # The rename itself is durable only once the directory entry is on disk.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Write ``path`` through ``write(file)`` so that it is never seen half-written.
-
-    The data go to a temporary file in the same folder (same file system, so the rename is atomic), which is
-    flushed and fsynced before ``os.replace`` moves it over ``path``. On any error the temporary file is removed
-    and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    """``RUN/checkpoints/step_00000200.pt``."""
-    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint of a run, oldest first (temporary files are ignored)."""
-    found = []
-    for folder in (Path(run_dir) / CHECKPOINT_DIR, Path(run_dir)):
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            m = _CHECKPOINT_RE.match(p.name)
-            if m and p.is_file():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1][1] if ckpts else None
-
-
-def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors in a (nested) state that hold NaN or inf."""
-    bad: list[str] = []
-    if isinstance(state, torch.Tensor):
-        if state.is_floating_point() and state.numel() and not bool(torch.isfinite(state).all()):
-            bad.append(prefix or "<tensor>")
-    elif isinstance(state, dict):
-        for k, v in state.items():
-            bad += nonfinite_entries(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(state, (list, tuple)):
-        for i, v in enumerate(state):
-            bad += nonfinite_entries(v, f"{prefix}[{i}]")
-    elif isinstance(state, float) and not math.isfinite(state):
-        bad.append(prefix or "<float>")
-    return bad
-
-
-def save_checkpoint(state: dict[str, Any], path: str | Path, keep: int | None = None) -> Path:
-    """Atomically ``torch.save`` ``state`` to ``path``; refuse to write NaN/inf (a checkpoint never holds one).
-
-    Args:
-        state: tensors, numbers, strings, lists and dicts only (what ``weights_only=True`` loads back).
-        path: the final name (see :func:`checkpoint_path`).
-        keep: if set, delete all but the newest ``keep`` checkpoints of the run after the write.
-
-    Raises:
-        NonFiniteError: the state holds NaN or inf (nothing is written).
-    """
-    bad = nonfinite_entries(state)
-    if bad:
-        raise NonFiniteError(f"refusing to save a checkpoint holding NaN/inf in {', '.join(bad[:3])}")
-    path = Path(path)
-    atomic_write(path, lambda f: torch.save(state, f))
-    if keep is not None and keep > 0:
-        run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
-        for _, old in list_checkpoints(run_dir)[:-keep]:
-            if old != path:
-                with contextlib.suppress(OSError):
-                    old.unlink()
-    return path
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without executing anything from the file (``weights_only=True``).
-
-    Raises:
-        UserError: the file is missing, truncated, corrupt or not a fastdream checkpoint.
-    """
-    path = Path(path)
-    hint = "delete it to resume from the previous checkpoint, or start again with --overwrite"
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; run without --resume to start a new run")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path), device=str(map_location))
-        else:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, bad pickle, unsafe global, I/O error: all mean "unusable file"
-        reason = " ".join(str(err).split())[:120] or type(err).__name__
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({reason}); {hint}") from err
-    if not isinstance(state, dict):
-        raise UserError(f"checkpoint {path} is not a fastdream checkpoint (not a dict); {hint}")
-    return state
-
-
-# ---------------------------------------------------------------------------------------------- random state
-
-
-def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
-    """Every random state a run draws from, in a form ``weights_only=True`` loads back."""
-    import numpy as np
-
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [str(np_state[0]), torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
-        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
-    """Restore what :func:`rng_state` captured (generators by name; missing entries are left alone)."""
-    import numpy as np
-
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].cpu())
-    if "python" in state:
-        random.setstate(_as_tuple(state["python"]))
-    if "numpy" in state:
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    for k, g in (generators or {}).items():
-        if k in state.get("generators", {}):
-            g.set_state(state["generators"][k].cpu())
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+    """Write ``obj`` as JSON atomically (:func:`fastdream.checkpoint.atomic_write`)."""
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------------- devices
@@ -379,7 +195,7 @@ def prepare_run_dir(
 
 
 def _is_artifact(p: Path) -> bool:
-    return p.name in RUN_ARTIFACTS or bool(_CHECKPOINT_RE.match(p.name))
+    return p.name in RUN_ARTIFACTS
 
 
 def remove_run_artifacts(path: Path) -> None:
@@ -406,52 +222,6 @@ def default_identity(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _canon(d: Any) -> str:
     return json.dumps(d, sort_keys=True, default=str)
-
-
-# ---------------------------------------------------------------------------------------------------- numerics
-
-
-class NonFiniteGuard:
-    """Skip steps whose loss or gradients are NaN/inf; stop after ``max_in_row`` in a row.
-
-    Usage in a training step::
-
-        loss.backward()
-        if guard.check(loss, params):   # False: gradients zeroed, step skipped and counted
-            optimizer.step()
-    """
-
-    def __init__(self, max_in_row: int = 25):
-        self.max_in_row = int(max_in_row)
-        self.skipped = 0
-        self.in_row = 0
-
-    def check(self, loss: torch.Tensor | float, params: list[torch.Tensor] | None = None, step: int = -1) -> bool:
-        finite = bool(torch.isfinite(torch.as_tensor(loss)).all())
-        if finite and params:
-            grads = [p.grad for p in params if p.grad is not None]
-            # one reduction, one host sync
-            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-        if finite:
-            self.in_row = 0
-            return True
-        self.skipped += 1
-        self.in_row += 1
-        for p in params or ():
-            p.grad = None
-        if self.in_row >= self.max_in_row:
-            where = f" (at step {step})" if step >= 0 else ""
-            raise NonFiniteError(
-                f"{self.in_row} steps in a row had a NaN/inf loss or gradient{where}; lower --lr or "
-                f"--guidance-scale, then --resume from the last checkpoint"
-            )
-        return False
-
-    def state_dict(self) -> dict[str, int]:
-        return {"skipped": self.skipped, "in_row": self.in_row}
-
-    def load_state_dict(self, d: dict[str, int]) -> None:
-        self.skipped, self.in_row = int(d.get("skipped", 0)), int(d.get("in_row", 0))
 
 
 # ------------------------------------------------------------------------------------------------------ signals
