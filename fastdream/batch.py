@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastdream.checkpoint import latest_checkpoint
 from fastdream.errors import UserError
-from fastdream.runs import atomic_write_json, latest_checkpoint, sigterm_as_interrupt
+from fastdream.runs import atomic_write_json, sigterm_as_interrupt
 
 INDEX_FILE = "index.json"
 STATUS_FILE = "status.json"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdream import batch, runs
+from fastdream import batch
+from fastdream import checkpoint as ckpt
 from fastdream.errors import UserError
 
 
@@ -55,7 +56,7 @@ class FakeRunner:
             raise UserError(f"prompt {prompt!r} is not in the builtin vocabulary; use a COLOUR SHAPE")
         if "boom" in prompt:
             raise ZeroDivisionError("division by zero")
-        runs.save_checkpoint({"w": torch.ones(1)}, runs.checkpoint_path(run_dir, 4))
+        ckpt.save_checkpoint(run_dir, 4, {"format": 1, "field": {"w": torch.ones(1)}})
         return {"step": 4}
 
 
@@ -87,7 +88,7 @@ def test_run_batch_statuses_failures_and_restart(tmp_path: Path, capsys: pytest.
 
 def test_half_finished_prompt_resumes(tmp_path: Path) -> None:
     d = tmp_path / batch.folder_name("a red cube")
-    runs.save_checkpoint({"w": torch.ones(1)}, runs.checkpoint_path(d, 2))
+    ckpt.save_checkpoint(d, 2, {"format": 1, "field": {"w": torch.ones(1)}})
     batch.write_status(d, "a red cube", batch.RUNNING, rank=1)  # a rank died here
     run = FakeRunner()
     assert batch.run_batch(["a red cube", "a green cone"], tmp_path, run, dist=batch.Dist()) == 0
