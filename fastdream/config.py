@@ -31,7 +31,8 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 BACKGROUNDS = ("mlp", "random", "white")
 DENSITY_ACTIVATIONS = ("softplus", "exp")
 NORMAL_METHODS = ("analytic", "finite_difference")
-WEIGHTINGS = ("sds", "uniform")
+WEIGHTINGS = ("sds", "uniform", "sigma")
+SHADING_MODES = ("albedo", "shaded", "textureless")
 
 
 @dataclass
@@ -74,7 +75,8 @@ class RenderConfig:
     jitter: bool = True  # random offset of the samples along each ray during training
     preview_resolution: int | None = None  # CUDA 256, CPU 64
     turntable_resolution: int | None = None  # CUDA 256, CPU 96
-    turntable_frames: int = 60
+    turntable_frames: int | None = None  # CUDA 120, CPU 36
+    turntable_shading: str = "shaded"  # "albedo" | "shaded" | "textureless"
     turntable_fps: int = 20
 
 
@@ -209,6 +211,8 @@ def resolve(cfg: RunConfig, device_type: str | None = None) -> RunConfig:
         r.preview_resolution = 256 if gpu else 64
     if r.turntable_resolution is None:
         r.turntable_resolution = 256 if gpu else 96
+    if r.turntable_frames is None:
+        r.turntable_frames = 120 if gpu else 36
     if o.steps is None:
         o.steps = 800 if is_builtin(cfg.guidance.model) else 5000
     if s.albedo_warmup_steps is None:
@@ -246,6 +250,8 @@ def validate(cfg: RunConfig) -> None:
     positive_int("max_bad_steps", o.max_bad_steps)
     if r.preview_resolution is not None:
         positive_int("--preview-resolution", r.preview_resolution, lo=16, hi=2048)
+    if r.turntable_shading not in SHADING_MODES:
+        raise UserError(f"turntable_shading must be one of {', '.join(SHADING_MODES)}, got {r.turntable_shading!r}")
     if r.grid_resolution is not None:
         positive_int("grid_resolution", r.grid_resolution, lo=8, hi=512)
     finite("--lr", o.lr, lo=0.0, lo_open=True)

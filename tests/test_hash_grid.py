@@ -8,9 +8,12 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastdream.ops import (
     HashGridConfig,
+    _dispatch,
     hash_encode,
     hash_encode_reference,
     hash_encode_with_jacobian,
@@ -168,3 +171,246 @@ def test_public_functions_route_to_the_reference_when_forced():
     e2, j2 = hash_encode_with_jacobian_reference(x, table, SMALL)
     torch.testing.assert_close(enc, e2)
     torch.testing.assert_close(jac, j2)
+
+
+# ------------------------------------------------------------------------------------------ fast backends
+
+OP = "hash_encode"
+FAST_BACKENDS = ("cpp", "cuda", "triton")
+
+
+def _device_for(backend: str) -> torch.device:
+    if backend in ("cuda", "triton") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _interpreted(backend: str) -> bool:
+    return backend == "triton" and not torch.cuda.is_available()
+
+
+@pytest.fixture(params=FAST_BACKENDS)
+def backend(request) -> str:
+    name = request.param
+    if name not in _dispatch.usable_backends(OP, _device_for(name)):
+        pytest.skip(f"{name} is not usable here (not compiled, no GPU, or TRITON_INTERPRET unset)")
+    return name
+
+
+def _tol(backend: str, device: torch.device) -> dict:
+    if backend == "triton" and device.type == "cuda":  # fp16 table reads
+        return {"atol": 3e-3, "rtol": 3e-3}
+    return {"atol": 1e-4, "rtol": 1e-4}
+
+
+def _mixed_points(n: int, seed: int = 0) -> torch.Tensor:
+    """Points in and around the cube: about a fifth lie outside the bound."""
+    return _points(n, seed=seed, spread=1.2)
+
+
+SIZES = (0, 1, 97, 1025)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_backend_forward_and_jacobian_match_reference(backend, n):
+    if n > 100 and _interpreted(backend):
+        pytest.skip("the Triton interpreter is too slow for this size; it runs on CUDA")
+    device = _device_for(backend)
+    x = _mixed_points(n, seed=n)
+    table = _table(SMALL)
+    want_enc, want_jac = hash_encode_with_jacobian_reference(x.double(), table.double(), SMALL)
+    with use_backend(backend):
+        enc = hash_encode(x.to(device), table.to(device), SMALL)
+        enc2, jac = hash_encode_with_jacobian(x.to(device), table.to(device), SMALL)
+    assert enc.shape == (n, SMALL.out_dim) and jac.shape == (n, SMALL.out_dim, 3)
+    assert enc.dtype == torch.float32 and jac.dtype == torch.float32
+    tol = _tol(backend, device)
+    torch.testing.assert_close(enc.cpu().double(), want_enc, **tol)
+    torch.testing.assert_close(enc2.cpu().double(), want_enc, **tol)
+    torch.testing.assert_close(jac.cpu().double(), want_jac, atol=tol["atol"] * 20, rtol=tol["rtol"] * 20)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_backend_gradients_match_reference(backend, n):
+    if n > 100 and _interpreted(backend):
+        pytest.skip("the Triton interpreter is too slow for this size; it runs on CUDA")
+    device = _device_for(backend)
+    g = torch.Generator().manual_seed(7)
+    x = _mixed_points(n, seed=n + 1)
+    table = _table(SMALL)
+    g_enc = torch.randn(n, SMALL.out_dim, generator=g)
+    g_jac = torch.randn(n, SMALL.out_dim, 3, generator=g)
+
+    def grads(fn, x_, t_):
+        x_ = x_.clone().requires_grad_(True)
+        t_ = t_.clone().requires_grad_(True)
+        enc = fn[0](x_, t_, SMALL)
+        (enc * g_enc.to(enc)).sum().backward()
+        gx, gt = x_.grad, t_.grad
+        t2 = t_.detach().clone().requires_grad_(True)
+        e2, j2 = fn[1](x_.detach(), t2, SMALL)
+        ((e2 * g_enc.to(e2)).sum() + (j2 * g_jac.to(j2)).sum()).backward()
+        return gx, gt, t2.grad
+
+    ref = grads((hash_encode_reference, hash_encode_with_jacobian_reference), x.double(), table.double())
+    with use_backend(backend):
+        got = grads((hash_encode, hash_encode_with_jacobian), x.to(device), table.to(device))
+    tol = _tol(backend, device)
+    scale = {"atol": tol["atol"] * 50, "rtol": tol["rtol"] * 10}  # sums over many points and levels
+    for name, a, b in zip(("x", "table", "table via jacobian"), got, ref):
+        assert a is not None, name
+        torch.testing.assert_close(a.cpu().double(), b, **scale, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def test_backend_nonfinite_inputs_are_defined(backend):
+    device = _device_for(backend)
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[nan, 0.2, 0.3], [inf, -inf, nan], [nan, nan, nan], [0.1, -0.2, 0.3], [3.0, -4.0, 0.5]])
+    table = _table(SMALL)
+    want_enc, want_jac = hash_encode_with_jacobian_reference(x, table, SMALL)
+    with use_backend(backend):
+        xd = x.to(device).requires_grad_(True)
+        td = table.to(device).requires_grad_(True)
+        enc = hash_encode(xd, td, SMALL)
+        enc.square().sum().backward()
+        _, jac = hash_encode_with_jacobian(xd.detach(), td, SMALL)
+    tol = _tol(backend, device)
+    torch.testing.assert_close(enc.detach().cpu(), want_enc, **tol)
+    torch.testing.assert_close(jac.detach().cpu(), want_jac, atol=tol["atol"] * 20, rtol=tol["rtol"] * 20)
+    assert torch.isfinite(xd.grad).all() and torch.isfinite(td.grad).all()
+    assert (xd.grad[1:3] == 0).all() and (xd.grad[0, 0] == 0) and (xd.grad[4, :2] == 0).all()
+
+
+def test_backend_second_order_through_table_matches_reference(backend):
+    """d/d table of a loss on the x-gradient (hash_encode's backward differentiated again)."""
+    device = _device_for(backend)
+    x = _points(23, seed=11)
+    table = _table(SMALL)
+
+    def run(fn, x_, t_):
+        t_ = t_.clone().requires_grad_(True)
+        xr = x_.clone().requires_grad_(True)
+        enc = fn(xr, t_, SMALL)
+        (gx,) = torch.autograd.grad(enc.square().sum(), xr, create_graph=True)
+        (gt,) = torch.autograd.grad(gx.sin().sum(), t_)
+        return gt
+
+    want = run(hash_encode_reference, x.double(), table.double())
+    with use_backend(backend):
+        got = run(hash_encode, x.to(device), table.to(device))
+    tol = _tol(backend, device)
+    torch.testing.assert_close(got.cpu().double(), want, atol=tol["atol"] * 100, rtol=tol["rtol"] * 10)
+
+
+def test_backend_second_derivative_in_x_matches_reference(backend):
+    device = _device_for(backend)
+    x = _points(13, seed=12)
+    table = _table(SMALL)
+
+    def run(fn, x_, t_):
+        xr = x_.clone().requires_grad_(True)
+        enc = fn(xr, t_, SMALL)
+        (gx,) = torch.autograd.grad(enc.square().sum(), xr, create_graph=True)
+        (gxx,) = torch.autograd.grad(gx.sin().sum(), xr)
+        return gxx
+
+    want = run(hash_encode_reference, x.double(), table.double())
+    with use_backend(backend):
+        got = run(hash_encode, x.to(device), table.to(device))
+    tol = _tol(backend, device)
+    torch.testing.assert_close(got.cpu().double(), want, atol=tol["atol"] * 100, rtol=tol["rtol"] * 10)
+
+
+def test_cpp_float64_gradcheck_and_gradgradcheck():
+    if "cpp" not in _dispatch.usable_backends(OP, torch.device("cpu")):
+        pytest.skip("the C++ extension is not built")
+    cfg = HashGridConfig(levels=2, features=2, log2_table_size=4, base_resolution=2, finest_resolution=5)
+    x = _points(5, seed=5, dtype=torch.float64, spread=0.9).requires_grad_(True)
+    table = _table(cfg, dtype=torch.float64).requires_grad_(True)
+    fast = {"fast_mode": True}  # random projections: the same check at a fraction of the custom-op calls
+    with use_backend("cpp"):
+        assert hash_encode(x, table, cfg).dtype == torch.float64
+        assert torch.autograd.gradcheck(lambda x_, t_: hash_encode(x_, t_, cfg), (x, table))
+        assert torch.autograd.gradgradcheck(lambda x_, t_: hash_encode(x_, t_, cfg), (x, table), **fast)
+        assert torch.autograd.gradcheck(lambda t_: hash_encode_with_jacobian(x, t_, cfg), (table,), **fast)
+        assert torch.autograd.gradgradcheck(lambda t_: hash_encode_with_jacobian(x, t_, cfg), (table,), **fast)
+
+
+def test_cpp_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and autograd registration, as torch.compile relies on them."""
+    if "cpp" not in _dispatch.usable_backends(OP, torch.device("cpu")):
+        pytest.skip("the C++ extension is not built")
+    from fastdream.ops import hash_grid as hg
+
+    x = _points(7)
+    table = _table(SMALL).requires_grad_(True)
+    res = list(SMALL.resolutions)
+    torch.library.opcheck(hg._encode_op, (x, table, res, SMALL.bound, "cpp"))
+    torch.library.opcheck(hg._jacobian_op, (x, table, res, SMALL.bound, "cpp"))
+    g = torch.randn(7, SMALL.out_dim)
+    torch.library.opcheck(hg._encode_backward_op, (g, x, table.detach(), res, SMALL.bound, True, "cpp"))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    levels=st.integers(1, 3),
+    features=st.integers(1, 3),
+    log2=st.integers(3, 9),
+    base=st.integers(1, 6),
+    growth=st.integers(0, 8),
+    bound=st.sampled_from([0.5, 1.0, 2.5]),
+    n=st.integers(0, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_property_fast_backends_match_reference(levels, features, log2, base, growth, bound, n, seed):
+    cfg = HashGridConfig(
+        levels=levels,
+        features=features,
+        log2_table_size=log2,
+        base_resolution=base,
+        finest_resolution=base + growth,
+        bound=bound,
+    )
+    x = _points(n, seed=seed, spread=1.3 * bound)
+    table = _table(cfg, seed=seed + 1)
+    want_enc, want_jac = hash_encode_with_jacobian_reference(x.double(), table.double(), cfg)
+    g = torch.randn(n, cfg.out_dim, generator=torch.Generator().manual_seed(seed))
+    tr = table.double().requires_grad_(True)
+    hash_encode_reference(x.double(), tr, cfg).backward(g.double())
+    checked = 0
+    for b in _dispatch.usable_backends(OP, torch.device("cpu")):
+        if b == "reference" or (_interpreted(b) and n > 8):
+            continue
+        with use_backend(b):
+            t = table.clone().requires_grad_(True)
+            enc = hash_encode(x, t, cfg)
+            enc.backward(g)
+            _, jac = hash_encode_with_jacobian(x, table, cfg)
+        torch.testing.assert_close(enc.double(), want_enc, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(jac.double(), want_jac, atol=5e-3, rtol=1e-3)
+        torch.testing.assert_close(t.grad.double(), tr.grad, atol=1e-3, rtol=1e-4)
+        checked += 1
+    if checked == 0:
+        pytest.skip("no fast backend usable on the CPU here")
+
+
+# --------------------------------------------------------------------------------------------- input checks
+
+
+@pytest.mark.parametrize(
+    "make, exc, word",
+    [
+        (lambda: (torch.zeros(4, 3, dtype=torch.int64), _table(SMALL), SMALL), TypeError, "x"),
+        (lambda: (torch.zeros(4, 2), _table(SMALL), SMALL), ValueError, "x"),
+        (lambda: (torch.zeros(4, 3), torch.zeros(3, 128, 2), SMALL), ValueError, "table"),
+        (lambda: (torch.zeros(4, 3), _table(SMALL).to(torch.int32), SMALL), TypeError, "table"),
+        (lambda: (torch.zeros(4, 3), _table(SMALL).to("meta"), SMALL), ValueError, "table"),
+        (lambda: ([[0.0, 0.0, 0.0]], _table(SMALL), SMALL), TypeError, "x"),
+        (lambda: (torch.zeros(4, 3), _table(SMALL), {"levels": 3}), TypeError, "cfg"),
+    ],
+)
+@pytest.mark.parametrize("fn", [hash_encode, hash_encode_with_jacobian])
+def test_bad_inputs_raise_naming_the_argument(fn, make, exc, word):
+    args = make()
+    with pytest.raises(exc, match=rf"^{word}:"):
+        fn(*args)

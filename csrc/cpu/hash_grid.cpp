@@ -6,6 +6,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "fastdream/ops.h"
@@ -13,7 +14,7 @@
 namespace fastdream {
 
 namespace {
-constexpr int64_t kGrain = 512;
+constexpr int64_t kChunk = 2048;
 
 std::vector<HashLevel> make_levels(const std::vector<int64_t>& resolutions, int64_t table_size) {
   std::vector<HashLevel> lv;
@@ -27,36 +28,50 @@ std::vector<HashLevel> make_levels(const std::vector<int64_t>& resolutions, int6
 
 void check_inputs(const char* fn, const torch::Tensor& x, int64_t levels) {
   TORCH_CHECK(x.device().is_cpu(), fn, ": CUDA tensors but the CUDA part is not compiled");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == 3 && x.scalar_type() == torch::kFloat && x.is_contiguous(), fn,
-              ": x must be a contiguous float32 [N, 3] tensor");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == 3 && x.is_contiguous() &&
+                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble),
+              fn, ": x must be a contiguous float32 or float64 [N, 3] tensor");
   TORCH_CHECK(levels >= 1, fn, ": at least one level");
 }
 
-void check_table(const char* fn, const torch::Tensor& table, int64_t levels) {
-  TORCH_CHECK(
-      table.dim() == 3 && table.size(0) == levels && table.scalar_type() == torch::kFloat && table.is_contiguous(), fn,
-      ": table must be a contiguous float32 [L, S, F] tensor with L = len(resolutions)");
+void check_same_type(const char* fn, const char* name, const torch::Tensor& t, const torch::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.is_contiguous() && t.device() == x.device(), fn, ": ", name,
+              " must be contiguous, on x's device and of x's dtype");
+}
+
+void check_table(const char* fn, const torch::Tensor& table, const torch::Tensor& x, int64_t levels) {
+  check_same_type(fn, "table", table, x);
+  TORCH_CHECK(table.dim() == 3 && table.size(0) == levels, fn,
+              ": table must be an [L, S, F] tensor with L = len(resolutions)");
   const int64_t s = table.size(1);
   TORCH_CHECK(s > 0 && (s & (s - 1)) == 0, fn, ": the table size must be a power of two");
 }
 
 // Forward of every point: enc [N, L*F] and optionally jac [N, L*F, 3].
+template <typename T>
 void forward_loop(const torch::Tensor& x, const torch::Tensor& table, const std::vector<HashLevel>& lv, double bound,
                   torch::Tensor& enc, torch::Tensor* jac) {
   const int64_t n = x.size(0), L = table.size(0), S = table.size(1), F = table.size(2);
-  const float* xp = x.data_ptr<float>();
-  const float* tp = table.data_ptr<float>();
-  float* ep = enc.data_ptr<float>();
-  float* jp = jac != nullptr ? jac->data_ptr<float>() : nullptr;
+  const T* xp = x.data_ptr<T>();
+  const T* tp = table.data_ptr<T>();
+  T* ep = enc.data_ptr<T>();
+  T* jp = jac != nullptr ? jac->data_ptr<T>() : nullptr;
   const uint32_t mask = static_cast<uint32_t>(S - 1);
-  const float b = static_cast<float>(bound);
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float u[3], du[3];
-      hash_point(xp + 3 * i, b, u, du);
+  const T b = static_cast<T>(bound);
+  // Chunks of points, level by level inside a chunk: one level's table (a few MB) stays in cache while
+  // the chunk's points gather from it, instead of all L tables competing for it point after point.
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<T> u(3 * kChunk), du(3 * kChunk);
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t i0 = c * kChunk, i1 = std::min(n, i0 + kChunk);
+      for (int64_t i = i0; i < i1; ++i) hash_point(xp + 3 * i, b, &u[3 * (i - i0)], &du[3 * (i - i0)]);
       for (int64_t l = 0; l < L; ++l) {
-        hash_level_forward(u, du, lv[l], tp + l * S * F, static_cast<int>(F), mask, ep + (i * L + l) * F,
-                           jp != nullptr ? jp + (i * L + l) * F * 3 : nullptr);
+        const T* tl = tp + l * S * F;
+        for (int64_t i = i0; i < i1; ++i) {
+          hash_level_forward(&u[3 * (i - i0)], &du[3 * (i - i0)], lv[l], tl, static_cast<int>(F), mask,
+                             ep + (i * L + l) * F, jp != nullptr ? jp + (i * L + l) * F * 3 : nullptr);
+        }
       }
     }
   });
@@ -64,20 +79,20 @@ void forward_loop(const torch::Tensor& x, const torch::Tensor& table, const std:
 
 // grad_table [L, S, F] from the gradient of the encoding (may be undefined) and of the Jacobian (may be
 // undefined).
-torch::Tensor backward_table_loop(const torch::Tensor& x, const torch::Tensor& grad_enc, const torch::Tensor& grad_jac,
-                                  const std::vector<HashLevel>& lv, double bound, int64_t S, int64_t F) {
-  const int64_t n = x.size(0), L = static_cast<int64_t>(lv.size());
-  auto grad_table = torch::zeros({L, S, F}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* ge = grad_enc.defined() ? grad_enc.data_ptr<float>() : nullptr;
-  const float* gj = grad_jac.defined() ? grad_jac.data_ptr<float>() : nullptr;
-  float* gt = grad_table.data_ptr<float>();
+template <typename T>
+void backward_table_loop(const torch::Tensor& x, const torch::Tensor& grad_enc, const torch::Tensor& grad_jac,
+                         const std::vector<HashLevel>& lv, double bound, torch::Tensor& grad_table) {
+  const int64_t n = x.size(0), L = grad_table.size(0), S = grad_table.size(1), F = grad_table.size(2);
+  const T* xp = x.data_ptr<T>();
+  const T* ge = grad_enc.defined() ? grad_enc.data_ptr<T>() : nullptr;
+  const T* gj = grad_jac.defined() ? grad_jac.data_ptr<T>() : nullptr;
+  T* gt = grad_table.data_ptr<T>();
   const uint32_t mask = static_cast<uint32_t>(S - 1);
-  const float b = static_cast<float>(bound);
+  const T b = static_cast<T>(bound);
   at::parallel_for(0, L, 1, [&](int64_t lb, int64_t le) {
     for (int64_t l = lb; l < le; ++l) {
       for (int64_t i = 0; i < n; ++i) {
-        float u[3], du[3];
+        T u[3], du[3];
         hash_point(xp + 3 * i, b, u, du);
         hash_level_backward_table(u, du, lv[l], static_cast<int>(F), mask,
                                   ge != nullptr ? ge + (i * L + l) * F : nullptr,
@@ -85,7 +100,33 @@ torch::Tensor backward_table_loop(const torch::Tensor& x, const torch::Tensor& g
       }
     }
   });
-  return grad_table;
+}
+
+template <typename T>
+void backward_x_loop(const torch::Tensor& grad, const torch::Tensor& x, const torch::Tensor& table,
+                     const std::vector<HashLevel>& lv, double bound, torch::Tensor& grad_x) {
+  const int64_t n = x.size(0), L = table.size(0), S = table.size(1), F = table.size(2);
+  const T* xp = x.data_ptr<T>();
+  const T* tp = table.data_ptr<T>();
+  const T* gp = grad.data_ptr<T>();
+  T* gx = grad_x.data_ptr<T>();
+  const uint32_t mask = static_cast<uint32_t>(S - 1);
+  const T b = static_cast<T>(bound);
+  const int64_t chunks = (n + kChunk - 1) / kChunk;  // level by level inside a chunk, as in forward_loop
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<T> u(3 * kChunk), du(3 * kChunk);
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t i0 = c * kChunk, i1 = std::min(n, i0 + kChunk);
+      for (int64_t i = i0; i < i1; ++i) hash_point(xp + 3 * i, b, &u[3 * (i - i0)], &du[3 * (i - i0)]);
+      for (int64_t l = 0; l < L; ++l) {
+        const T* tl = tp + l * S * F;
+        for (int64_t i = i0; i < i1; ++i) {
+          hash_level_backward_x(&u[3 * (i - i0)], &du[3 * (i - i0)], lv[l], tl, static_cast<int>(F), mask,
+                                gp + (i * L + l) * F, gx + 3 * i);
+        }
+      }
+    }
+  });
 }
 }  // namespace
 
@@ -96,10 +137,11 @@ torch::Tensor hash_encode_forward(torch::Tensor x, torch::Tensor table, std::vec
 #endif
   const int64_t L = static_cast<int64_t>(resolutions.size());
   check_inputs("hash_encode_forward", x, L);
-  check_table("hash_encode_forward", table, L);
+  check_table("hash_encode_forward", table, x, L);
   const auto lv = make_levels(resolutions, table.size(1));
   auto enc = torch::empty({x.size(0), L * table.size(2)}, x.options());
-  forward_loop(x, table, lv, bound, enc, nullptr);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_forward",
+                             [&] { forward_loop<scalar_t>(x, table, lv, bound, enc, nullptr); });
   return enc;
 }
 
@@ -110,11 +152,12 @@ std::tuple<torch::Tensor, torch::Tensor> hash_encode_jacobian_forward(torch::Ten
 #endif
   const int64_t L = static_cast<int64_t>(resolutions.size());
   check_inputs("hash_encode_jacobian_forward", x, L);
-  check_table("hash_encode_jacobian_forward", table, L);
+  check_table("hash_encode_jacobian_forward", table, x, L);
   const auto lv = make_levels(resolutions, table.size(1));
   auto enc = torch::empty({x.size(0), L * table.size(2)}, x.options());
   auto jac = torch::empty({x.size(0), L * table.size(2), 3}, x.options());
-  forward_loop(x, table, lv, bound, enc, &jac);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_jacobian_forward",
+                             [&] { forward_loop<scalar_t>(x, table, lv, bound, enc, &jac); });
   return {enc, jac};
 }
 
@@ -126,32 +169,17 @@ std::tuple<torch::Tensor, torch::Tensor> hash_encode_backward(torch::Tensor grad
 #endif
   const int64_t L = static_cast<int64_t>(resolutions.size());
   check_inputs("hash_encode_backward", x, L);
-  check_table("hash_encode_backward", table, L);
+  check_table("hash_encode_backward", table, x, L);
+  check_same_type("hash_encode_backward", "grad", grad, x);
   const int64_t n = x.size(0), S = table.size(1), F = table.size(2);
-  TORCH_CHECK(
-      grad.sizes() == torch::IntArrayRef({n, L * F}) && grad.is_contiguous() && grad.scalar_type() == torch::kFloat,
-      "hash_encode_backward: grad must be a contiguous float32 [N, L*F] tensor");
+  TORCH_CHECK(grad.sizes() == torch::IntArrayRef({n, L * F}), "hash_encode_backward: grad must be [N, L*F]");
   const auto lv = make_levels(resolutions, S);
-  auto grad_table = backward_table_loop(x, grad, torch::Tensor(), lv, bound, S, F);
+  auto grad_table = torch::zeros_like(table);
   auto grad_x = torch::zeros_like(x);
-  if (need_x) {
-    const float* xp = x.data_ptr<float>();
-    const float* tp = table.data_ptr<float>();
-    const float* gp = grad.data_ptr<float>();
-    float* gx = grad_x.data_ptr<float>();
-    const uint32_t mask = static_cast<uint32_t>(S - 1);
-    const float b = static_cast<float>(bound);
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        float u[3], du[3];
-        hash_point(xp + 3 * i, b, u, du);
-        for (int64_t l = 0; l < L; ++l) {
-          hash_level_backward_x(u, du, lv[l], tp + l * S * F, static_cast<int>(F), mask, gp + (i * L + l) * F,
-                                gx + 3 * i);
-        }
-      }
-    });
-  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_backward", [&] {
+    backward_table_loop<scalar_t>(x, grad, torch::Tensor(), lv, bound, grad_table);
+    if (need_x) backward_x_loop<scalar_t>(grad, x, table, lv, bound, grad_x);
+  });
   return {grad_table, grad_x};
 }
 
@@ -164,16 +192,19 @@ torch::Tensor hash_encode_jacobian_backward(torch::Tensor grad_enc, torch::Tenso
   check_inputs("hash_encode_jacobian_backward", x, L);
   TORCH_CHECK(table_size > 0 && (table_size & (table_size - 1)) == 0,
               "hash_encode_jacobian_backward: the table size must be a power of two");
+  check_same_type("hash_encode_jacobian_backward", "grad_enc", grad_enc, x);
+  check_same_type("hash_encode_jacobian_backward", "grad_jac", grad_jac, x);
   const int64_t n = x.size(0);
-  TORCH_CHECK(grad_enc.dim() == 2 && grad_enc.size(0) == n && grad_enc.size(1) % L == 0 && grad_enc.is_contiguous() &&
-                  grad_enc.scalar_type() == torch::kFloat,
-              "hash_encode_jacobian_backward: grad_enc must be a contiguous float32 [N, L*F] tensor");
+  TORCH_CHECK(grad_enc.dim() == 2 && grad_enc.size(0) == n && grad_enc.size(1) % L == 0,
+              "hash_encode_jacobian_backward: grad_enc must be [N, L*F]");
   const int64_t F = grad_enc.size(1) / L;
-  TORCH_CHECK(grad_jac.sizes() == torch::IntArrayRef({n, L * F, 3}) && grad_jac.is_contiguous() &&
-                  grad_jac.scalar_type() == torch::kFloat,
-              "hash_encode_jacobian_backward: grad_jac must be a contiguous float32 [N, L*F, 3] tensor");
+  TORCH_CHECK(grad_jac.sizes() == torch::IntArrayRef({n, L * F, 3}),
+              "hash_encode_jacobian_backward: grad_jac must be [N, L*F, 3]");
   const auto lv = make_levels(resolutions, table_size);
-  return backward_table_loop(x, grad_enc, grad_jac, lv, bound, table_size, F);
+  auto grad_table = torch::zeros({L, table_size, F}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_jacobian_backward",
+                             [&] { backward_table_loop<scalar_t>(x, grad_enc, grad_jac, lv, bound, grad_table); });
+  return grad_table;
 }
 
 }  // namespace fastdream

@@ -35,41 +35,43 @@ int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThread
 
 // Thread t handles point t / L at level t % L: neighbouring threads read neighbouring table slices' rows of
 // the same point (the points are the coalesced dimension of the outputs).
-__global__ void forward_kernel(int64_t n, Levels levels, const float* __restrict__ x, const float* __restrict__ table,
-                               int64_t S, int F, float bound, float* __restrict__ enc, float* __restrict__ jac) {
+template <typename T>
+__global__ void forward_kernel(int64_t n, Levels levels, const T* __restrict__ x, const T* __restrict__ table,
+                               int64_t S, int F, T bound, T* __restrict__ enc, T* __restrict__ jac) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int L = levels.count;
   if (t >= n * L) return;
   const int64_t i = t / L;
   const int l = static_cast<int>(t % L);
-  float u[3], du[3];
+  T u[3], du[3];
   hash_point(x + 3 * i, bound, u, du);
   hash_level_forward(u, du, levels.lv[l], table + l * S * F, F, static_cast<uint32_t>(S - 1), enc + (i * L + l) * F,
                      jac != nullptr ? jac + (i * L + l) * F * 3 : nullptr);
 }
 
-__global__ void backward_table_kernel(int64_t n, Levels levels, const float* __restrict__ x, int64_t S, int F,
-                                      float bound, const float* __restrict__ grad_enc,
-                                      const float* __restrict__ grad_jac, float* __restrict__ grad_table) {
+template <typename T>
+__global__ void backward_table_kernel(int64_t n, Levels levels, const T* __restrict__ x, int64_t S, int F, T bound,
+                                      const T* __restrict__ grad_enc, const T* __restrict__ grad_jac,
+                                      T* __restrict__ grad_table) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int L = levels.count;
   if (t >= n * L) return;
   const int64_t i = t / L;
   const int l = static_cast<int>(t % L);
-  float u[3], du[3];
+  T u[3], du[3];
   hash_point(x + 3 * i, bound, u, du);
   hash_level_backward_table(u, du, levels.lv[l], F, static_cast<uint32_t>(S - 1),
                             grad_enc != nullptr ? grad_enc + (i * L + l) * F : nullptr,
                             grad_jac != nullptr ? grad_jac + (i * L + l) * F * 3 : nullptr, grad_table + l * S * F);
 }
 
-__global__ void backward_x_kernel(int64_t n, Levels levels, const float* __restrict__ x,
-                                  const float* __restrict__ table, int64_t S, int F, float bound,
-                                  const float* __restrict__ grad, float* __restrict__ grad_x) {
+template <typename T>
+__global__ void backward_x_kernel(int64_t n, Levels levels, const T* __restrict__ x, const T* __restrict__ table,
+                                  int64_t S, int F, T bound, const T* __restrict__ grad, T* __restrict__ grad_x) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   const int L = levels.count;
-  float u[3], du[3], g[3] = {0.0f, 0.0f, 0.0f};
+  T u[3], du[3], g[3] = {T(0), T(0), T(0)};
   hash_point(x + 3 * i, bound, u, du);
   for (int l = 0; l < L; ++l) {
     hash_level_backward_x(u, du, levels.lv[l], table + l * S * F, F, static_cast<uint32_t>(S - 1),
@@ -88,9 +90,11 @@ torch::Tensor hash_encode_forward_cuda(torch::Tensor x, torch::Tensor table, std
   const int64_t n = x.size(0), S = table.size(1), F = table.size(2);
   auto enc = torch::empty({n, lv.count * F}, x.options());
   if (n == 0) return enc;
-  forward_kernel<<<blocks_for(n * lv.count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      n, lv, x.data_ptr<float>(), table.data_ptr<float>(), S, static_cast<int>(F), static_cast<float>(bound),
-      enc.data_ptr<float>(), nullptr);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_forward_cuda", [&] {
+    forward_kernel<scalar_t><<<blocks_for(n * lv.count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        n, lv, x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), S, static_cast<int>(F), static_cast<scalar_t>(bound),
+        enc.data_ptr<scalar_t>(), nullptr);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return enc;
 }
@@ -104,9 +108,11 @@ std::tuple<torch::Tensor, torch::Tensor> hash_encode_jacobian_forward_cuda(torch
   auto enc = torch::empty({n, lv.count * F}, x.options());
   auto jac = torch::empty({n, lv.count * F, 3}, x.options());
   if (n == 0) return {enc, jac};
-  forward_kernel<<<blocks_for(n * lv.count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      n, lv, x.data_ptr<float>(), table.data_ptr<float>(), S, static_cast<int>(F), static_cast<float>(bound),
-      enc.data_ptr<float>(), jac.data_ptr<float>());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_jacobian_forward_cuda", [&] {
+    forward_kernel<scalar_t><<<blocks_for(n * lv.count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        n, lv, x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), S, static_cast<int>(F), static_cast<scalar_t>(bound),
+        enc.data_ptr<scalar_t>(), jac.data_ptr<scalar_t>());
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {enc, jac};
 }
@@ -122,16 +128,18 @@ std::tuple<torch::Tensor, torch::Tensor> hash_encode_backward_cuda(torch::Tensor
   auto grad_x = torch::zeros_like(x);
   if (n == 0) return {grad_table, grad_x};
   auto stream = at::cuda::getCurrentCUDAStream();
-  backward_table_kernel<<<blocks_for(n * lv.count), kThreads, 0, stream>>>(
-      n, lv, x.data_ptr<float>(), S, static_cast<int>(F), static_cast<float>(bound), grad.data_ptr<float>(), nullptr,
-      grad_table.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (need_x) {
-    backward_x_kernel<<<blocks_for(n), kThreads, 0, stream>>>(n, lv, x.data_ptr<float>(), table.data_ptr<float>(), S,
-                                                              static_cast<int>(F), static_cast<float>(bound),
-                                                              grad.data_ptr<float>(), grad_x.data_ptr<float>());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_backward_cuda", [&] {
+    backward_table_kernel<scalar_t><<<blocks_for(n * lv.count), kThreads, 0, stream>>>(
+        n, lv, x.data_ptr<scalar_t>(), S, static_cast<int>(F), static_cast<scalar_t>(bound), grad.data_ptr<scalar_t>(),
+        nullptr, grad_table.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+    if (need_x) {
+      backward_x_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+          n, lv, x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), S, static_cast<int>(F),
+          static_cast<scalar_t>(bound), grad.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
   return {grad_table, grad_x};
 }
 
@@ -142,10 +150,12 @@ torch::Tensor hash_encode_jacobian_backward_cuda(torch::Tensor grad_enc, torch::
   const int64_t n = x.size(0), F = grad_enc.size(1) / lv.count;
   auto grad_table = torch::zeros({lv.count, table_size, F}, x.options());
   if (n == 0) return grad_table;
-  backward_table_kernel<<<blocks_for(n * lv.count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      n, lv, x.data_ptr<float>(), table_size, static_cast<int>(F), static_cast<float>(bound),
-      grad_enc.data_ptr<float>(), grad_jac.data_ptr<float>(), grad_table.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_jacobian_backward_cuda", [&] {
+    backward_table_kernel<scalar_t><<<blocks_for(n * lv.count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        n, lv, x.data_ptr<scalar_t>(), table_size, static_cast<int>(F), static_cast<scalar_t>(bound),
+        grad_enc.data_ptr<scalar_t>(), grad_jac.data_ptr<scalar_t>(), grad_table.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return grad_table;
 }
 

@@ -11,6 +11,12 @@ from fastdream.ops.hash_grid import (
     hash_encode_with_jacobian_reference,
     init_hash_table,
 )
+from fastdream.ops.normals import (
+    density_gradient,
+    finite_difference_gradient,
+    finite_difference_normals,
+    normals_from_gradient,
+)
 from fastdream.ops.occupancy import OccupancyGrid
 from fastdream.ops.raymarch import RaySamples, march_rays, march_rays_reference, ray_sphere
 from fastdream.ops.shading import ShadeMode, shade, shade_reference
@@ -23,6 +29,9 @@ __all__ = [
     "ShadeMode",
     "composite",
     "composite_reference",
+    "density_gradient",
+    "finite_difference_gradient",
+    "finite_difference_normals",
     "hash_encode",
     "hash_encode_reference",
     "hash_encode_with_jacobian",
@@ -31,6 +40,7 @@ __all__ = [
     "march_rays",
     "march_rays_reference",
     "ray_sphere",
+    "normals_from_gradient",
     "select",
     "shade",
     "shade_reference",

@@ -17,8 +17,9 @@ Positions are world coordinates: ``u = (x + bound) / (2 bound)`` maps the cube `
 * ``+inf`` clamps to the upper face, ``-inf`` and ``NaN`` to the lower face (``u = 0``); the derivative
   in a non-finite coordinate is 0. The outputs are always finite for a finite table.
 
-Gradients: :func:`hash_encode` is differentiable w.r.t. ``table`` and ``x`` (and its backward, w.r.t. the
-incoming gradient and ``table``: second derivatives through ``x`` are not implemented and raise).
+Gradients: :func:`hash_encode` is differentiable w.r.t. ``table`` and ``x``, and so is its backward (the
+pure second derivative in ``x``, the trilinear Hessian term, is computed by the PyTorch reference: rare
+and slow; everything else by the kernels).
 :func:`hash_encode_with_jacobian` (the fused pass used for analytic normals) is differentiable w.r.t.
 ``table`` only — a loss on the encoding or on the Jacobian trains the table, while ``x`` is treated as a
 constant (samples are not optimised); its backward is differentiable again (the encoding is linear in
@@ -179,6 +180,18 @@ def _ref_dtype(x: torch.Tensor, table: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, table.dtype), torch.float32)
 
 
+def _encode_levels(x: torch.Tensor, table: torch.Tensor, resolutions, bound: float) -> torch.Tensor:
+    u, _ = _normalise(x, bound)
+    size = table.shape[1]
+    outs = []
+    for l, res in enumerate(resolutions):
+        idx, frac, bits = _level_corners(u, res, (res + 1) ** 3 <= size, size)
+        w, _ = _corner_weights(frac, bits)
+        feat = table[l][idx]  # [N, 8, F]
+        outs.append((w[..., None] * feat).sum(1))
+    return torch.cat(outs, dim=1)
+
+
 def hash_encode_reference(
     x: torch.Tensor,  # [N, 3] world positions
     table: torch.Tensor,  # [L, 2**T, F]
@@ -186,18 +199,7 @@ def hash_encode_reference(
 ) -> torch.Tensor:  # [N, L * F]
     """Pure-PyTorch encoding (plain autograd: differentiable w.r.t. ``table`` and ``x``, any order)."""
     dtype = _ref_dtype(x, table)
-    x = x.to(dtype)
-    table = table.to(dtype)
-    u, _ = _normalise(x, cfg.bound)
-    outs = []
-    for l, res in enumerate(cfg.resolutions):
-        idx, frac, bits = _level_corners(u, res, cfg.is_dense(l), cfg.table_size)
-        w, _ = _corner_weights(frac, bits)
-        feat = table[l][idx]  # [N, 8, F]
-        outs.append((w[..., None] * feat).sum(1))
-    if not outs:
-        return x.new_zeros(x.shape[0], 0)
-    return torch.cat(outs, dim=1)
+    return _encode_levels(x.to(dtype), table.to(dtype), cfg.resolutions, cfg.bound)
 
 
 def hash_encode_with_jacobian_reference(
@@ -219,8 +221,7 @@ def hash_encode_with_jacobian_reference(
         outs.append((w[..., None] * feat).sum(1))
         scale = inside.to(dtype) * (res / (2 * cfg.bound))  # [N, 3]: d p / d x
         jacs.append(torch.einsum("ncf,ncd->nfd", feat, dw) * scale[:, None, :])
-    n = x.shape[0]
-    return torch.cat(outs, dim=1).reshape(n, -1), torch.cat(jacs, dim=1).reshape(n, -1, 3)
+    return torch.cat(outs, dim=1), torch.cat(jacs, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -372,15 +373,13 @@ def _encode_backward_setup(ctx, inputs, output):
 
 def _encode_backward_backward(ctx, v_table, v_x):
     grad, x, table = ctx.saved_tensors
-    if ctx.needs_input_grad[1]:
-        raise RuntimeError(
-            "hash_encode: second derivatives w.r.t. x are not implemented by the fast backends; detach x, "
-            "or use hash_encode_with_jacobian (x constant) or the reference backend"
-        )
     res, bound, backend = ctx.resolutions, ctx.bound, ctx.backend
-    g_grad = g_table = None
+    g_grad = g_x = g_table = None
     if v_table is not None:
-        g_grad = _encode_op(x, v_table.contiguous(), res, bound, backend)
+        v_table = v_table.contiguous()
+        g_grad = _encode_op(x, v_table, res, bound, backend)
+        if ctx.needs_input_grad[1]:  # d/dx <v_table, A(x)^T grad> = backward to x with table := v_table
+            g_x = _encode_backward_op(grad, x, v_table, res, bound, True, backend)[1]
     if ctx.need_x and v_x is not None:
         _, jac = _jacobian_op(x, table, res, bound, backend)
         term = (jac * v_x[:, None, :]).sum(-1)
@@ -389,7 +388,21 @@ def _encode_backward_backward(ctx, v_table, v_x):
             g_table = _jacobian_backward_op(
                 torch.zeros_like(grad), grad[:, :, None] * v_x[:, None, :], x, res, bound, table.shape[1], backend
             )
-    return g_grad, None, g_table, None, None, None, None
+        if ctx.needs_input_grad[1]:
+            # The trilinear Hessian term sum_k grad_k d2 enc_k / dx2 . v_x has no kernel: the reference
+            # computes it (rare: a second derivative in the positions themselves).
+            h = _reference_hessian_term(grad, x, table, v_x, res, bound)
+            g_x = h if g_x is None else g_x + h
+    return g_grad, g_x, g_table, None, None, None, None
+
+
+def _reference_hessian_term(grad, x, table, v_x, resolutions, bound) -> torch.Tensor:
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        enc = _encode_levels(xr, table.detach(), resolutions, bound)
+        (gx,) = torch.autograd.grad(enc, xr, grad.detach(), create_graph=True)
+        (h,) = torch.autograd.grad(gx, xr, v_x.detach(), allow_unused=True)
+    return torch.zeros_like(x) if h is None else h
 
 
 _encode_backward_op.register_autograd(_encode_backward_backward, setup_context=_encode_backward_setup)
@@ -435,6 +448,13 @@ def _jacobian_backward_backward(ctx, v_table):
 _jacobian_backward_op.register_autograd(_jacobian_backward_backward, setup_context=_jacobian_backward_setup)
 
 
+def _fast_dtype(backend: str, x: torch.Tensor, table: torch.Tensor) -> torch.dtype:
+    """float32, except float64 on the C++/CUDA backends when an input is float64 (exact gradchecks)."""
+    if backend in ("cpp", "cuda") and torch.float64 in (x.dtype, table.dtype):
+        return torch.float64
+    return torch.float32
+
+
 def _check(x: object, table: object, cfg: object) -> torch.device:
     if not isinstance(cfg, HashGridConfig):
         raise TypeError(f"cfg: expected a HashGridConfig, got {type(cfg).__name__}")
@@ -450,9 +470,9 @@ def hash_encode(
 ) -> torch.Tensor:  # [N, L * F]
     """Encode ``N`` world positions; differentiable w.r.t. ``table`` and ``x``.
 
-    Fast backends compute in float32 and return float32; the reference keeps the promoted input dtype.
-    The backward of the fast backends is differentiable again w.r.t. the incoming gradient and ``table``
-    (not ``x``: asking for a second derivative through ``x`` raises).
+    Fast backends compute in float32 and return float32 (``cpp``/``cuda``: float64 when an input is
+    float64); the reference keeps the promoted input dtype. The backward of the fast backends is
+    differentiable again (its second derivative in ``x`` alone falls back to PyTorch: slow, and once only).
 
     Raises:
         TypeError / ValueError: an argument of the wrong type, dtype, shape or device (named).
@@ -461,7 +481,8 @@ def hash_encode(
     backend = _dispatch.select(OP, device)
     if backend == "reference":
         return hash_encode_reference(x, table, cfg)
-    return _encode_op(x.float().contiguous(), table.float().contiguous(), list(cfg.resolutions), cfg.bound, backend)
+    dt = _fast_dtype(backend, x, table)
+    return _encode_op(x.to(dt).contiguous(), table.to(dt).contiguous(), list(cfg.resolutions), cfg.bound, backend)
 
 
 def hash_encode_with_jacobian(
@@ -472,7 +493,8 @@ def hash_encode_with_jacobian(
     """The fused pass: the encoding and its spatial Jacobian ``jac[n, k, d] = d enc[n, k] / d x[n, d]``.
 
     Differentiable w.r.t. ``table`` (to any order); ``x`` is treated as a constant (no gradient flows to
-    it). Fast backends compute in float32 and return float32.
+    it). Fast backends compute in float32 and return float32 (``cpp``/``cuda``: float64 when an input is
+    float64).
 
     Raises:
         TypeError / ValueError: an argument of the wrong type, dtype, shape or device (named).
@@ -481,8 +503,9 @@ def hash_encode_with_jacobian(
     backend = _dispatch.select(OP, device)
     if backend == "reference":
         return hash_encode_with_jacobian_reference(x, table, cfg)
+    dt = _fast_dtype(backend, x, table)
     return _jacobian_op(
-        x.detach().float().contiguous(), table.float().contiguous(), list(cfg.resolutions), cfg.bound, backend
+        x.detach().to(dt).contiguous(), table.to(dt).contiguous(), list(cfg.resolutions), cfg.bound, backend
     )
 
 
