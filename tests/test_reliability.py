@@ -152,3 +152,22 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, guidance) -> None:
     for k, v in a["optimizer"]["state"].items():
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(v[name], b["optimizer"]["state"][k][name])
+
+
+def test_resume_with_rng_states_on_another_device(tmp_path: Path, guidance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the checkpoint loads with map_location=cuda, which moves the RNG ByteTensors there too;
+    generators only accept CPU states. Simulated here by handing the trainer non-CPU-looking tensors."""
+    cfg = tiny_config(steps=2, save_every=2)
+    make_trainer(cfg, guidance, tmp_path).train(progress=False)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    moved = []
+
+    class Moved(torch.Tensor):
+        def cpu(self, *a, **k):  # records that the trainer asked for a CPU copy
+            moved.append(1)
+            return torch.Tensor(self).clone()
+
+    state["rng"] = {k: v.as_subclass(Moved) for k, v in state["rng"].items()}
+    tr = make_trainer(cfg, guidance, tmp_path)
+    tr.load_state_dict(state)
+    assert len(moved) == 3
