@@ -54,10 +54,10 @@ class FieldConfig:
     density_activation: str = "softplus"  # "softplus" | "exp"
     # Density bias at initialisation, added before the activation: blob_density * exp(-|x|^2 / (2 r^2)) + shift
     # with r = blob_radius * bound. The (negative) shift keeps empty space empty so the occupancy grid can skip
-    # it; with the defaults the initial density is ~6 at the centre and ~0.02 at the bound.
-    blob_density: float = 10.0
+    # it; with the defaults the initial density is 6 at the centre, 0.3 at 0.4 * bound and 0.0025 at the bound.
+    blob_density: float = 12.0
     blob_radius: float = 0.3
-    density_shift: float = -4.0
+    density_shift: float = -6.0
     normals: str = "analytic"  # "analytic" (hash-grid Jacobian) | "finite_difference"
 
 
@@ -283,3 +283,45 @@ def validate(cfg: RunConfig) -> None:
     positive_int("levels", f.levels, hi=32)
     if f.log2_table_size is not None:
         positive_int("log2_table_size", f.log2_table_size, lo=8, hi=24)
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.key=value`` strings (``--set``), e.g. ``render.turntable_frames=12`` or
+    ``shading.ambient=[0.2,0.2,0.2]``; values parse as JSON, else as a plain string.
+
+    Raises:
+        UserError: an unknown key or a value of the wrong type.
+    """
+    d = cfg.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects section.key=value, got {item!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        node, parts = d, key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise UserError(f"--set {key}: unknown setting (see config.json of a run for the names)")
+            node = node[p]
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise UserError(f"--set {key}: unknown setting (see config.json of a run for the names)")
+        old = node[parts[-1]]
+        if old is not None and value is not None:
+            if isinstance(old, bool) != isinstance(value, bool) or (
+                isinstance(old, (int, float)) and not isinstance(value, (int, float))
+            ):
+                raise UserError(f"--set {key}: expected a value like {old!r}, got {value!r}")
+            if isinstance(old, int) and not isinstance(old, bool) and isinstance(value, float):
+                raise UserError(f"--set {key}: expected an integer, got {value!r}")
+            if isinstance(old, (list, tuple)) and (not isinstance(value, list) or len(value) != len(old)):
+                raise UserError(f"--set {key}: expected a list of {len(old)} values, got {value!r}")
+            if isinstance(old, str) and not isinstance(value, str):
+                value = text
+        node[parts[-1]] = value
+    try:
+        return RunConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--set: {e}") from e

@@ -40,7 +40,8 @@ def _shade_fwd_kernel(
         nx, ny, nz = _load3(n_ptr, offs, mask)
         px, py, pz = _load3(p_ptr, offs, mask)
         lx, ly, lz = _light_dir(px, py, pz, light_ptr)
-        lam = tl.maximum(nx * lx + ny * ly + nz * lz, 0.0)
+        cos = nx * lx + ny * ly + nz * lz
+        lam = tl.where(cos <= 0.0, 0.0, cos)  # keeps NaN, like the reference's relu
         ox = tl.load(dif_ptr + 0) * lam + tl.load(amb_ptr + 0)
         oy = tl.load(dif_ptr + 1) * lam + tl.load(amb_ptr + 1)
         oz = tl.load(dif_ptr + 2) * lam + tl.load(amb_ptr + 2)
@@ -80,7 +81,7 @@ def _shade_bwd_kernel(
         px, py, pz = _load3(p_ptr, offs, mask)
         lx, ly, lz = _light_dir(px, py, pz, light_ptr)
         cos = nx * lx + ny * ly + nz * lz
-        lam = tl.maximum(cos, 0.0)
+        lam = tl.where(cos <= 0.0, 0.0, cos)
         dx = tl.load(dif_ptr + 0)
         dy = tl.load(dif_ptr + 1)
         dz = tl.load(dif_ptr + 2)

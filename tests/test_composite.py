@@ -91,7 +91,7 @@ def _run(backend, sigmas, colors, s, background, eps=1e-4, seed=1):
         out = composite(sig, col, s, background=bg, early_stop_eps=eps)
     g = torch.Generator().manual_seed(seed)
     loss = sum(
-        (t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)).sum()
+        (t * torch.randn(t.shape, generator=g).to(t.device, t.dtype)).sum()
         for t in (out.image, out.opacity, out.depth, out.weights)
     )
     loss.backward()
@@ -231,6 +231,8 @@ def test_bad_inputs_name_the_argument():
         composite(sigmas, colors, bad)
     with pytest.raises(TypeError, match="samples"):
         composite(sigmas, colors, None)
+    with pytest.raises(ValueError, match="sigmas"):
+        composite(sigmas.to_sparse(), colors, s)
     with pytest.raises(ValueError, match="early_stop_eps"):
         composite(sigmas, colors, s, early_stop_eps=2.0)
     if torch.cuda.is_available():
@@ -252,3 +254,33 @@ def test_property_weights_bounded_and_backends_agree(n, seed, scale):
         fast = _run(backend, sigmas, colors, s, bg)
         for name, a, b in zip(NAMES, fast, ref):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+# --- torch.library registration ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_custom_op_passes_opcheck(device, backend):
+    from fastdream.ops.composite import _composite_op
+
+    sigmas, colors, s, _ = _inputs(9, seed=11, device=device)
+    args = (sigmas.requires_grad_(), colors.requires_grad_(), s.t_starts, s.t_ends, s.offsets, 1e-4, backend)
+    torch.library.opcheck(_composite_op, args)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_torch_compile_traces_the_custom_op(device, backend):
+    sigmas, colors, s, bg = _inputs(30, seed=12, device=device)
+
+    def f(sig, col):
+        with use_backend(backend):
+            out = composite(sig, col, s, background=bg)
+        return out.image.sum() + out.opacity.square().sum()
+
+    sig, col = sigmas.clone().requires_grad_(), colors.clone().requires_grad_()
+    f(sig, col).backward()
+    sig2, col2 = sigmas.clone().requires_grad_(), colors.clone().requires_grad_()
+    torch._dynamo.reset()
+    torch.compile(f, backend="aot_eager")(sig2, col2).backward()
+    torch.testing.assert_close(sig2.grad, sig.grad)
+    torch.testing.assert_close(col2.grad, col.grad)

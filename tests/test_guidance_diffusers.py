@@ -229,6 +229,48 @@ def test_gradient_is_sds_gradient_at_model_input(kind, sd_folder, if_folder):
     torch.testing.assert_close(z.grad, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["sd", "if"])
+def test_low_precision_models_with_fp32_renders(kind, sd_folder, if_folder):
+    """The CUDA fp16 path's casts, exercised on CPU in bf16: models in low precision, renders and the SDS
+    gradient in fp32."""
+    g = load_guidance(str(sd_folder if kind == "sd" else if_folder), "cpu", dtype=torch.bfloat16)
+    assert g.unet.dtype == torch.bfloat16
+    g.prepare("a green cone")
+    assert g.cond_embeddings.dtype == torch.bfloat16
+    images = _images(b=1)
+    loss, info = g.sds_loss(images, ["side"], SDSConfig(), generator=torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32 and info["grad_norm"].dtype == torch.float32
+    loss.backward()
+    assert images.grad.dtype == torch.float32 and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_direct_construction_with_set_text_embeddings():
+    """What the benchmarks do: modules with random weights, no text encoder, random embeddings."""
+    from fastdream.guidance.stable_diffusion import StableDiffusionGuidance
+
+    folder_free = {"device": torch.device("cpu"), "dtype": torch.float32, "text_encoder": None, "tokenizer": None}
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=4,
+        layers_per_block=1,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+    )
+    vae = diffusers.AutoencoderKL(block_out_channels=(32,), latent_channels=4)
+    g = StableDiffusionGuidance(unet=unet, vae=vae, scheduler=diffusers.DDPMScheduler(), **folder_free)
+    assert g.model_resolution == 4
+    with pytest.raises(ValueError, match="cond"):
+        g.set_text_embeddings(torch.randn(3, 5, 16), torch.randn(1, 5, 16))
+    g.set_text_embeddings(torch.randn(len(VIEW_WORDS), 5, 16), torch.randn(1, 5, 16))
+    images = _images(b=2, size=8)
+    loss, _ = g.sds_loss(images, ["front", "overhead"], SDSConfig(guidance_scale=10.0))
+    loss.backward()
+    assert images.grad.abs().sum() > 0
+
+
 def test_sd_attention_uses_sdpa(sd_folder):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -243,6 +285,30 @@ def test_prepare_again_reloads_the_text_encoder(sd_folder):
     g.prepare("a yellow torus")
     assert g.text_encoder is None and g.prompt == "a yellow torus"
     assert not torch.allclose(first, g.cond_embeddings)
+
+
+def test_tokenizer_in_vocab_and_merges_layout(sd_folder, tmp_path):
+    """Real SD checkpoints ship vocab.json + merges.txt (no tokenizer.json): that layout loads too."""
+    import shutil
+
+    folder = tmp_path / "sd-vocab-merges"
+    shutil.copytree(sd_folder, folder)
+    tok_dir = folder / "tokenizer"
+    shutil.rmtree(tok_dir)
+    tok_dir.mkdir()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in LETTERS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 16, "pad_token": "<|endoftext|>", **special}
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    g = load_guidance(str(folder), "cpu")
+    assert g.tokenizer("front").input_ids == [0, vocab["f"], vocab["r"], vocab["o"], vocab["n"], vocab["t</w>"], 1]
+    g.prepare("a cube")
+    assert g.cond_embeddings.shape == (len(VIEW_WORDS), 16, 32)
 
 
 def test_sds_loss_before_prepare_and_bad_inputs(sd_folder):

@@ -56,13 +56,26 @@ def _blob_grid(device: str = "cpu", res: int = 32) -> OccupancyGrid:
 
 
 def _assert_same(a: RaySamples, b: RaySamples, exact: bool) -> None:
-    assert torch.equal(a.offsets.cpu(), b.offsets.cpu()), "offsets differ"
-    assert torch.equal(a.ray_indices.cpu(), b.ray_indices.cpu()), "ray_indices differ"
-    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5)
+    """Identical samples (``exact``: the CPU loop does the reference's float32 operations in the same order), or on
+    CUDA (fast-math sqrt and division) the same samples up to float tolerance, allowing a ray's count to differ by
+    one where its last step lands within rounding of the sphere (at most 1% of the rays)."""
+    a = RaySamples(*(x.cpu() for x in (a.ray_indices, a.t_starts, a.t_ends, a.positions, a.directions, a.offsets)))
     for name in ("t_starts", "t_ends", "positions", "directions"):
-        x, y = getattr(a, name).cpu(), getattr(b, name).cpu()
-        assert x.dtype == y.dtype == torch.float32, name
-        torch.testing.assert_close(x, y, **tol, msg=name)
+        assert getattr(a, name).dtype == getattr(b, name).dtype == torch.float32, name
+    if exact:
+        assert torch.equal(a.offsets, b.offsets), "offsets differ"
+        assert torch.equal(a.ray_indices, b.ray_indices), "ray_indices differ"
+        for name in ("t_starts", "t_ends", "positions", "directions"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0, msg=name)
+        return
+    ca, cb = a.offsets.diff(), b.offsets.diff()
+    assert (ca - cb).abs().le(1).all() and int((ca != cb).sum()) <= 0.01 * ca.numel(), "counts differ"
+    k = torch.minimum(ca, cb)  # compare the first min(count) samples of every ray
+    ray = torch.repeat_interleave(torch.arange(k.numel()), k)
+    local = torch.arange(int(k.sum())) - torch.repeat_interleave(torch.cumsum(k, 0) - k, k)
+    ia, ib = a.offsets[ray] + local, b.offsets[ray] + local
+    for name in ("t_starts", "t_ends", "positions", "directions"):
+        torch.testing.assert_close(getattr(a, name)[ia], getattr(b, name)[ib], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def _check_invariants(s: RaySamples, rays_o: torch.Tensor, bound: float = 1.0) -> None:
@@ -166,6 +179,17 @@ def test_matches_reference_cone_jitter_inside(device, backend):
     _assert_same(fast, ref, exact=device == "cpu")
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_grid_smaller_than_the_sphere_skips_points_outside_it(device, backend):
+    o, d = _rays(200, seed=8, device=device)
+    grid = OccupancyGrid(resolution=8, bound=0.5).to(device)  # every cell occupied, but only |x|_inf <= 0.5
+    ref = march_rays_reference(o, d, grid)
+    with use_backend(backend):
+        fast = march_rays(o, d, grid)
+    assert 0 < ref.n_samples and (ref.positions.abs() <= 0.5).all()
+    _assert_same(fast, ref, exact=device == "cpu")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_every_cell_empty_gives_no_samples(backend):
     o, d = _rays(97)
@@ -216,8 +240,12 @@ def test_bad_inputs_name_the_argument():
         march_rays(o.long(), d)
     with pytest.raises(TypeError, match="rays_d"):
         march_rays(o, d.numpy())
+    with pytest.raises(ValueError, match="rays_o"):
+        march_rays(o.to_sparse(), d)
     with pytest.raises(ValueError, match="step"):
         march_rays(o, d, step=0.0)
+    with pytest.raises(ValueError, match="max_samples_per_ray"):
+        march_rays(o, d, max_samples_per_ray=-1)
     with pytest.raises(ValueError, match="cone_angle"):
         march_rays(o, d, cone_angle=-1.0)
     with pytest.raises(ValueError, match="bound"):
@@ -258,3 +286,17 @@ def test_property_invariants_and_backends_agree(n, seed, step, cone, inside, jit
             fast = march_rays(o, d, grid, generator=torch.Generator().manual_seed(seed), **kw)
         _assert_same(fast, ref, exact=True)
     assert math.isfinite(float(ref.t_ends.sum()))
+
+
+def test_compiled_caller_gets_the_same_samples():
+    o, d = _rays(40, seed=2)
+
+    def f(o, d):
+        s = march_rays(o, d)
+        return s.positions.sum(0) * 2.0, s.n_samples
+
+    torch._dynamo.reset()
+    got, n = torch.compile(f, backend="eager")(o, d)
+    want, m = f(o, d)
+    assert n == m
+    torch.testing.assert_close(got, want)

@@ -79,10 +79,23 @@ class DiffusersGuidance:
                 raise RuntimeError("the text encoder was freed and cannot be reloaded")
             self.text_encoder = freeze(self._text_encoder_loader(), self.device, self.dtype)
         texts = [view_prompt(prompt, w) for w in VIEW_WORDS] + [negative_prompt]
-        emb = self._encode_text(texts).to(self.dtype)
-        self.cond_embeddings, self.uncond_embeddings = emb[: len(VIEW_WORDS)], emb[len(VIEW_WORDS) :]
-        self.prompt = prompt
+        emb = self._encode_text(texts)
+        self.set_text_embeddings(emb[: len(VIEW_WORDS)], emb[len(VIEW_WORDS) :], prompt)
         self.free_text_encoder()
+
+    def set_text_embeddings(self, cond: torch.Tensor, uncond: torch.Tensor, prompt: str = "") -> None:
+        """Install embeddings directly (benchmarks with random weights, precomputed prompts).
+
+        Args:
+            cond: [len(VIEW_WORDS), L, D] one per view word, in :data:`VIEW_WORDS` order. uncond: [1, L, D].
+        """
+        if cond.dim() != 3 or cond.shape[0] != len(VIEW_WORDS):
+            raise ValueError(f"cond must be [{len(VIEW_WORDS)}, L, D], got {tuple(cond.shape)}")
+        if uncond.dim() != 3 or uncond.shape[0] != 1 or uncond.shape[1:] != cond.shape[1:]:
+            raise ValueError(f"uncond must be [1, {cond.shape[1]}, {cond.shape[2]}], got {tuple(uncond.shape)}")
+        self.cond_embeddings = cond.detach().to(self.device, self.dtype)
+        self.uncond_embeddings = uncond.detach().to(self.device, self.dtype)
+        self.prompt = prompt
 
     def free_text_encoder(self) -> None:
         self.text_encoder = None
@@ -104,7 +117,8 @@ class DiffusersGuidance:
         if self.cond_embeddings is None or self.uncond_embeddings is None:
             raise RuntimeError("call guidance.prepare(prompt) before sds_loss")
         b = z_t.shape[0]
-        cond = self.cond_embeddings[view_indices(view_words, self.device)]
+        # Python-int indexing + stack: no host-to-device copy of an index tensor every step.
+        cond = torch.stack([self.cond_embeddings[i] for i in view_indices(view_words).tolist()])
         uncond = self.uncond_embeddings.expand(b, -1, -1)
         z_in = torch.cat([z_t, z_t]).to(self.dtype)
         if self.device.type == "cuda":
@@ -125,6 +139,9 @@ class DiffusersGuidance:
         """See :meth:`fastdream.guidance.base.Guidance.sds_loss`. t and ε are drawn from ``generator`` (on its
         own device, then moved), so a seeded CPU generator reproduces a run."""
         check_images(images, view_words)
+        view_indices(view_words)  # reject unknown words before the VAE runs
+        if self.cond_embeddings is None:
+            raise RuntimeError("call guidance.prepare(prompt) before sds_loss")
         b = images.shape[0]
         z = self.encode_images(images.to(self.device))
         t = sample_timesteps(b, self.num_train_timesteps, cfg.t_range, generator, self.device)

@@ -72,7 +72,7 @@ class Guidance(Protocol):
     def prepare(self, prompt: str, negative_prompt: str = "") -> None:
         """Compute and cache the text embeddings of ``f"{prompt}, {word} view"`` for every word of
         :data:`VIEW_WORDS` and of the negative prompt (the unconditional branch), then free the text encoder.
-        Calling it again with another prompt is an error once the encoder is freed (backends may reload)."""
+        Calling it again with another prompt replaces the cache (the diffusers backends reload the encoder)."""
         ...
 
     def sds_loss(

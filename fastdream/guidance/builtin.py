@@ -55,7 +55,7 @@ class ImageSet:
     are a few matrix products with the bases; the items are never materialised.
     """
 
-    def __init__(self, data: BuiltinDataset, device: torch.device, dtype: torch.dtype = torch.float64):
+    def __init__(self, data: BuiltinDataset, device: torch.device, dtype: torch.dtype = torch.float32):
         p, j = data.shade.shape[:2]
         pix = data.shade.shape[2] * data.shade.shape[3]
         self.resolution = data.shade.shape[2]
@@ -106,8 +106,8 @@ class ImageSet:
         """
         b = z_t.shape[0]
         a, s = alpha.to(self.dtype)[:, None, None], sigma.to(self.dtype)[:, None, None]
-        # ‖z_t − α x‖² = 4α² ‖u − y‖² with x = 2y − 1 and u = (z_t + α) / (2α); float64 so that the
-        # expansion ‖u‖² − 2u·y + ‖y‖² keeps its precision at small σ, where the logits are scaled by 2α²/σ².
+        # ‖z_t − α x‖² = 4α² ‖u − y‖² with x = 2y − 1 and u = (z_t + α) / (2α). In float32 the expansion
+        # ‖u‖² − 2u·y + ‖y‖² loses ~1e-7·‖u‖² (~3e-4 on 64×64 images): at most ~0.2 in a logit at the smallest σ.
         u = (z_t.reshape(b, 3, -1).to(self.dtype) + a) / (2 * a)  # [B, 3, P]
         dot = torch.einsum("bcn,kc->bnk", u @ self.bases.T, self.rho)  # [B, NB, K]
         has_bg = bool(self.background.abs().sum() > 0)
@@ -119,7 +119,8 @@ class ImageSet:
         for mask in masks:
             m = mask.expand_as(logits)
             w = torch.softmax(logits.masked_fill(~m, float("-inf")).reshape(b, -1), dim=-1).reshape_as(logits)
-            used = m.any(dim=(0, 2))  # only bases with weight enter the mean
+            # Only bases with weight enter the mean (few at small noise, all at large noise).
+            used = (w > 1e-9 * w.amax(dim=(1, 2), keepdim=True)).any(dim=(0, 2))
             wu = w[:, used].float()
             y = torch.einsum("bnk,kc->bcn", wu, self.rho.float()) @ self.bases_f[used]
             if has_bg:
@@ -138,12 +139,11 @@ class BuiltinGuidance:
     Attributes:
         resolution: 64 (the data's image size).
         default_guidance_scale: ω used when ``SDSConfig.guidance_scale`` is None.
-        recommended: settings the generate command applies for ``--model builtin`` unless the user sets them.
         alphas_cumprod: [1000] ᾱ_t (float32, on ``device``).
     """
 
+    # The feasibility study's ω (DESIGN.md); fastdream.config.resolve picks the builtin's step count.
     default_guidance_scale: float = 20.0
-    recommended: dict[str, Any] = {"guidance_scale": 20.0}
 
     def __init__(
         self,
@@ -153,7 +153,7 @@ class BuiltinGuidance:
         data_config: DatasetConfig | None = None,
     ):
         self.device = torch.device(device)
-        del dtype  # the closed-form denoiser runs in float64 for the distances, float32 out
+        del dtype  # the closed-form denoiser runs in float32 (see ImageSet.posterior_means)
         self.data = data if data is not None else load_dataset(data_config or DatasetConfig())
         self.resolution = int(self.data.shade.shape[-1])
         self.set = ImageSet(self.data, self.device)

@@ -73,6 +73,9 @@ def _override(op: str) -> str | None:
     return env.strip().lower() if env else None
 
 
+# Under torch.compile the choice is a constant of the trace (the environment and the extension do not change
+# while a graph runs), so dynamo does not trace into the environment lookups and the extension loader.
+@torch._dynamo.assume_constant_result
 def select(op: str, device: torch.device | str) -> str:
     """Name of the implementation of ``op`` to run on ``device``."""
     device = torch.device(device)

@@ -17,9 +17,9 @@ Implementations: ``reference`` (vectorised PyTorch, one iteration per step over 
 compiled extension (``cpp`` on the CPU, ``cuda``: the per-ray code of ``csrc/include/fastdream/raymarch.h``,
 run as two passes, count then fill, with one read of the total sample count to allocate the output).
 
-``march_rays`` is a plain function rather than a ``torch.library`` custom op: its output size depends on the
-data (the number of samples), there is nothing to differentiate (positions are constants of the step), and
-under ``torch.compile`` the one host read of the sample count is a graph break anyway.
+``march_rays`` is a plain function rather than a ``torch.library`` custom op, excluded from ``torch.compile``
+tracing: its output size depends on the data (the number of samples), there is nothing to differentiate
+(positions are constants of the step), and the one host read of the sample count is a graph break anyway.
 
 Example:
     >>> import torch
@@ -87,9 +87,15 @@ class RaySamples:
         return (self.t_starts + self.t_ends) * 0.5
 
 
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    # torch's vectorised float32 sqrt is not always correctly rounded (AVX-512 builds); through float64 it is,
+    # like sqrtf in the compiled marcher, so both take the same steps.
+    return torch.sqrt(x.double()).float()
+
+
 def _normalize(d: torch.Tensor) -> torch.Tensor:
     # Written out component by component so that the float32 rounding matches the compiled marcher's.
-    n = torch.sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2])
+    n = _sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2])
     return d / n[:, None]
 
 
@@ -97,7 +103,7 @@ def _ray_sphere_unit(o: torch.Tensor, d: torch.Tensor, radius: float) -> tuple[t
     b = o[:, 0] * d[:, 0] + o[:, 1] * d[:, 1] + o[:, 2] * d[:, 2]
     c = (o[:, 0] * o[:, 0] + o[:, 1] * o[:, 1] + o[:, 2] * o[:, 2]) - radius * radius
     disc = b * b - c
-    sq = torch.sqrt(disc.clamp_min(0))
+    sq = _sqrt(disc.clamp_min(0))
     t_near = (-b - sq).clamp_min(0)
     t_far = -b + sq
     hit = (disc >= 0) & (t_far > t_near) & torch.isfinite(t_near) & torch.isfinite(t_far)
@@ -169,8 +175,8 @@ def _prepare(rays_o, rays_d, grid, step, cone_angle, max_step, max_samples_per_r
     else:
         u = torch.zeros(r, device=device)
     return _MarchArgs(
-        o=rays_o.float().contiguous(),
-        d=rays_d.float().contiguous(),
+        o=rays_o.detach().float().contiguous(),
+        d=rays_d.detach().float().contiguous(),
         u=u,
         occupied=occupied,
         grid_resolution=res,
@@ -253,6 +259,9 @@ if hasattr(backends.extension(), "march_rays"):  # an extension built before thi
     _dispatch.register(OP, "cuda", _march_extension)
 
 
+# Not traced by torch.compile: the output size is data-dependent (one host read on CUDA) and the reference's
+# loop runs a data-dependent number of steps; a compiled caller gets one clean graph break here.
+@torch.compiler.disable
 def _march(rays_o, rays_d, grid, step, cone_angle, max_step, max_samples_per_ray, bound, jitter, generator, backend):
     a = _prepare(rays_o, rays_d, grid, step, cone_angle, max_step, max_samples_per_ray, bound, jitter, generator)
     if backend is None:

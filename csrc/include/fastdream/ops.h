@@ -28,8 +28,46 @@ std::tuple<torch::Tensor, torch::Tensor> hash_encode_jacobian_forward(torch::Ten
                                                                       std::vector<int64_t> resolutions, double bound);
 torch::Tensor hash_encode_jacobian_backward(torch::Tensor grad_enc, torch::Tensor grad_jac, torch::Tensor x,
                                             std::vector<int64_t> resolutions, double bound, int64_t table_size);
+// ray marching (csrc/cpu/raymarch.cpp, csrc/cuda/raymarch.cu): rays_o, rays_d [R, 3] float32, jitter [R] float32
+// in [0, 1), occupied [res^3] bool or empty (no grid). Returns ray_indices [S] int64, t_starts [S], t_ends [S],
+// positions [S, 3], directions [S, 3], offsets [R + 1] int64.
+std::vector<torch::Tensor> march_rays(torch::Tensor rays_o, torch::Tensor rays_d, torch::Tensor jitter,
+                                      torch::Tensor occupied, int64_t grid_resolution, double grid_scale,
+                                      double grid_bound, double step, double cone_angle, double max_step,
+                                      int64_t max_samples, double bound);
+
+// compositing (csrc/cpu/composite.cpp, csrc/cuda/composite.cu): sigmas [S], colors [S, C], t_starts [S],
+// t_ends [S] float32, offsets [R + 1] int64. Forward returns color [R, C] (no background), opacity [R], depth [R],
+// weights [S]; backward returns grad_sigmas [S], grad_colors [S, C].
+std::vector<torch::Tensor> composite_forward(torch::Tensor sigmas, torch::Tensor colors, torch::Tensor t_starts,
+                                             torch::Tensor t_ends, torch::Tensor offsets, double early_stop_eps);
+std::vector<torch::Tensor> composite_backward(torch::Tensor grad_color, torch::Tensor grad_opacity,
+                                              torch::Tensor grad_depth, torch::Tensor grad_weights,
+                                              torch::Tensor sigmas, torch::Tensor colors, torch::Tensor t_starts,
+                                              torch::Tensor t_ends, torch::Tensor offsets, torch::Tensor color,
+                                              torch::Tensor opacity, torch::Tensor depth, torch::Tensor weights,
+                                              double early_stop_eps);
+
+// Shared by the CPU and CUDA entry points (csrc/cpu/raymarch.cpp, csrc/cpu/composite.cpp).
+void check_march_inputs(const torch::Tensor& rays_o, const torch::Tensor& rays_d, const torch::Tensor& jitter,
+                        const torch::Tensor& occupied, int64_t grid_resolution);
+const uint8_t* occupied_ptr(const torch::Tensor& occupied);
+void check_composite_inputs(const torch::Tensor& sigmas, const torch::Tensor& colors, const torch::Tensor& t_starts,
+                            const torch::Tensor& t_ends, const torch::Tensor& offsets);
 
 #ifdef FD_WITH_CUDA
+std::vector<torch::Tensor> march_rays_cuda(torch::Tensor rays_o, torch::Tensor rays_d, torch::Tensor jitter,
+                                           torch::Tensor occupied, int64_t grid_resolution, double grid_scale,
+                                           double grid_bound, double step, double cone_angle, double max_step,
+                                           int64_t max_samples, double bound);
+std::vector<torch::Tensor> composite_forward_cuda(torch::Tensor sigmas, torch::Tensor colors, torch::Tensor t_starts,
+                                                  torch::Tensor t_ends, torch::Tensor offsets, double early_stop_eps);
+std::vector<torch::Tensor> composite_backward_cuda(torch::Tensor grad_color, torch::Tensor grad_opacity,
+                                                   torch::Tensor grad_depth, torch::Tensor grad_weights,
+                                                   torch::Tensor sigmas, torch::Tensor colors, torch::Tensor t_starts,
+                                                   torch::Tensor t_ends, torch::Tensor offsets, torch::Tensor color,
+                                                   torch::Tensor opacity, torch::Tensor depth, torch::Tensor weights,
+                                                   double early_stop_eps);
 torch::Tensor shade_forward_cuda(torch::Tensor albedo, torch::Tensor normals, torch::Tensor positions,
                                  torch::Tensor light, torch::Tensor ambient, torch::Tensor diffuse, int64_t mode);
 std::tuple<torch::Tensor, torch::Tensor> shade_backward_cuda(torch::Tensor grad, torch::Tensor albedo,

@@ -18,12 +18,15 @@ FD_HD Vec3 light_direction(Vec3 p, Vec3 light) {
   return l * inv;
 }
 
+// max(0, c) that keeps NaN (fmaxf would turn a NaN normal into a silently dark sample; the trainer must see it).
+FD_HD float clamp_cosine(float c) { return c <= 0.0f ? 0.0f : c; }
+
 FD_HD void shade_forward_one(Vec3 rho, Vec3 n, Vec3 p, Vec3 light, Vec3 ambient, Vec3 diffuse, int mode, float* out) {
   if (mode == kAlbedo) {
     store_vec3(out, rho);
     return;
   }
-  float lam = fmaxf(0.0f, dot(n, light_direction(p, light)));
+  float lam = clamp_cosine(dot(n, light_direction(p, light)));
   Vec3 shade = diffuse * lam + ambient;
   store_vec3(out, mode == kTextureless ? shade : rho * shade);
 }
@@ -38,7 +41,7 @@ FD_HD void shade_backward_one(Vec3 grad, Vec3 rho, Vec3 n, Vec3 p, Vec3 light, V
   }
   Vec3 l = light_direction(p, light);
   float cos_theta = dot(n, l);
-  float lam = fmaxf(0.0f, cos_theta);
+  float lam = clamp_cosine(cos_theta);
   Vec3 shade = diffuse * lam + ambient;
   Vec3 r = mode == kTextureless ? make_vec3(1.f, 1.f, 1.f) : rho;
   store_vec3(grad_rho, mode == kTextureless ? make_vec3(0.f, 0.f, 0.f) : grad * shade);

@@ -1,0 +1,125 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Quality and time of default ``--model builtin`` runs: the README's main command, scored.
+
+Ten prompts, five shapes in two colours each, every colour of the palette at least once. Each is a default
+``fastdream generate PROMPT --model builtin`` (exports included), timed end to end, then scored by
+``fastdream evaluate``: Chamfer to the true primitive (goal <= 0.05, and the smallest of the five), silhouette
+IoU from novel views, mean albedo error (goal <= 0.15).
+
+Run all ten (about 10 x 5 min on a 2-core CPU)::
+
+    python benchmarks/bench_builtin_quality.py --out /tmp/fd-bench [--prompts "a red cube" ...] [--device cpu]
+
+or through pytest-benchmark (one round per prompt; ``FASTDREAM_BENCH_PROMPTS="a red cube;a blue torus"``
+selects a subset)::
+
+    pytest benchmarks/bench_builtin_quality.py --benchmark-only
+
+The script prints a markdown table for benchmarks/RESULTS.md and writes ``results.json`` next to the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = (
+    "a red cube",
+    "a blue cube",
+    "a green sphere",
+    "a yellow sphere",
+    "an orange cylinder",
+    "a purple cylinder",
+    "a white cone",
+    "a gray cone",
+    "a yellow torus",
+    "a red torus",
+)
+
+
+def run_prompt(prompt: str, out_root: Path, device: str = "cpu", extra: list[str] | None = None) -> dict:
+    """One default run of ``prompt`` in ``out_root/<slug>`` (a fresh folder), timed, then evaluated."""
+    slug = prompt.replace(" ", "_")
+    out = out_root / slug
+    cmd = [sys.executable, "-m", "fastdream", "generate", prompt, "--model", "builtin", "--out", str(out)]
+    cmd += ["--device", device, "--overwrite", *(extra or [])]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"prompt": prompt, "seconds": seconds, "error": proc.stderr.strip().splitlines()[-1:]}
+    ev = subprocess.run([sys.executable, "-m", "fastdream", "evaluate", str(out)], capture_output=True, text=True)
+    if ev.returncode != 0:
+        return {"prompt": prompt, "seconds": seconds, "error": ev.stderr.strip().splitlines()[-1:]}
+    result = json.loads(ev.stdout)
+    result["seconds"] = seconds
+    result["passed"] = bool(
+        result["chamfer"] <= 0.05
+        and result["correct_shape"]
+        and result["albedo_error"] is not None
+        and result["albedo_error"] <= 0.15
+    )
+    return result
+
+
+def table(results: list[dict]) -> str:
+    rows = [
+        "| prompt | Chamfer | nearest other | IoU | albedo error | time (s) | pass |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['prompt']} | error: {r['error']} | | | | {r['seconds']:.0f} | no |")
+            continue
+        others = {k: v for k, v in r["chamfer_to"].items() if k != r["shape"]}
+        near = min(others, key=others.get)
+        alb = "n/a" if r["albedo_error"] is None else f"{r['albedo_error']:.3f}"
+        rows.append(
+            f"| {r['prompt']} | {r['chamfer']:.4f} | {near} {others[near]:.4f} | {r['silhouette_iou']:.3f} | "
+            f"{alb} | {r['seconds']:.0f} | {'yes' if r['passed'] else 'no'} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="/tmp/fastdream-bench-builtin", help="folder of the runs")
+    ap.add_argument("--prompts", nargs="*", default=list(PROMPTS))
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for p in a.prompts:
+        results.append(run_prompt(p, out, a.device))
+        print(json.dumps(results[-1]), flush=True)
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "device": a.device}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(table(results))
+    return 0 if all(r.get("passed") for r in results) else 1
+
+
+try:
+    import pytest
+
+    _SELECTED = [p for p in os.environ.get("FASTDREAM_BENCH_PROMPTS", ";".join(PROMPTS)).split(";") if p.strip()]
+
+    @pytest.mark.parametrize("prompt", _SELECTED)
+    def test_builtin_quality(benchmark, prompt, tmp_path):
+        pytest.importorskip("pytest_benchmark")
+        result = benchmark.pedantic(run_prompt, args=(prompt, tmp_path), rounds=1, iterations=1)
+        benchmark.extra_info.update({k: result.get(k) for k in ("chamfer", "silhouette_iou", "albedo_error")})
+        assert "error" not in result, result
+        assert result["passed"], result
+except ImportError:  # plain-script use without pytest
+    pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``fastdream export DIR``: re-render the turntable and re-export the meshes from a run's last checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastdream.config import ExportConfig
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    e = ExportConfig()
+    p = sub.add_parser(
+        "export",
+        help="re-export mesh.glb, mesh.obj and turntable.mp4 of a run from its last checkpoint",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="DIR", help="a run folder written by fastdream generate")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--mesh-resolution", type=int, default=e.mesh_resolution, help="marching-cubes cells per axis")
+    p.add_argument("--iso-level", type=float, default=e.iso_level, help="density level of the surface")
+    p.add_argument("--frames", type=int, default=None, help="turntable frames (default: the run's)")
+    p.add_argument("--turntable-resolution", type=int, default=None, help="turntable size (default: the run's)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastdream.errors import UserError
+    from fastdream.export import export_all
+    from fastdream.run import load_run
+
+    if not 16 <= args.mesh_resolution <= 1024:
+        raise UserError(f"--mesh-resolution must be in [16, 1024], got {args.mesh_resolution}")
+    if not args.iso_level > 0:
+        raise UserError(f"--iso-level must be > 0, got {args.iso_level}")
+    if args.frames is not None and not 1 <= args.frames <= 3600:
+        raise UserError(f"--frames must be in [1, 3600], got {args.frames}")
+    if args.turntable_resolution is not None and not 16 <= args.turntable_resolution <= 2048:
+        raise UserError(f"--turntable-resolution must be in [16, 2048], got {args.turntable_resolution}")
+    trainer = load_run(args.run_dir, args.device)
+    cfg = trainer.cfg
+    cfg.export.mesh_resolution, cfg.export.iso_level = args.mesh_resolution, args.iso_level
+    if args.frames is not None:
+        cfg.render.turntable_frames = args.frames
+    if args.turntable_resolution is not None:
+        cfg.render.turntable_resolution = args.turntable_resolution
+    paths, note = export_all(trainer.field, trainer.background, trainer.grid, cfg, args.run_dir)
+    if note:
+        print(note, file=sys.stderr)
+    print(f"exported step {trainer.step}: " + ", ".join(str(p) for p in paths))
+    return 0

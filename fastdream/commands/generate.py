@@ -1,0 +1,161 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``fastdream generate "PROMPT"``: optimise a 3D asset by SDS and write the run folder.
+
+The command is a thin layer over :class:`fastdream.config.RunConfig`, :mod:`fastdream.run` and
+:class:`fastdream.train.Trainer`; every check of the settings happens in :func:`fastdream.config.validate`
+and of the output folder in :func:`fastdream.run.prepare_run_dir`, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastdream.config import (
+    BACKGROUNDS,
+    DEFAULT_MODEL,
+    NORMAL_METHODS,
+    FieldConfig,
+    OptimConfig,
+    RenderConfig,
+    ShadingConfig,
+)
+
+
+class _Store(argparse.Action):
+    """``store`` that also records the option as given explicitly (``--resume`` keeps the saved settings
+    except those given on the command line)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        explicit = set(getattr(namespace, "_explicit", set()))
+        explicit.add(self.dest)
+        namespace._explicit = explicit
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    o, r, s, f = OptimConfig(), RenderConfig(), ShadingConfig(), FieldConfig()
+    p = sub.add_parser(
+        "generate",
+        help="text to 3D: optimise a field by SDS and export mesh + turntable",
+        description="Optimise a neural field so that its renders match PROMPT under a frozen diffusion model "
+        "(Score Distillation Sampling), then export mesh.glb, mesh.obj and turntable.mp4 into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("prompt", metavar="PROMPT", help="what to make, e.g. 'a red cube'")
+    p.add_argument(
+        "--model",
+        action=_Store,
+        default=DEFAULT_MODEL,
+        help="guidance model: a hub id, a local diffusers folder (Stable Diffusion 1.x/2.x or DeepFloyd IF "
+        "stage I), or 'builtin' (the bundled prior of primitive shapes, needs no download)",
+    )
+    p.add_argument("--out", action=_Store, default="runs/<prompt slug>", help="run folder")
+    p.add_argument(
+        "--steps",
+        type=int,
+        action=_Store,
+        default="auto",
+        help="optimisation steps (auto: 800 with --model builtin, 5000 otherwise)",
+    )
+    p.add_argument("--seed", type=int, action=_Store, default=o.seed, help="random seed")
+    p.add_argument("--device", action=_Store, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--save-every", type=int, action=_Store, default=o.save_every, help="checkpoint every N steps")
+    p.add_argument(
+        "--preview-every",
+        type=int,
+        action=_Store,
+        default=o.preview_every,
+        help="preview grid every N steps (0: never)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in --out (its outputs are deleted)"
+    )
+    p.add_argument("--resolution", type=int, action=_Store, default=r.resolution, help="training render size")
+    p.add_argument(
+        "--samples-per-ray",
+        type=int,
+        action=_Store,
+        default=r.samples_per_ray,
+        help="march samples across the bounding sphere's diameter",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        action=_Store,
+        default="auto",
+        help="classifier-free guidance weight (auto: 100 for Stable Diffusion, the model's own otherwise)",
+    )
+    p.add_argument("--lr", type=float, action=_Store, default=o.lr, help="Adam learning rate of the field")
+    p.add_argument("--background", action=_Store, default=r.background, choices=BACKGROUNDS, help="background")
+    p.add_argument(
+        "--albedo-warmup",
+        type=int,
+        action=_Store,
+        default="auto",
+        help="albedo-only steps at the start (auto: 10%% of --steps)",
+    )
+    p.add_argument(
+        "--textureless-ratio",
+        type=float,
+        action=_Store,
+        default=s.textureless_ratio,
+        help="after the warm-up, probability of a textureless render (else shaded)",
+    )
+    p.add_argument("--ambient", type=float, nargs=3, action=_Store, default=list(s.ambient), help="ambient RGB")
+    p.add_argument("--diffuse", type=float, nargs=3, action=_Store, default=list(s.diffuse), help="diffuse RGB")
+    p.add_argument("--normals", action=_Store, default=f.normals, choices=NORMAL_METHODS, help="normal estimate")
+    p.add_argument(
+        "--lambda-orient", type=float, action=_Store, default=o.lambda_orient, help="orientation-loss weight"
+    )
+    p.add_argument("--lambda-opacity", type=float, action=_Store, default=o.lambda_opacity, help="opacity-loss weight")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any other setting of config.json, e.g. --set render.turntable_frames=12 (repeatable)",
+    )
+    p.add_argument("--no-export", action="store_true", help="skip the turntable and mesh export at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """The RunConfig the arguments describe (unresolved: device and auto fields not filled in yet)."""
+    from fastdream.config import GuidanceConfig, RunConfig, apply_overrides
+
+    cfg = RunConfig(prompt=args.prompt, out=args.out, device=args.device)
+    cfg.guidance = GuidanceConfig(
+        model=args.model, guidance_scale=None if args.guidance_scale == "auto" else args.guidance_scale
+    )
+    o, r, s, f = cfg.optim, cfg.render, cfg.shading, cfg.field
+    o.steps = None if args.steps == "auto" else args.steps
+    o.seed, o.save_every, o.preview_every, o.lr = args.seed, args.save_every, args.preview_every, args.lr
+    o.lambda_orient, o.lambda_opacity = args.lambda_orient, args.lambda_opacity
+    r.resolution, r.samples_per_ray, r.background = args.resolution, args.samples_per_ray, args.background
+    s.albedo_warmup_steps = None if args.albedo_warmup == "auto" else args.albedo_warmup
+    s.textureless_ratio, s.ambient, s.diffuse = args.textureless_ratio, tuple(args.ambient), tuple(args.diffuse)
+    f.normals = args.normals
+    return apply_overrides(cfg, args.set) if args.set else cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastdream import run as runs
+
+    explicit = set(getattr(args, "_explicit", set())) | ({"set"} if args.set else set())
+    plan = runs.plan_generate(config_from_args(args), explicit, resume=args.resume, overwrite=args.overwrite)
+    result = runs.execute(plan, progress=not args.quiet, export=not args.no_export)
+    out = plan.run_dir
+    if result.interrupted:
+        print(
+            f"interrupted at step {result.step}; checkpoint saved to {result.checkpoint}. "
+            f"Continue with: fastdream generate {args.prompt!r} --out {out} --resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"done: {result.step} steps in {result.seconds:.0f} s ({result.skipped} skipped) -> {out}")
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    return 0

@@ -1,0 +1,218 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A run folder from start to end: checks before anything is written, training, exports.
+
+:func:`plan_generate` does every check (settings, device, output folder, resume) without touching the disk;
+:func:`execute` loads the guidance (which may still refuse the model or the prompt), only then writes into the
+folder, trains and exports. Bad input therefore never damages what a folder already holds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastdream import checkpoint as ckpt
+from fastdream.config import RunConfig, resolve, slugify, validate
+from fastdream.errors import UserError
+
+CONFIG = "config.json"
+# What a run writes into its folder: --overwrite deletes these and nothing else.
+OUTPUTS = (CONFIG, ckpt.CHECKPOINT_DIR, "previews", "turntable.mp4", "turntable.gif", "mesh.glb", "mesh.obj")
+# Settings --resume takes from the command line; everything else comes from the saved config.json.
+RESUME_OVERRIDES = {"steps": ("optim", "steps"), "save_every": ("optim", "save_every"),
+                    "preview_every": ("optim", "preview_every"), "device": (None, "device")}  # fmt: skip
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" | "cpu" | "cuda" | "cuda:N" -> a usable device, or UserError."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked but no CUDA GPU is visible; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif dev.type != "cpu":
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return dev
+
+
+def read_config(run_dir: Path) -> RunConfig:
+    path = run_dir / CONFIG
+    try:
+        return RunConfig.from_json(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} holds no fastdream run ({CONFIG} missing)") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path} is unreadable or not a fastdream config ({type(e).__name__}); fix or delete it") from e
+
+
+@dataclass
+class Plan:
+    cfg: RunConfig  # resolved, validated
+    run_dir: Path
+    device: torch.device
+    resume: bool
+    clear: list[Path] = field(default_factory=list)  # old outputs to delete before starting (--overwrite)
+
+
+def _check_writable(run_dir: Path) -> None:
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"--out {run_dir}: {probe} is a file, not a folder; choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--out {run_dir} is not writable ({probe}); choose another --out or fix its permissions")
+
+
+def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite: bool) -> Plan:
+    """Check everything about a ``generate`` call without writing anything.
+
+    Args:
+        cfg: the settings from the command line (unresolved). ``cfg.out`` "" or "runs/<prompt slug>" means
+            the default folder.
+        explicit: names of the options given on the command line (``--resume`` applies only those of
+            :data:`RESUME_OVERRIDES`, and refuses others that contradict the saved run).
+    """
+    if not cfg.prompt or not cfg.prompt.strip():
+        raise UserError('the prompt is empty; give a text prompt, e.g. fastdream generate "a red cube"')
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one of them")
+    out = cfg.out if cfg.out and cfg.out != "runs/<prompt slug>" else os.path.join("runs", slugify(cfg.prompt))
+    run_dir = Path(out).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a folder; choose another --out")
+    _check_writable(run_dir)
+    has_config = (run_dir / CONFIG).exists()
+    device = resolve_device(cfg.device)
+
+    if resume:
+        if not has_config:
+            raise UserError(f"nothing to resume in {run_dir} (no {CONFIG}); run without --resume")
+        saved = read_config(run_dir)
+        if saved.prompt != cfg.prompt:
+            raise UserError(
+                f"{run_dir} holds the run of prompt {saved.prompt!r}, not {cfg.prompt!r}; pass the same prompt "
+                f"to --resume, or choose another --out"
+            )
+        if ckpt.latest_checkpoint(run_dir) is None:
+            raise UserError(f"nothing to resume in {run_dir} (no checkpoint yet); start over with --overwrite")
+        for name, (section, key) in RESUME_OVERRIDES.items():
+            if name in explicit:
+                target = getattr(saved, section) if section else saved
+                src = getattr(cfg, section) if section else cfg
+                setattr(target, key, getattr(src, key))
+        ignored = sorted(explicit - set(RESUME_OVERRIDES) - {"out"})
+        if ignored:
+            names = ", ".join("--" + n.replace("_", "-") for n in ignored)
+            raise UserError(
+                f"--resume continues {run_dir} with its saved settings; only --steps, --save-every, "
+                f"--preview-every and --device may change (got {names})"
+            )
+        saved.out = str(run_dir)
+        saved.device = str(device)
+        cfg = resolve(saved, device.type)
+        validate(cfg)
+        return Plan(cfg, run_dir, device, resume=True)
+
+    cfg = RunConfig.from_dict(cfg.to_dict())
+    cfg.out = str(run_dir)
+    cfg.device = str(device)
+    validate(cfg)
+    cfg = resolve(cfg, device.type)
+    validate(cfg)
+    clear = [run_dir / name for name in OUTPUTS if (run_dir / name).exists()]
+    if clear and not overwrite:
+        what = "a run" if has_config else "outputs of a run"
+        if has_config:
+            try:
+                what = f"the run of prompt {read_config(run_dir).prompt!r}"
+            except UserError:
+                pass
+        raise UserError(
+            f"--out {run_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
+            f"or choose another --out"
+        )
+    return Plan(cfg, run_dir, device, resume=False, clear=clear)
+
+
+@dataclass
+class RunResult:
+    step: int
+    skipped: int
+    interrupted: bool
+    checkpoint: Path | None
+    seconds: float
+    outputs: list[Path]
+    notes: list[str]
+
+
+def load_prepared_guidance(cfg: RunConfig, device: torch.device):
+    from fastdream.guidance import load_guidance
+
+    guidance = load_guidance(cfg.guidance.model, device)
+    try:
+        guidance.prepare(cfg.prompt)
+    except ValueError as e:  # e.g. a prompt outside the builtin vocabulary
+        raise UserError(str(e).splitlines()[0] if str(e) else "the prompt was refused by the model") from e
+    return guidance
+
+
+def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=None) -> RunResult:
+    """Load the guidance, then (only then) write into the folder, train, and export."""
+    from fastdream.export import export_all
+    from fastdream.train import Trainer
+
+    cfg = plan.cfg
+    if guidance is None:
+        guidance = load_prepared_guidance(cfg, plan.device)
+    if cfg.guidance.guidance_scale is None:  # the model's own default, recorded in config.json
+        cfg.guidance.guidance_scale = float(getattr(guidance, "default_guidance_scale", 100.0))
+    trainer = Trainer(cfg, guidance, plan.run_dir, plan.device)
+    if plan.resume:
+        trainer.resume()
+    else:
+        for p in plan.clear:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write(plan.run_dir / CONFIG, cfg.to_json() + "\n")
+    if plan.resume:  # keep config.json in step with what the resumed run does (steps may have grown)
+        ckpt.atomic_write(plan.run_dir / CONFIG, cfg.to_json() + "\n")
+    result = trainer.train(progress=progress)
+    outputs, notes = [], []
+    if result.skipped:
+        notes.append(f"{result.skipped} step(s) had a NaN/inf loss or gradient and were skipped")
+    if export and not result.interrupted:
+        outputs, note = export_all(trainer.field, trainer.background, trainer.grid, cfg, plan.run_dir)
+        if note:
+            notes.append(note)
+    return RunResult(result.step, result.skipped, result.interrupted, result.checkpoint, result.seconds, outputs, notes)
+
+
+def load_run(run_dir: str | Path, device: str = "auto"):
+    """A finished or interrupted run's trainer (models restored from the last checkpoint), for export."""
+    from fastdream.train import Trainer
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a folder; pass a run folder written by fastdream generate")
+    cfg = read_config(run_dir)
+    dev = resolve_device(device)
+    cfg.device = str(dev)
+    cfg = resolve(cfg, dev.type)
+    path = ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        raise UserError(f"{run_dir} has no checkpoint to export from; run fastdream generate first")
+    trainer = Trainer(cfg, None, run_dir, dev)
+    trainer.resume(path)
+    return trainer

@@ -1,0 +1,134 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The optimisation loop with a stand-in guidance: determinism, resume, NaN skipping, checkpoints."""
+
+import pytest
+import torch
+
+from fastdream import checkpoint as ckpt
+from fastdream.config import GuidanceConfig, RunConfig, resolve, validate
+from fastdream.errors import UserError
+from fastdream.train import Trainer
+
+
+class ColourGuidance:
+    """Pulls renders towards a red image; returns NaN at the calls listed in ``nan_at``."""
+
+    resolution = 16
+    default_guidance_scale = 1.0
+    device = torch.device("cpu")
+
+    def __init__(self, nan_at=()):
+        self.calls = 0
+        self.nan_at = set(nan_at)
+        self.words = []
+
+    def sds_loss(self, images, view_words, cfg, generator=None):
+        self.calls += 1
+        self.words += view_words
+        noise = 0.01 * torch.randn(images.shape, generator=generator)  # consumes the noise stream like SDS
+        target = torch.tensor([1.0, 0.0, 0.0])[None, :, None, None] + noise
+        loss = (images - target).square().sum()
+        if self.calls in self.nan_at:
+            loss = loss * float("nan")
+        return loss, {}
+
+
+def tiny_config(steps=6, **optim) -> RunConfig:
+    cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin", guidance_scale=1.0), device="cpu")
+    f, r, o = cfg.field, cfg.render, cfg.optim
+    f.levels, f.log2_table_size, f.finest_resolution, f.hidden = 4, 12, 32, 16
+    r.resolution, r.samples_per_ray, r.grid_resolution, r.preview_resolution = 16, 32, 16, 16
+    o.steps, o.save_every, o.preview_every, o.grid_update_every, o.grid_warmup_steps = steps, 3, 0, 2, 2
+    cfg.shading.albedo_warmup_steps = 2
+    for k, v in optim.items():
+        setattr(o, k, v)
+    cfg = resolve(cfg, "cpu")
+    validate(cfg)
+    return cfg
+
+
+def params(tr: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in list(tr.field.parameters()) + list(tr.background.parameters())])
+
+
+def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
+    cfg = tiny_config(steps=12, preview_every=6)
+    tr = Trainer(cfg, ColourGuidance(), tmp_path, "cpu")
+    first, _ = tr.compute_loss()
+    res = tr.train(progress=False)
+    assert res.step == 12 and res.skipped == 0 and not res.interrupted
+    assert res.last_loss < float(first.detach())
+    names = [p.name for _, p in ckpt.list_checkpoints(tmp_path)]
+    assert names == ["step_000009.pt", "step_000012.pt"]  # keep_checkpoints = 2
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["step_000006.png", "step_000012.png"]
+    # Views cover several words; shading modes follow the schedule.
+    assert set(tr.guidance.words) <= {"front", "side", "back", "overhead"}
+
+
+def test_shading_schedule():
+    cfg = tiny_config()
+    cfg.shading.albedo_warmup_steps, cfg.shading.textureless_ratio = 5, 0.5
+    tr = Trainer(cfg, ColourGuidance(), "/nonexistent", "cpu")
+    modes = []
+    for step in range(200):
+        tr.step = step
+        modes.append(tr.shading_mode())
+    assert set(modes[:5]) == {"albedo"}
+    later = modes[5:]
+    assert set(later) == {"shaded", "textureless"} and 0.3 < later.count("textureless") / len(later) < 0.7
+
+
+def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path):
+    cfg = tiny_config(steps=6)
+    a = Trainer(cfg, ColourGuidance(), tmp_path / "a", "cpu")
+    a.train(progress=False)
+
+    b = Trainer(tiny_config(steps=3), ColourGuidance(), tmp_path / "b", "cpu")
+    b.train(progress=False)
+    c = Trainer(cfg, ColourGuidance(), tmp_path / "b", "cpu")  # a fresh process' view: rebuilt, then resumed
+    c.resume()
+    assert c.step == 3
+    c.train(progress=False)
+    assert c.step == 6
+    assert torch.equal(params(a), params(c))
+    assert torch.equal(a.grid.density, c.grid.density)
+
+
+def test_nan_step_is_skipped_and_checkpoint_is_clean(tmp_path):
+    cfg = tiny_config(steps=6)
+    tr = Trainer(cfg, ColourGuidance(nan_at={2}), tmp_path, "cpu")
+    res = tr.train(progress=False)
+    assert res.skipped == 1 and res.step == 6
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert state["stats"]["skipped"] == 1
+    assert ckpt._non_finite(state) is None
+    assert all(torch.isfinite(p).all() for p in tr.field.parameters())
+
+
+def test_many_nan_steps_in_a_row_stop_with_a_user_error(tmp_path):
+    cfg = tiny_config(steps=20, max_bad_steps=3)
+    tr = Trainer(cfg, ColourGuidance(nan_at={2, 3, 4}), tmp_path, "cpu")
+    with pytest.raises(UserError, match="3 steps in a row"):
+        tr.train(progress=False)
+
+
+def test_checkpoint_refuses_nan_and_corrupt_files_are_user_errors(tmp_path):
+    with pytest.raises(RuntimeError, match="NaN"):
+        ckpt.save_checkpoint(tmp_path, 1, {"format": 1, "field": {"w": torch.tensor([float("nan")])}})
+    assert ckpt.latest_checkpoint(tmp_path) is None  # nothing written, no temporary left behind
+    assert not list((tmp_path / "checkpoints").glob(".*")) if (tmp_path / "checkpoints").exists() else True
+    path = ckpt.save_checkpoint(tmp_path, 2, {"format": 1, "field": {"w": torch.ones(1000)}})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        ckpt.load_checkpoint(path)
+    # A pickle that would run code is refused by weights_only loading.
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path.write_bytes(pickle.dumps({"format": 1, "field": Evil()}))
+    with pytest.raises(UserError):
+        ckpt.load_checkpoint(path)
