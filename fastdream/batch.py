@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -37,14 +38,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastdream.checkpoint import latest_checkpoint
+from fastdream.checkpoint import atomic_write, latest_checkpoint
 from fastdream.errors import UserError
-from fastdream.runs import atomic_write_json, sigterm_as_interrupt
 
 INDEX_FILE = "index.json"
 STATUS_FILE = "status.json"
 LOCK_FILE = ".index.lock"
 DONE, FAILED, RUNNING, PENDING = "done", "failed", "running", "pending"
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (torchrun stopping its workers, schedulers) acts as Ctrl-C: it is re-raised as
+    SIGINT, so the trainer's handler finishes the step and saves a checkpoint (and outside the trainer, Python
+    raises KeyboardInterrupt). Only in the main thread; restored on exit."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # ---------------------------------------------------------------------------------------------------- prompts

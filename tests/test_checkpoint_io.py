@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Atomic writes and safe loading (fastdream.checkpoint), run-folder ownership and devices (fastdream.runs)."""
+"""Checkpoints and run files: atomic writes, clean and weights-only loading (fastdream.checkpoint)."""
 
 from __future__ import annotations
 
@@ -14,25 +14,15 @@ import pytest
 import torch
 
 from fastdream import checkpoint as ckpt
-from fastdream import runs
 from fastdream.errors import UserError
-
-
-def _identity(prompt: str = "a red cube") -> dict:
-    return {"prompt": prompt, "optim": {"lr": 0.01}}
-
-
-def _config(prompt: str = "a red cube", **extra) -> dict:
-    return {"prompt": prompt, "out": "x", "device": "cpu", "optim": {"lr": 0.01, "steps": 10, "save_every": 5}}
-
 
 # ------------------------------------------------------------------------------------------------- atomic IO
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
     p = tmp_path / "a" / "f.json"
-    runs.atomic_write_json(p, {"x": 1})
-    runs.atomic_write_json(p, {"x": 2})
+    ckpt.atomic_write(p, '{"x": 1}')
+    ckpt.atomic_write(p, '{"x": 2}')
     assert p.read_text().strip().endswith("}") and '"x": 2' in p.read_text()
     assert sorted(x.name for x in p.parent.iterdir()) == ["f.json"]
 
@@ -141,73 +131,6 @@ def test_checkpoint_loading_cannot_execute_code(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(UserError, match="corrupt or truncated"):
         ckpt.load_checkpoint(p)
     assert not (tmp_path / "pwned").exists()
-
-
-# ------------------------------------------------------------------------------------------------- run folders
-
-
-def test_fresh_folder_is_created(tmp_path: Path) -> None:
-    rd = runs.prepare_run_dir(tmp_path / "new" / "run", _identity())
-    assert rd.path.is_dir() and rd.resume_from is None and list(rd.path.iterdir()) == []
-
-
-def test_folder_with_other_run_is_refused_unless_overwrite(tmp_path: Path) -> None:
-    runs.atomic_write_json(tmp_path / "config.json", _config("a blue sphere"))
-    ckpt.save_checkpoint(tmp_path, 5, _state(5))
-    (tmp_path / "notes.txt").write_text("mine")
-    before = sorted(p.name for p in tmp_path.rglob("*"))
-    with pytest.raises(UserError, match="different run.*--overwrite"):
-        runs.prepare_run_dir(tmp_path, runs.default_identity(_config("a red cube")))
-    assert sorted(p.name for p in tmp_path.rglob("*")) == before
-    runs.prepare_run_dir(tmp_path, runs.default_identity(_config("a red cube")), overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only fastdream's files removed
-
-
-def test_same_run_needs_resume_or_overwrite(tmp_path: Path) -> None:
-    cfg = _config()
-    runs.atomic_write_json(tmp_path / "config.json", cfg)
-    ident = runs.default_identity(cfg)
-    rd = runs.prepare_run_dir(tmp_path, ident)  # config but no checkpoint yet: start (again)
-    assert rd.resume_from is None
-    ck = ckpt.save_checkpoint(tmp_path, 5, _state(5))
-    with pytest.raises(UserError, match="--resume"):
-        runs.prepare_run_dir(tmp_path, ident)
-    more_steps = runs.default_identity({**cfg, "optim": {**cfg["optim"], "steps": 99}, "device": "cuda"})
-    assert runs.prepare_run_dir(tmp_path, more_steps, resume=True).resume_from == ck
-
-
-def test_resume_without_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="no run to resume"):
-        runs.prepare_run_dir(tmp_path / "none", _identity(), resume=True)
-    assert not (tmp_path / "none").exists()
-    runs.atomic_write_json(tmp_path / "config.json", _config())
-    with pytest.raises(UserError, match="no checkpoint"):
-        runs.prepare_run_dir(tmp_path, runs.default_identity(_config()), resume=True)
-    with pytest.raises(UserError, match="contradict"):
-        runs.prepare_run_dir(tmp_path, _identity(), resume=True, overwrite=True)
-
-
-def test_unwritable_output(tmp_path: Path) -> None:
-    f = tmp_path / "file.txt"
-    f.write_text("x")
-    with pytest.raises(UserError, match="cannot write"):
-        runs.prepare_run_dir(f / "sub", _identity())
-    with pytest.raises(UserError, match="is a file"):
-        runs.prepare_run_dir(f, _identity())
-    assert f.read_text() == "x"
-
-
-# ---------------------------------------------------------------------------------------------------- devices
-
-
-def test_resolve_device() -> None:
-    assert runs.resolve_device("cpu").type == "cpu"
-    assert runs.resolve_device("auto").type in ("cpu", "cuda")
-    with pytest.raises(UserError, match="not a device"):
-        runs.resolve_device("gpu0")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="--device cpu"):
-            runs.resolve_device("cuda")
 
 
 # ------------------------------------------------------------------------------------------------ code safety
