@@ -369,3 +369,82 @@ def summary_table(entries: list[dict[str, Any]]) -> str:
     tally = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     lines.append(f"{len(entries)} prompts: {tally}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- the CLI command
+
+
+def generate_runner(args: Any, progress: bool) -> RunOne:
+    """``run_one`` for ``fastdream generate --prompts``: the single-run path (plan, execute) per prompt, with
+    the command's other options applied to every prompt."""
+    import copy
+
+    from fastdream import run as single
+    from fastdream.commands.generate import config_from_args
+
+    explicit = set(getattr(args, "_explicit", set())) | ({"set"} if args.set else set())
+
+    def run_one(prompt: str, run_dir: Path, resume: bool, device: str) -> dict[str, Any]:
+        a = copy.copy(args)
+        a.prompt, a.out, a.device = prompt, str(run_dir), device
+        cfg = config_from_args(a)
+        if resume:  # continue with the saved settings; only the resumable options apply
+            plan = single.plan_generate(
+                cfg, (explicit & set(single.RESUME_OVERRIDES)) | {"device"}, resume=True, overwrite=False
+            )
+        else:  # this folder belongs to the batch: leftovers of a start killed before its first checkpoint go
+            plan = single.plan_generate(cfg, explicit, resume=False, overwrite=True)
+        result = single.execute(plan, progress=progress, export=not args.no_export)
+        if result.interrupted:
+            raise KeyboardInterrupt
+        return {"step": result.step, "skipped": result.skipped}
+
+    return run_one
+
+
+def run_prompts_command(args: Any) -> int:
+    """``fastdream generate --prompts FILE``: check the shared settings once, then :func:`run_batch`."""
+    from fastdream import run as single
+    from fastdream.commands.generate import config_from_args
+    from fastdream.config import resolve, validate
+
+    if getattr(args, "prompt", None):
+        raise UserError("give either PROMPT or --prompts FILE, not both")
+    if args.resume or args.overwrite:
+        raise UserError(
+            "--prompts skips finished prompts and resumes unfinished ones by itself; drop --resume/--overwrite "
+            "(use --retry-failed to run failed prompts again)"
+        )
+    if args.out in ("", "runs/<prompt slug>"):
+        raise UserError("--prompts needs --out FOLDER (one run folder per prompt is made inside it)")
+    prompts = read_prompts(args.prompts)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    dist = Dist.from_env()
+    device = _rank_device(args.device, dist)
+    # Bad settings fail once, in one line, before any prompt runs (the prompt itself is checked per prompt).
+    a = copy_args(args, prompt=prompts[0], out=str(out / folder_name(prompts[0])), device=device)
+    dev = single.resolve_device(device)
+    cfg = resolve(config_from_args(a), dev.type)
+    cfg.device = str(dev)
+    validate(cfg)
+    single._check_writable(out)
+    progress = not args.quiet and not dist.distributed
+    return run_batch(
+        prompts,
+        out,
+        generate_runner(args, progress),
+        device=device,
+        retry_failed=args.retry_failed,
+        dist=dist,
+    )
+
+
+def copy_args(args: Any, **changes: Any) -> Any:
+    import copy
+
+    a = copy.copy(args)
+    for k, v in changes.items():
+        setattr(a, k, v)
+    return a

@@ -11,14 +11,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The smallest run the CLI accepts: seconds on two shared cores with the builtin prior.
+# The smallest run the CLI accepts: a few seconds on two shared cores with the builtin prior.
 TINY = [
+    "--steps",
+    "2",
     "--model",
     "builtin",
     "--device",
     "cpu",
     "--seed",
     "0",
+    "--preview-every",
+    "0",
+    "--resolution",
+    "16",
+    "--samples-per-ray",
+    "16",
+    "--quiet",
+    "--no-export",
+    "--set",
+    "field.levels=4",
+    "--set",
+    "field.log2_table_size=10",
+    "--set",
+    "field.finest_resolution=64",
+    "--set",
+    "render.grid_resolution=16",
 ]
 
 
