@@ -14,6 +14,7 @@ the table is read as given.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import triton
@@ -233,16 +234,17 @@ _half_cache: dict[str, tuple] = {}
 
 
 def _readable_table(table: torch.Tensor) -> torch.Tensor:
-    """The table the kernels read: an fp16 copy on CUDA (cached while the table is unchanged), else itself."""
+    """The table the kernels read: an fp16 copy on CUDA (cached while the very same tensor is unchanged: same
+    object, same version counter, so an in-place optimizer step or a new tensor at a recycled address
+    recasts), else the table itself."""
     if not (table.is_cuda and FP16_TABLE_READS_ON_CUDA):
         return table
     key = str(table.device)
-    stamp = (table.data_ptr(), table._version, tuple(table.shape))
     hit = _half_cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    half = table.to(torch.float16)
-    _half_cache[key] = (stamp, half)
+    if hit is not None and hit[0]() is table and hit[1] == table._version:
+        return hit[2]
+    half = table.detach().to(torch.float16)
+    _half_cache[key] = (weakref.ref(table), table._version, half)
     return half
 
 

@@ -261,6 +261,7 @@ def test_cfg_combines_the_two_models(small_data):
     img = small_data.image("sphere", 0, "blue", "shaded")[None].clone().requires_grad_(True)
     words = ["front"]
     grads = {}
+    g.set_shading_mode("shaded")
     for w in (0.0, 1.0, 7.5):
         img.grad = None
         gen = torch.Generator().manual_seed(5)
@@ -372,3 +373,24 @@ def test_sds_with_the_builtin_prior_finds_the_primitive(tmp_path):
         result = evaluate_mesh(extract_mesh(trainer.field, cfg), prompt)
         assert result["correct_shape"], result["chamfer_to"]
         assert result["chamfer"] < 0.1, result
+
+
+def test_shading_mode_conditioning(small_data):
+    g = BuiltinGuidance(data=small_data)
+    g.prepare("a red sphere")
+    views = torch.tensor([0])
+    red = g.set.colour_names.index("red")
+    for mode, kinds in (("albedo", {(False, red)}), ("shaded", {(True, red)}), ("textureless", {(True, 8)})):
+        items = g.set.label_mask("red", "sphere", views, mode)[0].nonzero()
+        assert {(bool(g.set.is_shade[b]), int(k)) for b, k in items.tolist()} == kinds
+        assert len(items) == 2
+    # A white shaded sphere is a perfect textureless sphere, but not a red shaded one.
+    x = small_data.image("sphere", 0, "red", "textureless")[None] * 2 - 1
+    t = torch.tensor([10])
+    g.set_shading_mode("textureless")
+    assert torch.allclose(g.denoise(x, t, views)[1], x, atol=1e-5)
+    g.set_shading_mode("shaded")
+    x0_c = g.denoise(x, t, views)[1]
+    assert torch.allclose(x0_c, small_data.image("sphere", 0, "red", "shaded")[None] * 2 - 1, atol=1e-5)
+    with pytest.raises(ValueError):
+        g.set_shading_mode("glossy")

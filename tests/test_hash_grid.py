@@ -406,6 +406,7 @@ def test_property_fast_backends_match_reference(levels, features, log2, base, gr
         (lambda: (torch.zeros(4, 3), _table(SMALL).to(torch.int32), SMALL), TypeError, "table"),
         (lambda: (torch.zeros(4, 3), _table(SMALL).to("meta"), SMALL), ValueError, "table"),
         (lambda: ([[0.0, 0.0, 0.0]], _table(SMALL), SMALL), TypeError, "x"),
+        (lambda: (torch.zeros(4, 3).to_sparse(), _table(SMALL), SMALL), ValueError, "x"),
         (lambda: (torch.zeros(4, 3), _table(SMALL), {"levels": 3}), TypeError, "cfg"),
     ],
 )

@@ -174,3 +174,18 @@ def test_density_mlp_of_the_wrong_shape_is_named():
     x, table = _inputs(TINY, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match="density_mlp"):
         density_gradient(x, table, TINY, lambda e: e[:, :2])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_empty_input(backend):
+    device = _require(backend)
+    _, table = _inputs(TINY, 0, dtype=torch.float32)
+    table = table.to(device).requires_grad_(True)
+    mlp = _mlp(TINY.out_dim, dtype=torch.float32).to(device)
+    x = torch.zeros(0, 3, device=device)
+    with use_backend(backend):
+        tau, grad = density_gradient(x, table, TINY, lambda e: mlp(e))
+        normals_from_gradient(grad).sum().backward()
+        fd = finite_difference_normals(lambda p: mlp(hash_encode(p, table, TINY)), x)
+    assert tau.shape == (0,) and grad.shape == (0, 3) and fd.shape == (0, 3)
+    assert table.grad is not None and (table.grad == 0).all()

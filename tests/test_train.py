@@ -132,3 +132,21 @@ def test_checkpoint_refuses_nan_and_corrupt_files_are_user_errors(tmp_path):
     path.write_bytes(pickle.dumps({"format": 1, "field": Evil()}))
     with pytest.raises(UserError):
         ckpt.load_checkpoint(path)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_returns(tmp_path):
+    import os
+    import signal
+
+    class Interrupting(ColourGuidance):
+        def sds_loss(self, images, view_words, cfg, generator=None):
+            if self.calls == 3:  # during the 4th step
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().sds_loss(images, view_words, cfg, generator)
+
+    cfg = tiny_config(steps=50, save_every=100)
+    tr = Trainer(cfg, Interrupting(), tmp_path, "cpu")
+    res = tr.train(progress=False)
+    assert res.interrupted and res.step == 4
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_000004.pt"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

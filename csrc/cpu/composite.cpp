@@ -14,7 +14,7 @@ namespace {
 // A task gets at least kMinRays rays and about kSamplesPerTask samples: a sample costs a few nanoseconds, so
 // smaller tasks spend more on waking threads than they save (milliseconds on a busy machine).
 constexpr int64_t kMinRays = 128;
-constexpr int64_t kSamplesPerTask = 1 << 15;
+constexpr int64_t kSamplesPerTask = 1 << 17;
 
 int64_t grain_for(int64_t n_rays, int64_t n_samples) {
   const int64_t by_samples = n_samples > 0 ? n_rays * kSamplesPerTask / n_samples : n_rays;

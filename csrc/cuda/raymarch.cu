@@ -48,7 +48,7 @@ std::vector<torch::Tensor> march_rays_cuda(torch::Tensor rays_o, torch::Tensor r
     march_count_kernel<<<blocks_for(r), kThreads, 0, stream>>>(r, rays_o.data_ptr<float>(), rays_d.data_ptr<float>(),
                                                                jitter.data_ptr<float>(), p, counts.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    torch::cumsum_out(offsets.narrow(0, 1, r), counts, 0);
+    offsets.narrow(0, 1, r).copy_(counts.cumsum(0));
     total = offsets[r].item<int64_t>();  // the one host round-trip: the output size
   }
   auto fopts = rays_o.options();

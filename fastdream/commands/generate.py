@@ -33,6 +33,18 @@ class _Store(argparse.Action):
         namespace._explicit = explicit
 
 
+def _auto(kind: type):
+    def parse(text: str):
+        if text.strip().lower() == "auto":
+            return "auto"
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} or 'auto', got {text!r}") from None
+
+    return parse
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     o, r, s, f = OptimConfig(), RenderConfig(), ShadingConfig(), FieldConfig()
     p = sub.add_parser(
@@ -53,7 +65,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", action=_Store, default="runs/<prompt slug>", help="run folder")
     p.add_argument(
         "--steps",
-        type=int,
+        type=_auto(int),
         action=_Store,
         default="auto",
         help="optimisation steps (auto: 800 with --model builtin, 5000 otherwise)",
@@ -82,7 +94,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--guidance-scale",
-        type=float,
+        type=_auto(float),
         action=_Store,
         default="auto",
         help="classifier-free guidance weight (auto: 100 for Stable Diffusion, the model's own otherwise)",
@@ -91,7 +103,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--background", action=_Store, default=r.background, choices=BACKGROUNDS, help="background")
     p.add_argument(
         "--albedo-warmup",
-        type=int,
+        type=_auto(int),
         action=_Store,
         default="auto",
         help="albedo-only steps at the start (auto: 10%% of --steps)",

@@ -67,6 +67,7 @@ class ImageSet:
         self.base_shape = torch.arange(p).repeat_interleave(j).repeat(2).to(device)  # [NB]
         self.base_view = data.views.repeat(p).repeat(2).to(device)  # [NB]
         is_shade = torch.arange(2 * p * j, device=device) < p * j
+        self.is_shade = is_shade
         self.colour_names = [*data.colours, "light"]
         self.rho = torch.tensor([*data.colours.values(), (1.0, 1.0, 1.0)], dtype=dtype, device=device)  # [K, 3]
         self.background = torch.tensor(data.config.background, dtype=dtype, device=device)  # [3]
@@ -82,14 +83,30 @@ class ImageSet:
         self.dtype = dtype
         self.bases_f, self.holes_f = self.bases.float(), self.holes.float()  # for the weighted means
 
-    def label_mask(self, colour: str, shape: str, views: torch.Tensor) -> torch.Tensor:
-        """[B, NB, K] items of the label (colour, shape) with view index ``views`` [B], in all three modes."""
+    def mode_mask(self, mode: str | None) -> torch.Tensor:
+        """[NB, K] the items of one shading mode ("albedo", "shaded", "textureless"), or all of them (None)."""
+        if mode is None:
+            return self.valid
+        m = torch.zeros_like(self.valid)
+        if mode == "albedo":
+            m[~self.is_shade, :-1] = True
+        elif mode == "shaded":
+            m[self.is_shade, :-1] = True
+        elif mode == "textureless":
+            m[self.is_shade, -1] = True
+        else:
+            raise ValueError(f"mode: expected albedo, shaded or textureless; got {mode!r}")
+        return m
+
+    def label_mask(self, colour: str, shape: str, views: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """[B, NB, K] items of the label (colour, shape) with view index ``views`` [B] in shading ``mode``
+        (None: all three modes; textureless items show the shape without its colour)."""
         k = self.colour_names.index(colour)
         base_ok = self.base_shape == self.shapes.index(shape)
         colour_ok = torch.zeros_like(self.valid)
         colour_ok[:, k] = True
         colour_ok[:, -1] = True  # textureless renders of the shape
-        m = self.valid & colour_ok & base_ok[:, None]
+        m = self.valid & colour_ok & base_ok[:, None] & self.mode_mask(mode)
         return m[None] & (self.base_view[None, :] == views[:, None])[..., None]
 
     def posterior_means(
@@ -159,6 +176,17 @@ class BuiltinGuidance:
         self.set = ImageSet(self.data, self.device)
         self.alphas_cumprod = ddpm_alphas_cumprod().float().to(self.device)
         self.label: tuple[str, str] | None = None
+        self.shading_mode: str | None = None
+
+    def set_shading_mode(self, mode: str | None) -> None:
+        """Condition on the shading mode of the next renders ("albedo", "shaded", "textureless"; None: any).
+
+        The trainer calls it every step. Both models then range over that mode's images only: a white albedo
+        in a shaded render must not pass for a textureless render of the shape, and the unconditional model
+        differs from the conditional one by the label alone."""
+        if mode is not None:
+            self.set.mode_mask(mode)  # validates
+        self.shading_mode = mode
 
     def prepare(self, prompt: str, negative_prompt: str = "") -> None:
         """Parse ``prompt`` into its label. The unconditional model is the whole set, so a negative prompt has
@@ -176,8 +204,9 @@ class BuiltinGuidance:
             raise RuntimeError("call prepare(prompt) before sds_loss / denoise")
         ab = self.alphas_cumprod[t.long()].double()
         a, s = ab.sqrt(), (1 - ab).sqrt()
+        mode = self.shading_mode
         (x0_u, _), (x0_c, _) = self.set.posterior_means(
-            z_t, a, s, [self.set.valid, self.set.label_mask(*self.label, views)]
+            z_t, a, s, [self.set.mode_mask(mode), self.set.label_mask(*self.label, views, mode)]
         )
         return x0_u, x0_c
 

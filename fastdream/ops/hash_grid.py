@@ -26,10 +26,11 @@ constant (samples are not optimised); its backward is differentiable again (the 
 the table, so the backward of the backward is the forward), so gradgradcheck holds to any order in
 ``table``.
 
-Implementations: ``reference`` (PyTorch), ``cpp`` (C++ CPU loop, ``csrc/include/fastdream/hash_grid.h``),
-``triton`` (``fastdream.kernels.hash_grid``; on CUDA it reads an fp16 copy of the table, cached while the
-table is unchanged, and computes and accumulates in fp32: see ``FP16_TABLE_READS_ON_CUDA`` there). The
-``cpp`` and ``cuda`` backends read the fp32 table.
+Implementations: ``reference`` (PyTorch), ``cpp`` (C++ CPU loop) and ``cuda`` (the same per-point code,
+``csrc/include/fastdream/hash_grid.h``, launched on the GPU; both read the table as given, fp32 or fp64),
+``triton`` (``fastdream.kernels.hash_grid``, the default on CUDA: it reads an fp16 copy of the table,
+cached while the table is unchanged, and computes and accumulates in fp32; see
+``FP16_TABLE_READS_ON_CUDA`` there).
 
 Example:
     >>> import torch
@@ -266,6 +267,8 @@ _dispatch.register(OP, "reference", hash_encode_reference)
 _dispatch.register(OP, "cpp", _cpp_impl)
 _dispatch.register(OP, "cuda", _cpp_impl)
 _dispatch.register(OP, "triton", _triton_impl)
+# Triton is this op's GPU path (fp16 table reads); the CUDA C++ launch (fp32 reads) is the fallback there.
+_dispatch.set_order(OP, "cuda", ("triton", "cuda", "reference"))
 
 
 # The custom ops below carry the autograd of the fast backends, so that torch.compile can trace them. The

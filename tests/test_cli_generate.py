@@ -1,0 +1,146 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``fastdream generate`` / ``fastdream export`` end to end through the CLI, on the CPU, with a tiny random
+Stable Diffusion pipeline written with save_pretrained and loaded by the same loader as real checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_guidance_diffusers import tiny_sd_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--resolution", "32", "--samples-per-ray", "32", "--save-every", "2", "--preview-every", "2",
+    "--set", "field.levels=4", "--set", "field.log2_table_size=12", "--set", "field.finest_resolution=32",
+    "--set", "field.hidden=16", "--set", "render.grid_resolution=16", "--set", "render.preview_resolution=16",
+    "--set", "render.turntable_resolution=16", "--set", "render.turntable_frames=3",
+    "--set", "export.mesh_resolution=24", "--set", "optim.grid_update_every=2", "--set", "optim.grid_warmup_steps=2",
+    "--albedo-warmup", "1", "--quiet",
+]  # fmt: skip
+
+
+def fastdream(*args, check=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastdream", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check is not None:
+        assert proc.returncode == check, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sd_model(tmp_path_factory):
+    return str(tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd")))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def final_table(run: Path) -> torch.Tensor:
+    path = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
+    return torch.load(path, weights_only=True)["field"]["table"]
+
+
+def test_generate_writes_every_output_and_export_redoes_them(sd_model, tmp_path):
+    out = tmp_path / "run"
+    proc = fastdream("generate", "a red cube", "--model", sd_model, "--out", str(out), "--steps", "4", *TINY, check=0)
+    assert "done: 4 steps" in proc.stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["prompt"] == "a red cube" and cfg["optim"]["steps"] == 4 and cfg["device"] == "cpu"
+    assert cfg["guidance"]["guidance_scale"] == 100.0  # SD's default, recorded
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_000002.pt", "step_000004.pt"]
+    state = torch.load(out / "checkpoints" / "step_000004.pt", weights_only=True)
+    assert state["step"] == 4 and all(torch.isfinite(t).all() for t in state["field"].values())
+    assert sorted(p.name for p in (out / "previews").iterdir()) == ["step_000002.png", "step_000004.png"]
+    assert (out / "turntable.mp4").stat().st_size > 0
+    import trimesh
+
+    scene = trimesh.load(out / "mesh.glb")
+    mesh = next(iter(scene.geometry.values())) if hasattr(scene, "geometry") else scene
+    assert len(mesh.faces) > 0 and abs(mesh.vertices).max() <= 1.0
+    v_lines = [ln for ln in (out / "mesh.obj").read_text().splitlines() if ln.startswith("v ")]
+    assert v_lines and len(v_lines[0].split()) == 7  # x y z r g b: vertex colours
+
+    before = (out / "mesh.glb").stat().st_mtime_ns
+    (out / "turntable.mp4").unlink()
+    proc = fastdream("export", str(out), "--mesh-resolution", "20", check=0)
+    assert "exported step 4" in proc.stdout
+    assert (out / "turntable.mp4").stat().st_size > 0 and (out / "mesh.glb").stat().st_mtime_ns != before
+
+
+def test_resume_ends_like_an_uninterrupted_run(sd_model, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--model", sd_model, "--seed", "3", "--no-export", *TINY]
+    fastdream("generate", "a red cube", "--out", str(a), "--steps", "4", *common, check=0)
+    fastdream("generate", "a red cube", "--out", str(b), "--steps", "2", *common, check=0)
+    fastdream("generate", "a red cube", "--out", str(b), "--steps", "4", "--resume", "--quiet", "--no-export", check=0)
+    assert torch.equal(final_table(a), final_table(b))
+    assert json.loads((b / "config.json").read_text())["optim"]["steps"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["   "], "prompt is empty"),
+        (["a red cube", "--steps", "0"], "--steps"),
+        (["a red cube", "--steps", "many"], "--steps"),
+        (["a red cube", "--resolution", "8"], "--resolution"),
+        (["a red cube", "--guidance-scale", "-1"], "--guidance-scale"),
+        (["a red cube", "--resume"], "nothing to resume"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
+    out = tmp_path / "run"
+    proc = fastdream("generate", *args, "--model", "builtin", "--out", str(out))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_gpu(tmp_path):
+    proc = fastdream("generate", "a red cube", "--model", "builtin", "--device", "cuda", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_existing_run_is_refused_and_left_unchanged(sd_model, tmp_path):
+    out = tmp_path / "run"
+    fastdream("generate", "a red cube", "--model", sd_model, "--out", str(out), "--steps", "2", *TINY, "--no-export",
+              check=0)  # fmt: skip
+    before = snapshot(out)
+    proc = fastdream("generate", "a blue cube", "--model", sd_model, "--out", str(out), "--steps", "2", *TINY)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    # A model that cannot be loaded with --overwrite: refused before anything is deleted.
+    proc = fastdream("generate", "a blue cube", "--model", str(tmp_path / "nope"), "--out", str(out), "--overwrite")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert snapshot(out) == before
+    # A truncated checkpoint: --resume says so in one line and leaves the folder alone.
+    last = sorted((out / "checkpoints").glob("step_*.pt"))[-1]
+    last.write_bytes(last.read_bytes()[:100])
+    before = snapshot(out)
+    proc = fastdream("generate", "a red cube", "--out", str(out), "--resume", "--steps", "3", "--quiet")
+    assert proc.returncode == 2 and "corrupt or truncated" in proc.stderr, proc.stderr
+    assert snapshot(out) == before
+
+
+def test_help_documents_every_option_with_its_default():
+    from fastdream.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in ("generate", "export"):
+        p = sub.choices[name]
+        text = " ".join(p.format_help().split())
+        for action in p._actions:
+            if action.option_strings and action.default not in (None, False) and action.dest != "help":
+                assert action.help and action.option_strings[0] in text
+        assert "(default: stabilityai/stable-" in text or name == "export"
+        assert "(default: auto)" in text
