@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -313,7 +314,7 @@ def _run_prompt(
     resume = latest_checkpoint(run_dir) is not None
     log(f"{where} {'resuming' if resume else 'starting'} {prompt!r} in {run_dir.name}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_status(run_dir, prompt, RUNNING, rank=dist.rank)
+    write_status(run_dir, prompt, RUNNING, rank=dist.rank, pid=os.getpid(), host=socket.gethostname())
     rebuild_index(out, prompts)
     start = time.perf_counter()
     try:
