@@ -171,3 +171,34 @@ def test_resume_with_rng_states_on_another_device(tmp_path: Path, guidance, monk
     tr = make_trainer(cfg, guidance, tmp_path)
     tr.load_state_dict(state)
     assert len(moved) == 3
+
+
+def test_cli_divergence_is_one_line_and_keeps_the_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``fastdream generate`` whose loss turns NaN for good after step 4: exit 2, one line, clean checkpoints."""
+    from clitools import TINY
+
+    from fastdream import cli
+    from fastdream.train import Trainer
+
+    real = Trainer.compute_loss
+
+    def diverging(self):
+        loss, info = real(self)
+        return (loss * float("nan") if self.step >= 4 else loss), info
+
+    monkeypatch.setattr(Trainer, "compute_loss", diverging)
+    out = tmp_path / "run"
+    args = ["generate", "a red cube", *TINY, "--steps", "50", "--save-every", "2", "--out", str(out)]
+    rc = cli.main([*args, "--set", "optim.max_bad_steps=5"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert "5 steps in a row" in lines[0] and "--resume" in lines[0]
+    found = ckpt.list_checkpoints(out)
+    assert found
+    for _, p in found:  # checkpoints written during the streak hold the last good parameters
+        state = ckpt.load_checkpoint(p)
+        assert_all_finite(state)
+        assert state["stats"]["skipped"] == max(0, state["step"] - 4)
