@@ -128,3 +128,31 @@ def test_index_is_never_torn(tmp_path: Path) -> None:
         t.join()
     assert not errors
     assert len(json.loads((tmp_path / "index.json").read_text())["prompts"]) == 20
+
+
+# ------------------------------------------------------------------------------------ the CLI, bad input
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--prompts", "{missing}"], "does not exist"),
+        (["--prompts", "{empty}"], "holds no prompt"),
+        (["a red cube", "--prompts", "{good}"], "not both"),
+        (["--prompts", "{good}", "--resume"], "--retry-failed"),
+        (["--prompts", "{good}", "--steps", "0"], "--steps"),
+        (["--retry-failed"], "--prompts"),
+        ([], "--prompts FILE"),
+    ],
+)
+def test_prompts_cli_bad_input(tmp_path: Path, extra: list[str], needle: str) -> None:
+    from clitools import TINY, assert_user_error, fastdream, tree_hash
+
+    (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
+    (tmp_path / "good.txt").write_text("a red cube\n")
+    names = {k: str(tmp_path / f"{k}.txt") for k in ("missing", "empty", "good")}
+    out = tmp_path / "lib"
+    before = tree_hash(tmp_path)
+    res = fastdream("generate", *TINY, *[e.format(**names) for e in extra], "--out", out)
+    assert_user_error(res, needle)
+    assert tree_hash(tmp_path) == before
