@@ -183,6 +183,8 @@ class Trainer:
         cfg = self.cfg
         cams = sample_cameras(cfg.camera, 1, self.schedule_gen)
         mode = self.shading_mode()
+        if hasattr(self.guidance, "set_shading_mode"):  # a prior that conditions on it (builtin)
+            self.guidance.set_shading_mode(mode)
         background = self._background_for_step()
         res = cfg.render.resolution
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
