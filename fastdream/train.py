@@ -203,8 +203,6 @@ class Trainer:
                 generator=self.noise_gen,
             )
         words = [view_word(float(cams.elevation[0]), float(cams.azimuth[0]))]
-        if hasattr(self.guidance, "set_shading_mode"):  # the builtin prior conditions on the shading mode
-            self.guidance.set_shading_mode(mode)
         sds, info = self.guidance.sds_loss(out["image"].float(), words, self.sds_cfg, generator=self.noise_gen)
         loss = sds
         o = cfg.optim

@@ -18,7 +18,7 @@ from fastdream.builtin.vocabulary import COLOURS, SHAPES, parse_prompt
 from fastdream.cameras import VIEW_WORDS, view_word
 from fastdream.errors import UserError
 from fastdream.guidance import SDSConfig
-from fastdream.guidance.builtin import BuiltinGuidance, ImageSet, ddpm_alphas_cumprod
+from fastdream.guidance.builtin import BuiltinGuidance, ImageSet, corner_background, ddpm_alphas_cumprod
 
 SMALL = DatasetConfig(resolution=16, cameras_per_view=2)
 
@@ -186,7 +186,8 @@ def _tiny_set(seed: int = 0) -> tuple[ImageSet, BuiltinDataset]:
 
 def _all_items(s: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
     """Materialised items x [NB, K, 3, P] in [-1, 1] and their validity [NB, K]."""
-    y = s.rho[None, :, :, None] * s.bases[:, None, None, :] + s.background[None, None, :, None] * s.holes[:, None, None]
+    holes = (1 - s.bases[s.n_cams :]).repeat(2, 1)
+    y = s.rho[None, :, :, None] * s.bases[:, None, None, :] + s.background[None, None, :, None] * holes[:, None, None]
     return 2 * y - 1, s.valid
 
 
@@ -204,6 +205,28 @@ def test_posterior_mean_matches_brute_force():
         assert torch.allclose(w[b], wb, atol=1e-9)
         ref = (wb[..., None, None] * x).sum((0, 1)).reshape(3, 6, 6)
         assert torch.allclose(x0[b].double(), ref, atol=1e-5)
+
+
+def test_background_is_a_per_call_input():
+    s, ds = _tiny_set()
+    x, valid = _all_items(s)
+    bg = torch.tensor([[0.9, 0.1, 0.5]], dtype=torch.float64)
+    holes = (1 - s.bases[s.n_cams :]).repeat(2, 1)
+    y = s.rho[None, :, :, None] * s.bases[:, None, None, :] + bg[0][None, None, :, None] * holes[:, None, None]
+    x_bg = 2 * y - 1
+    z = torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a, sg = torch.tensor([0.7]), torch.tensor([0.7141])
+    x0, w = s.posterior_mean(z, a, sg, s.valid, bg)
+    d = (z[0].reshape(1, 1, 3, -1) - a.double() * x_bg).square().sum((2, 3))
+    wb = torch.softmax((-d / (2 * sg.double() ** 2)).masked_fill(~valid, -math.inf).flatten(), 0).reshape_as(d)
+    assert torch.allclose(w[0], wb, atol=1e-9)
+    assert torch.allclose(x0[0].double(), (wb[..., None, None] * x_bg).sum((0, 1)).reshape(3, 6, 6), atol=1e-5)
+
+
+def test_corner_background():
+    img = torch.rand(2, 3, 16, 16)
+    img[0, :, :2, :2] = img[0, :, :2, -2:] = img[0, :, -2:, :2] = img[0, :, -2:, -2:] = 0.25
+    assert torch.allclose(corner_background(img)[0], torch.full((3,), 0.25))
 
 
 def test_small_sigma_returns_the_nearest_image_and_large_sigma_the_mean():
@@ -290,7 +313,7 @@ def test_sds_loss_gradient_is_w_times_eps_difference(small_data):
     eps = torch.randn(2, 3, 16, 16, generator=gen)
     z = img.detach() * 2 - 1
     z_t = sds.add_noise(z, eps, t, g.alphas_cumprod)
-    x0_u, x0_c = g.denoise(z_t, t, torch.tensor([1, 3]))
+    x0_u, x0_c = g.denoise(z_t, t, torch.tensor([1, 3]), corner_background(img.detach()))
     e_u = sds.eps_from_prediction(x0_u, z_t, t, g.alphas_cumprod, "sample")
     e_c = sds.eps_from_prediction(x0_c, z_t, t, g.alphas_cumprod, "sample")
     expected = sds.sds_grad(e_u, e_c, eps, t, g.alphas_cumprod, 20.0)

@@ -11,18 +11,21 @@ word (front, side, back, overhead: balanced, drawn from that same distribution w
 - ``albedo``: ``rho * A`` with ``A`` the 0/1 silhouette (the renderer's opacity);
 - ``textureless``: ``S`` (the shade op replaces the albedo by white light);
 
-for every colour ``rho`` of the palette, over a black background: ``x = rho * B + (1 - A) * background``.
+for every colour ``rho`` of the palette, composited over a background: ``x = rho * B + (1 - A) * background``.
 Lambertian shading is linear in a uniform albedo, so each (primitive, camera) is rendered once (``S``, ``A``)
-and coloured on the fly: the denoiser never materialises the ~100k images.
+and coloured on the fly: the denoiser never materialises the ~30k images.
 
-Why black: the trainer's background is a learned environment map, which can learn any constant. Black keeps
-every palette colour and every lit textureless face visible (on white, a textureless face lit head-on shades to
-~1 and vanishes, and so does a white object in albedo mode), so the silhouette always carries the shape.
+Background: the trainer's is a learned environment map (or a random or white solid colour). The prior takes
+the background of each render as an input (read at its corners, which always miss the bounding sphere) and
+composites its data over that same colour, so it judges the object only: it never asks the field to paint
+the background or to fill space to hide it, and the environment map is free. ``config.background`` (black)
+is only the default of :meth:`BuiltinDataset.image`.
 
-The surface is found by sphere tracing the exact SDF (the surface a converged field's opacity shows),
-normals are the SDF's analytic gradient, and shading is fastdream's own shade op. The arrays are cached as
-uint8 under ``$FASTDREAM_CACHE`` (default ``~/.cache/fastdream``), written atomically, generated on first use
-(a few seconds).
+The surface is found by sphere tracing the exact SDF (what the volume renderer shows of an opaque field, one
+ray per pixel; volume-rendering ~1300 images through ``march_rays``/``composite`` would cost minutes of a
+first run on a CPU, tracing costs seconds), normals are the SDF's analytic gradient, and shading is
+fastdream's own shade op. The arrays are cached as uint8 under ``$FASTDREAM_CACHE`` (default
+``~/.cache/fastdream``), written atomically, generated on first use (a few seconds).
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ empirical distribution, the optimal denoiser is known in closed form:
     x̂0(z_t) = Σ_i softmax_i(−‖z_t − α_t x_i‖² / (2σ_t²)) x_i,     ε̂ = (z_t − α_t x̂0) / σ_t
 
 over the images of the label (prompt colour and shape, and the view word) for the conditional model and over
-the whole set for the unconditional one; classifier-free guidance and the SDS gradient are
-:mod:`fastdream.sds`'s. z is the image in [-1, 1] at 64×64; ᾱ is DDPM's linear-β schedule (1000 steps).
+the whole set for the unconditional one. Both are restricted to the render's shading mode (the trainer calls
+:meth:`BuiltinGuidance.set_shading_mode` each step) and composited over the render's own background (read at
+its corners, :func:`corner_background`), so they judge the object only. Classifier-free guidance and the
+SDS gradient are :mod:`fastdream.sds`'s. z is the image in [-1, 1] at 64×64; ᾱ is DDPM's linear-β schedule (1000 steps).
 
 A closed-vocabulary demonstration and test prior, not a general text model: prompts are
 ``[a] COLOUR SHAPE`` (:mod:`fastdream.builtin.vocabulary`).
@@ -61,27 +63,26 @@ class ImageSet:
         self.resolution = data.shade.shape[2]
         shade = data.shade.reshape(p * j, pix)
         alpha = data.alpha.reshape(p * j, pix)
-        # Bases: all shade images, then all silhouettes; base b belongs to camera slot b % (p*j).
+        self.n_cams = p * j
+        # Bases: all shade images, then all silhouettes; base b belongs to camera slot b % (p*j), whose
+        # background hole 1 - A is 1 - bases[p*j + b % (p*j)].
         self.bases = torch.cat([shade, alpha]).to(device, dtype)  # [NB, P]
-        self.holes = (1.0 - alpha).repeat(2, 1).to(device, dtype)  # [NB, P]
         self.base_shape = torch.arange(p).repeat_interleave(j).repeat(2).to(device)  # [NB]
         self.base_view = data.views.repeat(p).repeat(2).to(device)  # [NB]
         is_shade = torch.arange(2 * p * j, device=device) < p * j
         self.is_shade = is_shade
         self.colour_names = [*data.colours, "light"]
         self.rho = torch.tensor([*data.colours.values(), (1.0, 1.0, 1.0)], dtype=dtype, device=device)  # [K, 3]
-        self.background = torch.tensor(data.config.background, dtype=dtype, device=device)  # [3]
+        self.background = torch.tensor(data.config.background, dtype=dtype, device=device)  # [3] default
         k = self.rho.shape[0]
         # Valid items: every base with every palette colour; the white light (textureless) with shade bases only.
         self.valid = torch.ones(len(self.bases), k, dtype=torch.bool, device=device)
         self.valid[:, k - 1] = is_shade
         # ‖y‖² = Σ_c ρ_c² ‖B‖² + bg_c² ‖1 − A‖²  (B · (1 − A) = 0: bases vanish off the object).
-        self.norm_y = (self.rho.square() @ torch.ones(3, 1, dtype=dtype, device=device)).T * self.bases.square().sum(
-            -1, keepdim=True
-        ) + self.background.square().sum() * self.holes.sum(-1, keepdim=True)  # [NB, K]
+        self.norm_b = self.rho.square().sum(-1)[None, :] * self.bases.square().sum(-1, keepdim=True)  # [NB, K]
+        self.hole_sq = (pix - alpha.sum(-1)).to(device, dtype).repeat(2)  # [NB] ‖1 − A‖² (A is 0/1)
         self.shapes = tuple(data.shapes)
         self.dtype = dtype
-        self.bases_f, self.holes_f = self.bases.float(), self.holes.float()  # for the weighted means
 
     def mode_mask(self, mode: str | None) -> torch.Tensor:
         """[NB, K] the items of one shading mode ("albedo", "shaded", "textureless"), or all of them (None)."""
@@ -110,27 +111,35 @@ class ImageSet:
         return m[None] & (self.base_view[None, :] == views[:, None])[..., None]
 
     def posterior_means(
-        self, z_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, masks: list[torch.Tensor]
+        self,
+        z_t: torch.Tensor,
+        alpha: torch.Tensor,
+        sigma: torch.Tensor,
+        masks: list[torch.Tensor],
+        background: torch.Tensor | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """E[x0 | z_t] over the items of each mask (the distances are computed once for all masks).
 
         Args:
             z_t: [B, 3, H, W] noisy images (x in [-1, 1]). alpha, sigma: [B] α_t, σ_t.
             masks: each [NB, K] or [B, NB, K], the items in the set.
+            background: [B, 3] or [3] in [0, 1], the colour the items are composited over (default: the data's).
 
         Returns:
             per mask: x0 [B, 3, H, W] in [-1, 1] (float32) and weights [B, NB, K], the posterior over items.
         """
         b = z_t.shape[0]
+        bg = (self.background if background is None else background.to(self.bases.device, self.dtype)).expand(b, 3)
         a, s = alpha.to(self.dtype)[:, None, None], sigma.to(self.dtype)[:, None, None]
         # ‖z_t − α x‖² = 4α² ‖u − y‖² with x = 2y − 1 and u = (z_t + α) / (2α). In float32 the expansion
         # ‖u‖² − 2u·y + ‖y‖² loses ~1e-7·‖u‖² (~3e-4 on 64×64 images): at most ~0.2 in a logit at the smallest σ.
         u = (z_t.reshape(b, 3, -1).to(self.dtype) + a) / (2 * a)  # [B, 3, P]
-        dot = torch.einsum("bcn,kc->bnk", u @ self.bases.T, self.rho)  # [B, NB, K]
-        has_bg = bool(self.background.abs().sum() > 0)
-        if has_bg:
-            dot = dot + torch.einsum("bcn,c->bn", u @ self.holes.T, self.background)[..., None]
-        dist = u.square().sum((1, 2))[:, None, None] - 2 * dot + self.norm_y[None]
+        ub = u @ self.bases.T  # [B, 3, NB]
+        # u · (1 − A) = Σu − u · A, and the silhouettes A are the second half of the bases.
+        uh = (u.sum(-1, keepdim=True) - ub[..., self.n_cams :]).repeat(1, 1, 2)  # [B, 3, NB]
+        dot = torch.einsum("bcn,kc->bnk", ub, self.rho) + torch.einsum("bcn,bc->bn", uh, bg)[..., None]
+        norm_y = self.norm_b[None] + (bg.square().sum(-1)[:, None] * self.hole_sq[None])[..., None]
+        dist = u.square().sum((1, 2))[:, None, None] - 2 * dot + norm_y  # [B, NB, K]
         logits = -(2 * a.square() / s.square()) * dist
         out = []
         for mask in masks:
@@ -138,16 +147,30 @@ class ImageSet:
             w = torch.softmax(logits.masked_fill(~m, float("-inf")).reshape(b, -1), dim=-1).reshape_as(logits)
             # Only bases with weight enter the mean (few at small noise, all at large noise).
             used = (w > 1e-9 * w.amax(dim=(1, 2), keepdim=True)).any(dim=(0, 2))
-            wu = w[:, used].float()
-            y = torch.einsum("bnk,kc->bcn", wu, self.rho.float()) @ self.bases_f[used]
-            if has_bg:
-                y = y + self.background.float()[None, :, None] * (wu.sum(-1) @ self.holes_f[used])[:, None, :]
-            out.append(((2 * y - 1).reshape(z_t.shape), w))
+            y = torch.einsum("bnk,kc->bcn", w[:, used], self.rho) @ self.bases[used]  # Σ w ρ B
+            # Σ w bg (1 − A) = bg (Σ w − Σ_cam w_cam A_cam)
+            w_cam = w.sum(-1).reshape(b, 2, self.n_cams).sum(1)  # [B, cams]
+            cam_used = w_cam.amax(0) > 1e-9 * w_cam.amax()
+            hole = 1.0 - (w_cam[:, cam_used] @ self.bases[self.n_cams :][cam_used]) / w_cam.sum(-1, keepdim=True)
+            y = y + bg[:, :, None] * (w_cam.sum(-1, keepdim=True) * hole)[:, None, :]
+            out.append(((2 * y - 1).reshape(z_t.shape).float(), w))
         return out
 
-    def posterior_mean(self, z_t, alpha, sigma, mask):
+    def posterior_mean(self, z_t, alpha, sigma, mask, background=None):
         """:meth:`posterior_means` for one mask: (x0 [B, 3, H, W], weights [B, NB, K])."""
-        return self.posterior_means(z_t, alpha, sigma, [mask])[0]
+        return self.posterior_means(z_t, alpha, sigma, [mask], background)[0]
+
+
+def corner_background(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3]: the mean colour of the 2×2 pixels at each corner of ``images`` [B, 3, H, W].
+
+    With the generator's cameras (distance >= 2, vertical fov <= 60°) the corner rays miss the bounding sphere,
+    so these pixels are pure background: a solid colour (``--background random|white``) exactly, the
+    environment map's colour in those directions otherwise. The prior composites its data over it, so it
+    judges the object and never asks the field to paint (or fill space to hide) the background.
+    """
+    c = torch.cat([images[..., :2, :2], images[..., :2, -2:], images[..., -2:, :2], images[..., -2:, -2:]], -1)
+    return c.flatten(2).mean(-1)
 
 
 class BuiltinGuidance:
@@ -197,16 +220,18 @@ class BuiltinGuidance:
         """
         self.label = parse_prompt(prompt)
 
-    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def denoise(
+        self, z_t: torch.Tensor, t: torch.Tensor, views: torch.Tensor, background: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂0 unconditional, x̂0 conditional) [B, 3, H, W] for z_t [B, 3, H, W], timesteps t [B], view
-        indices [B]."""
+        indices [B], the data composited over ``background`` [B, 3] (default: the data's own, black)."""
         if self.label is None:
             raise RuntimeError("call prepare(prompt) before sds_loss / denoise")
         ab = self.alphas_cumprod[t.long()].double()
         a, s = ab.sqrt(), (1 - ab).sqrt()
         mode = self.shading_mode
         (x0_u, _), (x0_c, _) = self.set.posterior_means(
-            z_t, a, s, [self.set.mode_mask(mode), self.set.label_mask(*self.label, views, mode)]
+            z_t, a, s, [self.set.mode_mask(mode), self.set.label_mask(*self.label, views, mode)], background
         )
         return x0_u, x0_c
 
@@ -227,7 +252,8 @@ class BuiltinGuidance:
         eps = torch.randn(z.shape, generator=generator, device=gen_device).to(self.device)
         with torch.no_grad():
             z_t = sds.add_noise(z.detach(), eps, t, self.alphas_cumprod)
-            x0_u, x0_c = self.denoise(z_t, t, view_indices(view_words, self.device))
+            bg = corner_background(images.detach().to(self.device).float())
+            x0_u, x0_c = self.denoise(z_t, t, view_indices(view_words, self.device), bg)
             eps_u = sds.eps_from_prediction(x0_u, z_t, t, self.alphas_cumprod, "sample")
             eps_c = sds.eps_from_prediction(x0_c, z_t, t, self.alphas_cumprod, "sample")
             scale = self.default_guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
