@@ -270,10 +270,13 @@ def run_batch(
     tag = f"[rank {dist.rank}/{dist.world_size}] " if dist.distributed else ""
     log = log or (lambda msg: print(tag + msg, file=sys.stderr, flush=True))
     dev = _rank_device(device, dist)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --out {out} ({err.strerror}); choose another --out") from err
     grouped = _init_group(dist)
     try:
         if dist.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
             pending = todo(out, prompts, retry_failed)
             rebuild_index(out, prompts)
         else:
