@@ -11,8 +11,9 @@ and broadcasts the list (gloo: it is a few bytes, and it works on every machine)
 ``r, r + W, r + 2W, ...`` on device ``cuda:LOCAL_RANK`` (or the CPU). Without torchrun, one process runs them all.
 
 Restart safety: finished prompts are skipped, half-finished ones resume from their last checkpoint, failed
-ones are retried only with ``--retry-failed``. A failing prompt (outside the vocabulary, diverged) is recorded
-with its one-line reason and the others go on; the exit status is 0 only when every prompt is done.
+ones are run again (from the start, with the current settings) only with ``--retry-failed``. A failing prompt
+(outside the vocabulary, diverged) is recorded with its one-line reason and the others go on; the exit status
+is 0 only when every prompt is done.
 
 Example:
     >>> read_prompts_text("a red cube\\n# comment\\n\\n  a blue sphere  \\na red cube\\n")
@@ -314,7 +315,9 @@ def _run_prompt(
     prompts: list[str],
 ) -> None:
     run_dir = out / folder_name(prompt)
-    resume = latest_checkpoint(run_dir) is not None
+    # A failed prompt (only run again with --retry-failed) starts over with the current settings: resuming a
+    # diverged run from its last checkpoint with the same settings and random state would diverge again.
+    resume = latest_checkpoint(run_dir) is not None and read_status(run_dir)["status"] != FAILED
     log(f"{where} {'resuming' if resume else 'starting'} {prompt!r} in {run_dir.name}")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_status(run_dir, prompt, RUNNING, rank=dist.rank, pid=os.getpid(), host=socket.gethostname())

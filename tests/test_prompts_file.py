@@ -83,7 +83,18 @@ def test_run_batch_statuses_failures_and_restart(tmp_path: Path, capsys: pytest.
     # With --retry-failed: only the failed ones run again.
     run3 = FakeRunner()
     batch.run_batch(prompts, tmp_path, run3, retry_failed=True, dist=batch.Dist())
-    assert sorted(p for p, _ in run3.calls) == ["a bad prompt", "boom"]
+    assert sorted(run3.calls) == [("a bad prompt", False), ("boom", False)]
+
+
+def test_retried_failure_starts_over(tmp_path: Path) -> None:
+    d = tmp_path / batch.folder_name("a red cube")
+    ckpt.save_checkpoint(d, 6, {"format": 1, "field": {"w": torch.ones(1)}})
+    batch.write_status(d, "a red cube", batch.FAILED, reason="diverged")
+    run = FakeRunner()
+    assert batch.run_batch(["a red cube"], tmp_path, run, dist=batch.Dist()) == 1
+    assert run.calls == []
+    assert batch.run_batch(["a red cube"], tmp_path, run, retry_failed=True, dist=batch.Dist()) == 0
+    assert run.calls == [("a red cube", False)]
 
 
 def test_half_finished_prompt_resumes(tmp_path: Path) -> None:
