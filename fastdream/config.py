@@ -94,7 +94,8 @@ class ShadingConfig:
 class OptimConfig:
     steps: int | None = None  # auto: 800 for --model builtin, 5000 for diffusion models
     lr: float = 1e-2  # field (hash grid and MLP)
-    background_lr: float = 1e-3
+    background_lr: float = 1e-2  # the environment map must follow the prior's background quickly, or the
+    # field fills empty space with density to paint it (slow: the occupancy grid can skip nothing)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
     save_every: int = 200  # checkpoint period in steps (and always at the end)
