@@ -16,6 +16,8 @@ import pytest
 import torch
 from clitools import TINY, assert_user_error, fastdream, tree_hash
 
+from fastdream import checkpoint as ckpt
+
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -177,3 +179,11 @@ def test_export_bad_inputs(run_dir: Path, tmp_path: Path) -> None:
     for _, p in sorted((q.name, q) for q in (run_dir / "checkpoints").iterdir())[-1:]:
         p.write_bytes(p.read_bytes()[:100])
     check(run_dir, "export", run_dir, "--device", "cpu", needles=("corrupt",))
+
+
+def test_resume_accepts_the_original_options_and_refuses_changed_ones(run_dir: Path) -> None:
+    same = ("--model", "builtin", "--seed", "0", "--resolution", "16", "--samples-per-ray", "16")
+    check(run_dir, *GEN, "a red cube", *RESUME, *same, "--lr", "0.5", "--out", run_dir, "--resume", needles=("--lr",))
+    res = fastdream(*GEN, "a red cube", *RESUME, *same, "--steps", "6", "--out", run_dir, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert ckpt.latest_checkpoint(run_dir).name == "step_000006.pt"
