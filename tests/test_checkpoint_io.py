@@ -95,6 +95,14 @@ def test_checkpoint_roundtrip_and_rotation(tmp_path: Path) -> None:
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["step"] == 15
 
 
+def test_leftovers_of_killed_writes_are_removed(tmp_path: Path) -> None:
+    stale = tmp_path / "checkpoints" / ".step_000004.pt.tmp-12345"
+    stale.parent.mkdir()
+    stale.write_bytes(b"half a checkpoint")
+    ckpt.save_checkpoint(tmp_path, 5, _state(5))
+    assert [p.name for p in stale.parent.iterdir()] == ["step_000005.pt"]
+
+
 def test_checkpoint_refuses_nan(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="NaN"):
         ckpt.save_checkpoint(tmp_path, 1, _state(1, torch.tensor([1.0, float("nan")])))

@@ -86,6 +86,7 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted: Path, tmp_path:
     res = fastdream(*RESUME, "--out", out)
     assert res.returncode == 0, res.stderr
     assert_same_final_state(uninterrupted, out)
+    assert not list((out / "checkpoints").glob(".*")), "temporary files of the killed write were left behind"
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_equals_uninterrupted(uninterrupted: Path, tmp_path: Path) -> None:
