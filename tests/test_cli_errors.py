@@ -187,3 +187,9 @@ def test_resume_accepts_the_original_options_and_refuses_changed_ones(run_dir: P
     res = fastdream(*GEN, "a red cube", *RESUME, *same, "--steps", "6", "--out", run_dir, "--resume")
     assert res.returncode == 0, res.stderr
     assert ckpt.latest_checkpoint(run_dir).name == "step_000006.pt"
+
+
+def test_evaluate_bad_inputs(run_dir: Path, tmp_path: Path) -> None:
+    check(tmp_path, "evaluate", tmp_path / "absent", needles=("not a folder",))
+    check(tmp_path, "evaluate", tmp_path, needles=("config.json",))
+    check(run_dir, "evaluate", run_dir, needles=("mesh", "fastdream export"))
