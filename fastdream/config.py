@@ -28,7 +28,7 @@ from fastdream.cameras import CameraConfig
 from fastdream.errors import UserError
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-BACKGROUNDS = ("mlp", "random", "white")
+BACKGROUNDS = ("mlp", "random", "white", "black")
 DENSITY_ACTIVATIONS = ("softplus", "exp")
 NORMAL_METHODS = ("analytic", "finite_difference")
 WEIGHTINGS = ("sds", "uniform", "sigma")
@@ -68,7 +68,9 @@ class RenderConfig:
     resolution: int = 64  # training render height = width
     samples_per_ray: int = 96  # march step = 2 * bound / samples_per_ray (samples across the diameter)
     bound: float = 1.0  # radius of the bounding sphere at the origin
-    background: str = "mlp"  # "mlp" (environment map of the ray direction) | "random" (solid colour) | "white"
+    # "mlp" (environment map of the ray direction) | "random" (a random solid colour per step) | "white" | "black".
+    # auto: "black" for --model builtin (its images' background), "mlp" otherwise.
+    background: str | None = None
     grid_resolution: int | None = None  # occupancy grid cells per axis: CUDA 128, CPU 48
     grid_threshold: float = 0.01  # a cell is occupied when density * step exceeds this
     grid_decay: float = 0.95
@@ -214,6 +216,8 @@ def resolve(cfg: RunConfig, device_type: str | None = None) -> RunConfig:
         r.turntable_resolution = 256 if gpu else 96
     if r.turntable_frames is None:
         r.turntable_frames = 120 if gpu else 36
+    if r.background is None:
+        r.background = "black" if is_builtin(cfg.guidance.model) else "mlp"
     if o.steps is None:
         o.steps = 800 if is_builtin(cfg.guidance.model) else 5000
     if s.albedo_warmup_steps is None:
@@ -267,7 +271,7 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"t_range must satisfy 0 <= lo < hi <= 1, got {g.t_range}")
     if g.weighting not in WEIGHTINGS:
         raise UserError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {g.weighting!r}")
-    if r.background not in BACKGROUNDS:
+    if r.background is not None and r.background not in BACKGROUNDS:
         raise UserError(f"--background must be one of {', '.join(BACKGROUNDS)}, got {r.background!r}")
     if f.density_activation not in DENSITY_ACTIVATIONS:
         raise UserError(f"density_activation must be one of {DENSITY_ACTIVATIONS}, got {f.density_activation!r}")

@@ -30,6 +30,7 @@ from fastdream.config import RunConfig
 from fastdream.errors import UserError
 from fastdream.field import Background, NeuralField
 from fastdream.renderer import render_views
+from fastdream.train import display_background
 
 
 @torch.no_grad()
@@ -120,7 +121,7 @@ def render_turntable(
     """A 360° orbit at 15° elevation, shaded with the light at the camera, as ``turntable.mp4``."""
     r = cfg.render
     cams = orbit_cameras(r.turntable_frames, elevation=15.0, distance=2.2, fov=50.0)
-    bg = background if background is not None else torch.ones(3)
+    bg = display_background(background, cfg)
     outs = render_views(
         field,
         bg,

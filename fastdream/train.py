@@ -167,7 +167,9 @@ class Trainer:
         bg = self.cfg.render.background
         if bg == "mlp":
             return self.background
-        return col if bg == "random" else torch.ones(3)
+        if bg == "random":
+            return col
+        return torch.zeros(3) if bg == "black" else torch.ones(3)
 
     def _update_grid(self) -> None:
         o = self.cfg.optim
@@ -324,6 +326,13 @@ class Trainer:
         return TrainResult(self.step, self.skipped, self._stop, last_ckpt, time.perf_counter() - start, self.last_loss)
 
 
+def display_background(background: Background | None, cfg: RunConfig) -> Background | torch.Tensor:
+    """The background of previews and turntables: the environment map, else black or white."""
+    if background is not None:
+        return background
+    return torch.zeros(3) if cfg.render.background == "black" else torch.ones(3)
+
+
 def preview_grid(
     field: NeuralField, background: Background | None, grid: OccupancyGrid | None, cfg: RunConfig
 ) -> np.ndarray:
@@ -334,7 +343,7 @@ def preview_grid(
     az = torch.remainder(az + 180.0, 360.0) - 180.0
     full = torch.ones(n)
     cams = make_cameras(full * 15.0, az, full * 2.2, full * 50.0)
-    bg = background if background is not None else torch.ones(3)
+    bg = display_background(background, cfg)
     kw = dict(
         grid=grid,
         samples_per_ray=cfg.render.samples_per_ray,

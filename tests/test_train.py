@@ -35,6 +35,7 @@ class ColourGuidance:
 
 def tiny_config(steps=6, **optim) -> RunConfig:
     cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin", guidance_scale=1.0), device="cpu")
+    cfg.render.background = "mlp"  # train the environment map too
     f, r, o = cfg.field, cfg.render, cfg.optim
     f.levels, f.log2_table_size, f.finest_resolution, f.hidden = 4, 12, 32, 16
     r.resolution, r.samples_per_ray, r.grid_resolution, r.preview_resolution = 16, 32, 16, 16
@@ -48,7 +49,8 @@ def tiny_config(steps=6, **optim) -> RunConfig:
 
 
 def params(tr: Trainer) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in list(tr.field.parameters()) + list(tr.background.parameters())])
+    bg = list(tr.background.parameters()) if tr.background is not None else []
+    return torch.cat([p.detach().flatten() for p in list(tr.field.parameters()) + bg])
 
 
 def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):

@@ -107,7 +107,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="classifier-free guidance weight (auto: 100 for Stable Diffusion, the model's own otherwise)",
     )
     p.add_argument("--lr", type=float, action=_Store, default=o.lr, help="Adam learning rate of the field")
-    p.add_argument("--background", action=_Store, default=r.background, choices=BACKGROUNDS, help="background")
+    p.add_argument(
+        "--background",
+        action=_Store,
+        default="auto",
+        choices=("auto", *BACKGROUNDS),
+        help="mlp: a learned environment map; random: a random colour per step; auto: black with --model builtin "
+        "(its images' background), mlp otherwise",
+    )
     p.add_argument(
         "--albedo-warmup",
         type=_auto(int),
@@ -153,7 +160,8 @@ def config_from_args(args: argparse.Namespace):
     o.steps = None if args.steps == "auto" else args.steps
     o.seed, o.save_every, o.preview_every, o.lr = args.seed, args.save_every, args.preview_every, args.lr
     o.lambda_orient, o.lambda_opacity = args.lambda_orient, args.lambda_opacity
-    r.resolution, r.samples_per_ray, r.background = args.resolution, args.samples_per_ray, args.background
+    r.resolution, r.samples_per_ray = args.resolution, args.samples_per_ray
+    r.background = None if args.background == "auto" else args.background
     s.albedo_warmup_steps = None if args.albedo_warmup == "auto" else args.albedo_warmup
     s.textureless_ratio, s.ambient, s.diffuse = args.textureless_ratio, tuple(args.ambient), tuple(args.diffuse)
     f.normals = args.normals
