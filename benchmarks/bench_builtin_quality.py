@@ -48,7 +48,7 @@ def run_prompt(prompt: str, out_root: Path, device: str = "cpu", extra: list[str
     slug = prompt.replace(" ", "_")
     out = out_root / slug
     cmd = [sys.executable, "-m", "fastdream", "generate", prompt, "--model", "builtin", "--out", str(out)]
-    cmd += ["--device", device, "--overwrite", *(extra or [])]
+    cmd += ["--device", device, "--overwrite", "--quiet", *(extra or [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0

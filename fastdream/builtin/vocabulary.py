@@ -13,14 +13,16 @@ from fastdream.errors import UserError
 
 SHAPES: tuple[str, ...] = ("sphere", "cube", "cylinder", "cone", "torus")
 
-# Albedo in linear RGB, 0..1. "grey" is an alias of "gray".
+# Albedo in linear RGB, 0..1. "grey" is an alias of "gray". The colours sit near the corners of the RGB cube
+# where they can: classifier-free guidance pushes each channel away from the unconditional mean, so a field's
+# albedo saturates towards the corner of its colour (measured: red 0.85 ended at 1.0).
 COLOURS: dict[str, tuple[float, float, float]] = {
-    "red": (0.85, 0.10, 0.10),
-    "green": (0.10, 0.70, 0.15),
-    "blue": (0.10, 0.25, 0.85),
-    "yellow": (0.90, 0.85, 0.10),
+    "red": (0.95, 0.05, 0.05),
+    "green": (0.05, 0.90, 0.05),
+    "blue": (0.05, 0.10, 0.95),
+    "yellow": (0.95, 0.90, 0.05),
     "orange": (0.95, 0.50, 0.05),
-    "purple": (0.55, 0.15, 0.75),
+    "purple": (0.60, 0.10, 0.90),
     "white": (0.95, 0.95, 0.95),
     "gray": (0.50, 0.50, 0.50),
 }

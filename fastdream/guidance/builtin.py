@@ -182,8 +182,9 @@ class BuiltinGuidance:
         alphas_cumprod: [1000] ᾱ_t (float32, on ``device``).
     """
 
-    # The feasibility study's ω (DESIGN.md); fastdream.config.resolve picks the builtin's step count.
-    default_guidance_scale: float = 20.0
+    # Measured (red cube, 32×32, 150 steps, one seed): ω = 10 reached Chamfer 0.051 / IoU 0.81 where the
+    # feasibility study's ω = 20 reached 0.063 / 0.74. fastdream.config.resolve picks the step count.
+    default_guidance_scale: float = 10.0
 
     def __init__(
         self,
