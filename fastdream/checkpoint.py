@@ -123,6 +123,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
     atomic_write(path, buf.getvalue())
     for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
+    # temporary files of writes cut short by a kill -9 (one writer per run folder: none is in flight now)
+    for stale in path.parent.glob(".step_*.pt.tmp-*"):
+        stale.unlink(missing_ok=True)
     return path
 
 

@@ -8,6 +8,7 @@ folder, trains and exports. Bad input therefore never damages what a folder alre
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -112,7 +113,8 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
                 target = getattr(saved, section) if section else saved
                 src = getattr(cfg, section) if section else cfg
                 setattr(target, key, getattr(src, key))
-        ignored = sorted(explicit - set(RESUME_OVERRIDES) - {"out"})
+        # repeating the original command line with --resume is fine: only options that change the run are refused
+        ignored = sorted(n for n in explicit - set(RESUME_OVERRIDES) - {"out"} if _changes_saved(n, cfg, saved))
         if ignored:
             names = ", ".join("--" + n.replace("_", "-") for n in ignored)
             raise UserError(
@@ -144,6 +146,23 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
             f"or choose another --out"
         )
     return Plan(cfg, run_dir, device, resume=False, clear=clear)
+
+
+_OPTION_FIELDS = {"model": ("guidance", "model"), "albedo_warmup": ("shading", "albedo_warmup_steps")}
+
+
+def _changes_saved(option: str, cfg: RunConfig, saved: RunConfig) -> bool:
+    """Whether the command-line option ``option`` (its argparse dest) sets a value other than the saved run's.
+    Unknown mappings (e.g. ``--set``) count as changes; "auto" (None) never does."""
+    given, kept = cfg.to_dict(), saved.to_dict()
+    section, key = _OPTION_FIELDS.get(option, (None, option))
+    if section is None:
+        section = next((s for s, v in given.items() if isinstance(v, dict) and option in v), None)
+    if section is None or not isinstance(given.get(section), dict) or key not in given[section]:
+        return True
+    value = given[section][key]
+    as_json = lambda v: json.dumps(v, sort_keys=True)  # noqa: E731 (tuples and lists compare equal)
+    return value is not None and as_json(value) != as_json(kept.get(section, {}).get(key))
 
 
 @dataclass

@@ -128,9 +128,10 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
-            self.schedule_gen.set_state(state["rng"]["schedule"])
-            self.noise_gen.set_state(state["rng"]["noise"])
-            torch.set_rng_state(state["rng"]["torch"])
+            # RNG states are CPU ByteTensors even for a CUDA generator; map_location=cuda moved them.
+            self.schedule_gen.set_state(state["rng"]["schedule"].cpu())
+            self.noise_gen.set_state(state["rng"]["noise"].cpu())
+            torch.set_rng_state(state["rng"]["torch"].cpu())
             self.step = int(state["step"])
             self.skipped = int(state["stats"]["skipped"])
             self.bad_in_a_row = int(state["stats"]["bad_in_a_row"])

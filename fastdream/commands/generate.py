@@ -54,7 +54,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "(Score Distillation Sampling), then export mesh.glb, mesh.obj and turntable.mp4 into --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("prompt", metavar="PROMPT", help="what to make, e.g. 'a red cube'")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", help="what to make, e.g. 'a red cube'")
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="a prompt list (one per line, # comments): one run folder per prompt under --out, plus index.json; "
+        "sharded over ranks under torchrun; rerun to resume (see fastdream.batch)",
+    )
+    p.add_argument("--retry-failed", action="store_true", help="with --prompts: run failed prompts again")
     p.add_argument(
         "--model",
         action=_Store,
@@ -162,6 +169,16 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prompts is not None:
+        from fastdream.batch import run_prompts_command
+
+        return run_prompts_command(args)
+    if args.prompt is None or args.retry_failed:
+        from fastdream.errors import UserError
+
+        if args.retry_failed:
+            raise UserError("--retry-failed applies to a prompt list; add --prompts FILE")
+        raise UserError('give a PROMPT (fastdream generate "a red cube") or --prompts FILE')
     from fastdream import run as runs
 
     explicit = set(getattr(args, "_explicit", set())) | ({"set"} if args.set else set())

@@ -1,0 +1,195 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Bad input to the CLI, as a user meets it: ``python -m fastdream ...`` in a subprocess.
+
+Every case: exit status 2, exactly one line on stderr naming the problem and the fix, no traceback, and the
+output folder (a finished tiny run, or an empty or absent one) byte-for-byte unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from clitools import TINY, assert_user_error, fastdream, tree_hash
+
+from fastdream import checkpoint as ckpt
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run of "a red cube": config.json and checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = fastdream("generate", "a red cube", *TINY, "--out", out, "--steps", "4", "--save-every", "2")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002.pt", "step_000004.pt"]
+    return out
+
+
+@pytest.fixture
+def run_dir(reference_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the reference run, with a file of the user's beside the run's files."""
+    d = tmp_path / "run"
+    shutil.copytree(reference_run, d)
+    (d / "notes.txt").write_text("the user's own file\n")
+    return d
+
+
+def check(run_dir: Path, *args: str, needles: tuple[str, ...], env: dict[str, str] | None = None) -> str:
+    before = tree_hash(run_dir)
+    res = fastdream(*args, extra_env=env)
+    line = assert_user_error(res, *needles)
+    assert tree_hash(run_dir) == before, "the output folder changed"
+    return line
+
+
+GEN = ("generate",)
+# --resume takes the saved settings; only these may be given with it
+RESUME = ("--device", "cpu", "--quiet", "--no-export")
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (("",), ("prompt is empty",)),
+        (("   \t ",), ("prompt is empty",)),
+        (("a red cube", "--steps", "abc"), ("--steps",)),
+        (("a red cube", "--steps", "0"), ("--steps", ">= 1")),
+        (("a red cube", "--steps", "-5"), ("--steps",)),
+        (("a red cube", "--steps", "2.5"), ("--steps",)),
+        (("a red cube", "--resolution", "0"), ("--resolution",)),
+        (("a red cube", "--resolution", "100000"), ("--resolution",)),
+        (("a red cube", "--guidance-scale", "-1"), ("--guidance-scale",)),
+        (("a red cube", "--guidance-scale", "nan"), ("--guidance-scale",)),
+        (("a red cube", "--guidance-scale", "many"), ("--guidance-scale",)),
+        (("a red cube", "--save-every", "0"), ("--save-every",)),
+        (("a red cube", "--lr", "-0.1"), ("--lr",)),
+        (("a red cube", "--set", "render.nonsense=3"), ("--set", "unknown")),
+        (("a red cube", "--device", "tpu"), ("--device",)),
+    ],
+)
+def test_bad_settings(run_dir: Path, args: tuple[str, ...], needles: tuple[str, ...]) -> None:
+    # --overwrite: even a command allowed to replace the run must not touch it when its settings are bad
+    check(run_dir, *GEN, args[0], *TINY, *args[1:], "--out", run_dir, "--overwrite", needles=needles)
+
+
+def test_prompt_outside_builtin_vocabulary(run_dir: Path) -> None:
+    check(run_dir, *GEN, "a purple elephant", *TINY, "--out", run_dir, "--overwrite", needles=("vocabulary",))
+
+
+def test_unknown_model_id_offline(run_dir: Path, tmp_path: Path) -> None:
+    args = [a if a != "builtin" else "nobody-xyz/no-such-model" for a in TINY]
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    check(
+        run_dir,
+        *GEN,
+        "a red cube",
+        *args,
+        "--out",
+        run_dir,
+        "--overwrite",
+        needles=("nobody-xyz/no-such-model", "HF_HUB_OFFLINE"),
+        env=env,
+    )
+
+
+def test_local_folder_that_is_not_a_diffusers_model(run_dir: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "my-model"
+    fake.mkdir()
+    (fake / "weights.bin").write_bytes(b"\0" * 64)
+    args = [a if a != "builtin" else str(fake) for a in TINY]
+    check(run_dir, *GEN, "a red cube", *args, "--out", run_dir, "--overwrite", needles=("not a diffusers",))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_checkpoint_with_resume(run_dir: Path, damage: str) -> None:
+    last = run_dir / "checkpoints" / "step_000004.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"PK\x03\x04" + os.urandom(200))
+    check(run_dir, *GEN, "a red cube", *RESUME, "--out", run_dir, "--resume", "--steps", "6", needles=("corrupt",))
+
+
+def test_resume_with_nothing_to_resume(tmp_path: Path, run_dir: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check(empty, *GEN, "a red cube", *RESUME, "--out", empty, "--resume", needles=("nothing to resume",))
+    absent = tmp_path / "absent"
+    check(absent, *GEN, "a red cube", *RESUME, "--out", absent, "--resume", needles=("nothing to resume",))
+    assert not absent.exists()
+    shutil.rmtree(run_dir / "checkpoints")  # a run killed before its first checkpoint
+    check(run_dir, *GEN, "a red cube", *RESUME, "--out", run_dir, "--resume", needles=("no checkpoint",))
+
+
+def test_output_folder_under_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "file.txt"
+    f.write_text("keep me")
+    check(tmp_path, *GEN, "a red cube", *TINY, "--out", f / "sub", needles=("--out", "file"))
+    check(tmp_path, *GEN, "a red cube", *TINY, "--out", f, needles=("--out", "file"))
+    assert f.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")
+def test_output_folder_without_write_permission(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        check(locked, *GEN, "a red cube", *TINY, "--out", locked / "run", needles=("not writable",))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_folder_holding_a_different_run(run_dir: Path) -> None:
+    check(run_dir, *GEN, "a blue sphere", *TINY, "--out", run_dir, needles=("a red cube", "--overwrite"))
+    check(run_dir, *GEN, "a blue sphere", *RESUME, "--out", run_dir, "--resume", needles=("a red cube",))
+    # the same run again without --resume is refused too (it would restart it)
+    check(run_dir, *GEN, "a red cube", *TINY, "--out", run_dir, "--steps", "6", needles=("--resume",))
+
+
+def test_overwrite_replaces_only_the_runs_files(run_dir: Path) -> None:
+    res = fastdream(*GEN, "a blue sphere", *TINY, "--out", run_dir, "--steps", "2", "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((run_dir / "config.json").read_text())["prompt"] == "a blue sphere"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002.pt"]
+    assert (run_dir / "notes.txt").read_text() == "the user's own file\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_gpu(run_dir: Path) -> None:
+    args = [a if a != "cpu" else "cuda" for a in TINY]
+    check(run_dir, *GEN, "a red cube", *args, "--out", run_dir, "--overwrite", needles=("--device", "cuda"))
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    res = fastdream("--debug", *GEN, "", *TINY, "--out", tmp_path / "x")
+    assert res.returncode != 0 and "Traceback" in res.stderr and "UserError" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+
+def test_export_bad_inputs(run_dir: Path, tmp_path: Path) -> None:
+    check(tmp_path, "export", tmp_path / "absent", needles=("not a folder",))
+    check(tmp_path, "export", tmp_path, needles=("config.json",))
+    check(run_dir, "export", run_dir, "--mesh-resolution", "4", needles=("--mesh-resolution",))
+    check(run_dir, "export", run_dir, "--device", "cuda:7", needles=("--device",))
+    for _, p in sorted((q.name, q) for q in (run_dir / "checkpoints").iterdir())[-1:]:
+        p.write_bytes(p.read_bytes()[:100])
+    check(run_dir, "export", run_dir, "--device", "cpu", needles=("corrupt",))
+
+
+def test_resume_accepts_the_original_options_and_refuses_changed_ones(run_dir: Path) -> None:
+    same = ("--model", "builtin", "--seed", "0", "--resolution", "16", "--samples-per-ray", "16")
+    check(run_dir, *GEN, "a red cube", *RESUME, *same, "--lr", "0.5", "--out", run_dir, "--resume", needles=("--lr",))
+    res = fastdream(*GEN, "a red cube", *RESUME, *same, "--steps", "6", "--out", run_dir, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert ckpt.latest_checkpoint(run_dir).name == "step_000006.pt"
+
+
+def test_evaluate_bad_inputs(run_dir: Path, tmp_path: Path) -> None:
+    check(tmp_path, "evaluate", tmp_path / "absent", needles=("not a folder",))
+    check(tmp_path, "evaluate", tmp_path, needles=("config.json",))
+    check(run_dir, "evaluate", run_dir, needles=("mesh", "fastdream export"))

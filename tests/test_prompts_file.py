@@ -1,0 +1,169 @@
+# SPDX-License-Identifier: Apache-2.0
+"""fastdream.batch in-process: prompt files, folder names, status/index bookkeeping, failures, restarts.
+
+The torchrun test with the real builtin prior is in tests/test_batch_torchrun.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdream import batch
+from fastdream import checkpoint as ckpt
+from fastdream.errors import UserError
+
+
+def test_read_prompts(tmp_path: Path) -> None:
+    f = tmp_path / "p.txt"
+    f.write_text("# library\n\na red cube\n   \n  a   blue sphere \n#a green cone\na red cube\n")
+    assert batch.read_prompts(f) == ["a red cube", "a blue sphere"]
+    f.write_text("# nothing\n\n")
+    with pytest.raises(UserError, match="holds no prompt"):
+        batch.read_prompts(f)
+    f.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(UserError, match="UTF-8"):
+        batch.read_prompts(f)
+    with pytest.raises(UserError, match="does not exist"):
+        batch.read_prompts(tmp_path / "missing.txt")
+    with pytest.raises(UserError, match="is a folder"):
+        batch.read_prompts(tmp_path)
+
+
+def test_folder_names_are_safe_unique_stable() -> None:
+    prompts = ["a red cube", "A red cube!", "a/../../etc/passwd", "ünïcode 🙂 prompt", "x" * 500, "#!?"]
+    names = [batch.folder_name(p) for p in prompts]
+    assert len(set(names)) == len(names)
+    for n in names:
+        assert n == Path(n).name and n not in (".", "..") and len(n) <= 48
+        assert all(c.isascii() and (c.isalnum() or c in "_-") for c in n)
+    assert names == [batch.folder_name(p) for p in prompts]  # stable
+    assert batch.folder_name("a red cube") == "a_red_cube-356cc2"  # across versions too
+
+
+class FakeRunner:
+    """run_one that records calls; fails for prompts containing 'bad'; 'boom' raises a bug-like error."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    def __call__(self, prompt: str, run_dir: Path, resume: bool, device: str) -> dict:
+        self.calls.append((prompt, resume))
+        if "bad" in prompt:
+            raise UserError(f"prompt {prompt!r} is not in the builtin vocabulary; use a COLOUR SHAPE")
+        if "boom" in prompt:
+            raise ZeroDivisionError("division by zero")
+        ckpt.save_checkpoint(run_dir, 4, {"format": 1, "field": {"w": torch.ones(1)}})
+        return {"step": 4}
+
+
+def test_run_batch_statuses_failures_and_restart(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    prompts = ["a red cube", "a bad prompt", "a blue sphere", "boom"]
+    run = FakeRunner()
+    rc = batch.run_batch(prompts, tmp_path, run, dist=batch.Dist())
+    assert rc == 1
+    assert [p for p, _ in run.calls] == prompts  # a failure does not stop the others
+    index = json.loads((tmp_path / "index.json").read_text())
+    st = {e["prompt"]: e for e in index["prompts"]}
+    assert [e["prompt"] for e in index["prompts"]] == prompts
+    assert st["a red cube"]["status"] == "done" and st["a red cube"]["step"] == 4
+    assert st["a bad prompt"]["status"] == "failed" and "vocabulary" in st["a bad prompt"]["reason"]
+    assert st["boom"]["status"] == "failed" and st["boom"]["reason"].startswith("ZeroDivisionError")
+    assert st["a blue sphere"]["folder"] == batch.folder_name("a blue sphere")
+    out = capsys.readouterr().out
+    assert "2 done, 2 failed" in out and "a bad prompt: prompt" in out
+
+    # Restart: done ones skipped, failed ones skipped without --retry-failed.
+    run2 = FakeRunner()
+    assert batch.run_batch(prompts, tmp_path, run2, dist=batch.Dist()) == 1
+    assert run2.calls == []
+    # With --retry-failed: only the failed ones run again.
+    run3 = FakeRunner()
+    batch.run_batch(prompts, tmp_path, run3, retry_failed=True, dist=batch.Dist())
+    assert sorted(run3.calls) == [("a bad prompt", False), ("boom", False)]
+
+
+def test_retried_failure_starts_over(tmp_path: Path) -> None:
+    d = tmp_path / batch.folder_name("a red cube")
+    ckpt.save_checkpoint(d, 6, {"format": 1, "field": {"w": torch.ones(1)}})
+    batch.write_status(d, "a red cube", batch.FAILED, reason="diverged")
+    run = FakeRunner()
+    assert batch.run_batch(["a red cube"], tmp_path, run, dist=batch.Dist()) == 1
+    assert run.calls == []
+    assert batch.run_batch(["a red cube"], tmp_path, run, retry_failed=True, dist=batch.Dist()) == 0
+    assert run.calls == [("a red cube", False)]
+
+
+def test_half_finished_prompt_resumes(tmp_path: Path) -> None:
+    d = tmp_path / batch.folder_name("a red cube")
+    ckpt.save_checkpoint(d, 2, {"format": 1, "field": {"w": torch.ones(1)}})
+    batch.write_status(d, "a red cube", batch.RUNNING, rank=1)  # a rank died here
+    run = FakeRunner()
+    assert batch.run_batch(["a red cube", "a green cone"], tmp_path, run, dist=batch.Dist()) == 0
+    assert run.calls == [("a red cube", True), ("a green cone", False)]
+
+
+def test_interrupt_keeps_prompt_resumable(tmp_path: Path) -> None:
+    def interrupted(prompt, run_dir, resume, device):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        batch.run_batch(["a red cube"], tmp_path, interrupted, dist=batch.Dist())
+    assert batch.read_status(tmp_path / batch.folder_name("a red cube"))["status"] == "pending"
+
+
+def test_index_is_never_torn(tmp_path: Path) -> None:
+    """Many concurrent rebuilds (threads here, ranks in real life): index.json always parses."""
+    import threading
+
+    prompts = [f"p{i}" for i in range(20)]
+    for p in prompts:
+        batch.write_status(tmp_path / batch.folder_name(p), p, batch.DONE)
+    errors: list[Exception] = []
+
+    def rebuild() -> None:
+        try:
+            for _ in range(10):
+                batch.rebuild_index(tmp_path, prompts)
+                json.loads((tmp_path / "index.json").read_text())
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=rebuild) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(json.loads((tmp_path / "index.json").read_text())["prompts"]) == 20
+
+
+# ------------------------------------------------------------------------------------ the CLI, bad input
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--prompts", "{missing}"], "does not exist"),
+        (["--prompts", "{empty}"], "holds no prompt"),
+        (["a red cube", "--prompts", "{good}"], "not both"),
+        (["--prompts", "{good}", "--resume"], "--retry-failed"),
+        (["--prompts", "{good}", "--steps", "0"], "--steps"),
+        (["--retry-failed"], "--prompts"),
+        ([], "--prompts FILE"),
+    ],
+)
+def test_prompts_cli_bad_input(tmp_path: Path, extra: list[str], needle: str) -> None:
+    from clitools import TINY, assert_user_error, fastdream, tree_hash
+
+    (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
+    (tmp_path / "good.txt").write_text("a red cube\n")
+    names = {k: str(tmp_path / f"{k}.txt") for k in ("missing", "empty", "good")}
+    out = tmp_path / "lib"
+    before = tree_hash(tmp_path)
+    res = fastdream("generate", *TINY, *[e.format(**names) for e in extra], "--out", out)
+    assert_user_error(res, needle)
+    assert tree_hash(tmp_path) == before
