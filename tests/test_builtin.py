@@ -378,9 +378,12 @@ def test_sds_with_the_builtin_prior_finds_the_primitive(tmp_path):
     from fastdream.export import extract_mesh
     from fastdream.train import Trainer
 
-    # Measured on a shared 2-core CPU: a red cube at these settings reached Chamfer 0.063 (next: sphere 0.076).
+    # Shapes that stay apart at 32x32 and 150 steps. Measured on the 2-core CPU (idle): blue torus Chamfer 0.115
+    # (next: cylinder 0.140), green cone 0.077 (next: cylinder 0.170). Cube, sphere and cylinder are within
+    # 0.01-0.02 of each other at this resolution (a red cube came out nearest the sphere at 150 steps), so the
+    # cube is checked by the full-size benchmark (benchmarks/RESULTS.md), not here.
     data = render_dataset(DatasetConfig(resolution=32, cameras_per_view=32))
-    for prompt in ("a red cube", "a blue torus"):
+    for prompt in ("a blue torus", "a green cone"):
         cfg = RunConfig(prompt=prompt, device="cpu", guidance=GuidanceConfig(model="builtin"))
         cfg.render.resolution = 32
         cfg.render.samples_per_ray = 64
@@ -395,7 +398,10 @@ def test_sds_with_the_builtin_prior_finds_the_primitive(tmp_path):
         trainer.train(progress=False)
         result = evaluate_mesh(extract_mesh(trainer.field, cfg), prompt)
         assert result["correct_shape"], result["chamfer_to"]
-        assert result["chamfer"] < 0.12, result
+        others = sorted(v for k, v in result["chamfer_to"].items() if k != result["shape"])
+        assert result["chamfer"] < 0.9 * others[0], result["chamfer_to"]  # a clear margin, not a tie
+        assert result["chamfer"] < 0.13, result
+        assert result["albedo_error"] < 0.15, result
 
 
 def test_shading_mode_conditioning(small_data):
