@@ -690,6 +690,10 @@ class StepRunner:
                 self.scaler.update()
             else:
                 self.optimizer.step()
+        elif self.scaler is not None and loss.requires_grad and bool(torch.isfinite(loss)):
+            # As the trainer: unscale_ found inf (the scale was too high), so lower the scale; without this
+            # update the next step's unscale_ raises.
+            self.scaler.update()
         self.skipped += not ok
         clock.mark("optimizer")
         self._grid_update(warmup=False)

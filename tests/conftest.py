@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -27,3 +29,12 @@ def backend_params(op: str) -> list:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_runtest_logreport(report):
+    """With FASTDREAM_FAILURE_LOG set, append each failure's traceback to that file as it happens (device runs
+    under a hard time cap keep what failed even when the run is cut off before pytest's summary)."""
+    path = os.environ.get("FASTDREAM_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
