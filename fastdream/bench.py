@@ -58,6 +58,7 @@ from fastdream.field import Background, NeuralField
 from fastdream.losses import opacity_loss, orientation_loss
 from fastdream.ops import OccupancyGrid, _dispatch, composite, march_rays, shade, use_backend
 from fastdream.sds import add_noise, sample_timesteps, sds_grad, sds_loss_from_grad
+from fastdream.train import apply_step, scaled_backward
 
 MODELS = ("builtin", "sd", "if")
 OPS_CHOICES = ("fused", "reference")
@@ -672,28 +673,9 @@ class StepRunner:
         clock.mark("shade_composite")
         loss = self.sds_loss(out["image"].float(), words, clock) + out["reg"]
         # As Trainer.train_step: skip non-finite losses and gradients (two host synchronisations, timed too).
-        ok = bool(torch.isfinite(loss))
-        if ok:
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+        ok = scaled_backward(loss, self.scaler)
         clock.mark("backward")
-        if ok:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            grads = [p.grad for grp in self.optimizer.param_groups for p in grp["params"] if p.grad is not None]
-            ok = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-        if ok:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-        elif self.scaler is not None and loss.requires_grad and bool(torch.isfinite(loss)):
-            # As the trainer: unscale_ found inf (the scale was too high), so lower the scale; without this
-            # update the next step's unscale_ raises.
-            self.scaler.update()
+        ok = ok and apply_step(self.optimizer, self.scaler)
         self.skipped += not ok
         clock.mark("optimizer")
         self._grid_update(warmup=False)

@@ -62,6 +62,35 @@ def build_models(cfg: RunConfig, device: torch.device) -> tuple[NeuralField, Bac
     return field, background, grid
 
 
+def scaled_backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> bool:
+    """``loss.backward()``, scaled under a gradient scaler. False, with no backward, when the loss is not finite."""
+    if not bool(torch.isfinite(loss)):
+        return False
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    return True
+
+
+def apply_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> bool:
+    """After :func:`scaled_backward`: unscale, then step if every gradient is finite, else skip. Under a scaler the
+    scale is updated either way (lowered after an overflow); without that the next ``unscale_`` raises. Returns
+    whether the step was taken."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    ok = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    if ok:
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+    if scaler is not None:
+        scaler.update()
+    return ok
+
+
 class Trainer:
     """Owns the models, the optimiser and the random state of a run in ``run_dir``.
 
@@ -218,12 +247,6 @@ class Trainer:
         info.update(mode=mode, view=words[0], samples=out["n_samples"])
         return loss, info
 
-    def _grads_finite(self) -> bool:
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return True
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-
     def train_step(self) -> bool:
         """One optimisation step. Returns False when it was skipped (non-finite loss or gradients)."""
         o = self.cfg.optim
@@ -231,25 +254,11 @@ class Trainer:
             self._update_grid()
         self.optimizer.zero_grad(set_to_none=True)
         loss, info = self.compute_loss()
-        ok = bool(torch.isfinite(loss))
+        ok = scaled_backward(loss, self.scaler) and apply_step(self.optimizer, self.scaler)
         if ok:
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
-            ok = self._grads_finite()
-        if ok:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
             self.bad_in_a_row = 0
             self.last_loss = float(loss.detach())
         else:
-            if self.scaler is not None and loss.requires_grad and bool(torch.isfinite(loss)):
-                self.scaler.update()  # found inf: lowers the scale
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
             self.bad_in_a_row += 1

@@ -152,3 +152,37 @@ def test_ctrl_c_finishes_the_step_saves_and_returns(tmp_path):
     assert res.interrupted and res.step == 4
     assert ckpt.latest_checkpoint(tmp_path).name == "step_000004.pt"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_apply_step_skips_an_overflow_and_lowers_the_scale():
+    """An fp16-style overflow step is skipped, the scale is lowered, and the next step works (a scaler left
+    without ``update()`` after ``unscale_`` raises on the next ``unscale_``: the step benchmark once did that)."""
+    from fastdream.train import apply_step, scaled_backward
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert not scaled_backward((w * float("nan")).sum(), scaler)  # a non-finite loss: no backward at all
+    assert w.grad is None
+    assert scaled_backward((w * 1e38).sum(), scaler)  # finite loss, inf gradient once scaled
+    assert not apply_step(opt, scaler)
+    assert torch.equal(w.detach(), torch.ones(3))  # skipped
+    assert scaler.get_scale() == 2.0**15  # lowered
+    opt.zero_grad(set_to_none=True)
+    assert scaled_backward(w.sum(), scaler)
+    assert apply_step(opt, scaler)  # no "unscale_() has already been called"
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.9))
+
+
+def test_apply_step_without_a_scaler_checks_gradients():
+    from fastdream.train import apply_step, scaled_backward
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.5)
+    assert scaled_backward((w * torch.tensor([1.0, 2.0])).sum(), None)
+    assert apply_step(opt, None)
+    torch.testing.assert_close(w.detach(), torch.tensor([0.5, 0.0]))
+    opt.zero_grad(set_to_none=True)
+    w.grad = torch.tensor([float("inf"), 0.0])
+    assert not apply_step(opt, None)
+    torch.testing.assert_close(w.detach(), torch.tensor([0.5, 0.0]))
