@@ -28,9 +28,10 @@ the table, so the backward of the backward is the forward), so gradgradcheck hol
 
 Implementations: ``reference`` (PyTorch), ``cpp`` (C++ CPU loop) and ``cuda`` (the same per-point code,
 ``csrc/include/fastdream/hash_grid.h``, launched on the GPU; both read the table as given, fp32 or fp64),
-``triton`` (``fastdream.kernels.hash_grid``, the default on CUDA: it reads an fp16 copy of the table,
-cached while the table is unchanged, and computes and accumulates in fp32; see
-``FP16_TABLE_READS_ON_CUDA`` there).
+``triton`` (``fastdream.kernels.hash_grid``: it reads an fp16 copy of the table, cached while the table is
+unchanged, and computes and accumulates in fp32; see ``FP16_TABLE_READS_ON_CUDA`` there). On CUDA the default
+is ``cuda``, measured faster on an H200 in every pass (benchmarks/RESULTS.md); ``FASTDREAM_BACKEND=triton``
+selects the fp16-read path.
 
 Example:
     >>> import torch
@@ -267,8 +268,10 @@ _dispatch.register(OP, "reference", hash_encode_reference)
 _dispatch.register(OP, "cpp", _cpp_impl)
 _dispatch.register(OP, "cuda", _cpp_impl)
 _dispatch.register(OP, "triton", _triton_impl)
-# Triton is this op's GPU path (fp16 table reads); the CUDA C++ launch (fp32 reads) is the fallback there.
-_dispatch.set_order(OP, "cuda", ("triton", "cuda", "reference"))
+# Measured on an H200 (2026-11-26, 2^20 points, defaults, medians of one run): the CUDA C++ launch (fp32
+# reads) beat Triton (fp16 reads of a cached copy) in every pass: forward 0.93 vs 1.82 ms, forward+backward
+# 3.94 vs 6.61 ms, with the Jacobian 6.80 vs 10.60 ms. So it comes first; Triton stays the fallback.
+_dispatch.set_order(OP, "cuda", ("cuda", "triton", "reference"))
 
 
 # The custom ops below carry the autograd of the fast backends, so that torch.compile can trace them. The
