@@ -54,11 +54,10 @@ import torch
 from fastdream.cameras import get_rays, sample_cameras, view_word
 from fastdream.config import FieldConfig, RunConfig, resolve
 from fastdream.errors import UserError
-from fastdream.field import Background, NeuralField
 from fastdream.losses import opacity_loss, orientation_loss
-from fastdream.ops import OccupancyGrid, _dispatch, composite, march_rays, shade, use_backend
+from fastdream.ops import _dispatch, composite, march_rays, shade, use_backend
 from fastdream.sds import add_noise, sample_timesteps, sds_grad, sds_loss_from_grad
-from fastdream.train import apply_step, scaled_backward
+from fastdream.train import apply_step, build_models, scaled_backward
 
 MODELS = ("builtin", "sd", "if")
 OPS_CHOICES = ("fused", "reference")
@@ -342,6 +341,8 @@ def run_config(cfg: BenchConfig, device: torch.device, resolution: int) -> RunCo
     rc = RunConfig(prompt=PROMPT, device=device.type)
     rc.guidance.model = "builtin" if cfg.model == "builtin" else cfg.model
     rc.render.resolution = resolution
+    rc.render.background = "mlp"  # the environment map: the costliest background, timed in every model
+    rc.optim.seed = cfg.seed
     if cfg.tiny:
         rc.field = FieldConfig(levels=4, log2_table_size=10, finest_resolution=64, hidden=16)
         rc.render.grid_resolution = 16
@@ -540,18 +541,8 @@ class StepRunner:
 
         self.cfg, self.device, self.guidance, self.resolution = cfg, device, guidance, resolution
         self.run = run_config(cfg, device, resolution)
-        r, o = self.run.render, self.run.optim
-        gen = torch.Generator().manual_seed(cfg.seed)
-        # As fastdream.train.build_models: the field, the environment-map background, the occupancy grid.
-        self.field = NeuralField(self.run.field, bound=r.bound, generator=gen).to(device)
-        self.background = Background(generator=gen).to(device)
-        self.grid = OccupancyGrid(
-            r.grid_resolution,
-            bound=r.bound,
-            threshold=r.grid_threshold,
-            decay=r.grid_decay,
-            step=2.0 * r.bound / r.samples_per_ray,
-        ).to(device)
+        o = self.run.optim
+        self.field, self.background, self.grid = build_models(self.run, device)
         groups = [
             {"params": list(self.field.parameters()), "lr": o.lr},
             {"params": list(self.background.parameters()), "lr": o.background_lr},
