@@ -23,7 +23,7 @@ import torch
 
 from fastdream.cameras import Cameras, get_rays
 from fastdream.field import Background, NeuralField
-from fastdream.ops import ShadeMode, composite, march_rays, shade
+from fastdream.ops import ShadeMode, composite, march_rays, prune_occluded, shade
 
 DEFAULT_AMBIENT = (0.3, 0.3, 0.3)
 DEFAULT_DIFFUSE = (0.7, 0.7, 0.7)
@@ -59,6 +59,7 @@ def render(
     normals_method: str | None = None,
     jitter: bool = False,
     generator: torch.Generator | None = None,
+    prune: bool = True,
 ) -> dict[str, Any]:
     """Render ``B`` cameras at ``height`` x ``width``.
 
@@ -69,6 +70,9 @@ def render(
         samples_per_ray: march step = 2 * bound / samples_per_ray.
         need_normals: also compute normals in albedo mode (shaded and textureless always do).
         jitter: random sample offsets along each ray (training).
+        prune: evaluate the density first without gradients and drop the samples that compositing would skip
+            (behind the point where a ray's transmittance falls below 1e-4: the inside of opaque objects).
+            Exact: the image, the weights and every gradient are unchanged (:func:`fastdream.ops.prune_occluded`).
 
     Returns:
         dict with ``image`` [B, 3, H, W], ``opacity`` [B, 1, H, W], ``depth`` [B, 1, H, W],
@@ -92,6 +96,9 @@ def render(
         jitter=jitter,
         generator=generator,
     )
+    if prune and samples.n_samples > 0:
+        with torch.no_grad():
+            samples = prune_occluded(samples, field.density(samples.positions))
     positions = samples.positions
     need_normals = bool(need_normals) or mode != ShadeMode.ALBEDO
     if need_normals:

@@ -284,3 +284,93 @@ def test_torch_compile_traces_the_custom_op(device, backend):
     torch.compile(f, backend="aot_eager")(sig2, col2).backward()
     torch.testing.assert_close(sig2.grad, sig.grad)
     torch.testing.assert_close(col2.grad, col.grad)
+
+
+# --- pruning occluded samples before the field pass -------------------------------------------------------------
+
+
+def _run_keyed(backend, sigmas, colors, s, background, coef, sample_idx):
+    """Forward and backward of a fixed random linear loss on every output; the weights' coefficients are
+    ``coef[sample_idx]``, so that a pruned run weighs each sample as the full run does."""
+    sig = sigmas.detach().clone().requires_grad_()
+    col = colors.detach().clone().requires_grad_()
+    bg = background.detach().clone().requires_grad_()
+    with use_backend(backend):
+        out = composite(sig, col, s, background=bg)
+    ci, co, cd, cw = coef
+    loss = (out.image * ci).sum() + (out.opacity * co).sum() + (out.depth * cd).sum()
+    loss = loss + (out.weights * cw[sample_idx]).sum()
+    loss.backward()
+    grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in (sig, col, bg)]
+    return [t.detach() for t in (out.image, out.opacity, out.depth, out.weights)] + grads
+
+
+def _prune_and_compare(backend, sigmas, colors, s, background, skip_rays=()):
+    """Composite on all samples and on prune_occluded's subset: every output and gradient must agree (except on
+    ``skip_rays``, whose full composite is NaN behind a NaN density)."""
+    from fastdream.ops import prune_occluded
+
+    kept = prune_occluded(s, sigmas)
+    # The kept samples are a per-ray prefix: find them in the full set by (ray, t_start).
+    key_full = s.ray_indices.double() * 1e4 + s.t_starts.double()
+    key_kept = kept.ray_indices.double() * 1e4 + kept.t_starts.double()
+    idx = torch.searchsorted(key_full, key_kept)
+    assert torch.equal(key_full[idx], key_kept)
+    g = torch.Generator().manual_seed(7)
+    r = s.n_rays
+    coef = [torch.randn(*shape, generator=g) for shape in ((r, 3), (r,), (r,), (s.n_samples,))]
+    full = _run_keyed(backend, sigmas, colors, s, background, coef, torch.arange(s.n_samples))
+    pruned = _run_keyed(backend, sigmas[idx], colors[idx], kept, background, coef, idx)
+    dropped = torch.ones(s.n_samples, dtype=torch.bool)
+    dropped[idx] = False
+    skip = torch.zeros(r, dtype=torch.bool)
+    skip[list(skip_rays)] = True
+    for name, a, b in zip(NAMES, full, pruned):
+        if name in ("weights", "grad_sigmas", "grad_colors"):
+            assert torch.all(a[dropped & ~skip[s.ray_indices]] == 0), name  # pruning drops what compositing ignores
+            a, b = a[idx][~skip[kept.ray_indices]], b[~skip[kept.ray_indices]]
+        else:  # per-ray outputs
+            a, b = a[~skip], b[~skip]
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert torch.allclose(a.nan_to_num(), b.nan_to_num(), rtol=1e-5, atol=1e-6), name
+    return kept
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FAST)
+@pytest.mark.parametrize("n", [0, 1, 97, 1025])
+def test_pruning_occluded_samples_changes_nothing(backend, n):
+    sigmas, colors, s, background = _inputs(n, seed=n, scale=300.0)  # dense: most rays terminate early
+    kept = _prune_and_compare(backend, sigmas, colors, s, background)
+    if n >= 97:
+        assert kept.n_samples < 0.5 * s.n_samples  # and it does drop the inside of opaque rays
+    assert kept.offsets[-1] == kept.n_samples and (kept.offsets[1:] >= kept.offsets[:-1]).all()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FAST)
+def test_pruning_keeps_transparent_rays_and_handles_nan_and_inf(backend):
+    from fastdream.ops import prune_occluded
+
+    sigmas, colors, s, background = _inputs(40, seed=3, scale=0.01)  # nearly empty: nothing to drop
+    assert prune_occluded(s, sigmas) is s
+    sigmas, colors, s, background = _inputs(40, seed=4, scale=5.0)
+    sigmas[s.offsets[5] + 2] = float("nan")
+    sigmas[s.offsets[9] + 1] = float("inf")
+    kept = prune_occluded(s, sigmas)
+    # The NaN/inf sample stays, the rest of its ray goes, and the other rays are untouched by it.
+    for r, j in ((5, 2), (9, 1)):
+        assert kept.offsets[r + 1] - kept.offsets[r] == j + 1
+    other = [r for r in range(40) if r not in (5, 9)]
+    full_counts = (s.offsets[1:] - s.offsets[:-1])[other]
+    kept_counts = (kept.offsets[1:] - kept.offsets[:-1])[other]
+    assert (kept_counts <= full_counts).all() and kept_counts.sum() > 0
+    _prune_and_compare(backend, sigmas, colors, s, background, skip_rays=(5,))
+
+
+def test_pruning_checks_its_arguments():
+    from fastdream.ops import prune_occluded
+
+    sigmas, _, s, _ = _inputs(5)
+    with pytest.raises(ValueError, match="sigmas"):
+        prune_occluded(s, sigmas[:-1])
+    with pytest.raises(ValueError, match="early_stop_eps"):
+        prune_occluded(s, sigmas, early_stop_eps=0.0)

@@ -321,3 +321,42 @@ def march_rays_reference(
     return _march(
         rays_o, rays_d, grid, step, cone_angle, max_step, max_samples_per_ray, bound, jitter, generator, "reference"
     )
+
+
+def prune_occluded(samples: RaySamples, sigmas: torch.Tensor, early_stop_eps: float = 1e-4) -> RaySamples:
+    """The samples that compositing with ``early_stop_eps`` would visit: each ray's prefix with T_i >= eps.
+
+    ``sigmas`` [S] are densities at ``samples`` (typically from a cheap no-grad pass of the field). Compositing
+    gives weight 0, and no gradient, to every sample behind the first one whose transmittance ``T_i`` is below
+    ``early_stop_eps`` (:mod:`fastdream.ops.composite`); dropping them before the expensive pass (field with
+    normals, its backward and double backward) changes nothing in the image, the weights or any gradient, but
+    skips the inside of opaque objects. Optical depths are summed in float64, so the cut is the compositor's up
+    to ~1e-9. A NaN or infinite density keeps its own sample (a NaN still reaches the image) and drops the ones
+    behind it.
+    """
+    check_tensor("sigmas", sigmas, (samples.n_samples,))
+    if not 0.0 < early_stop_eps <= 1.0:
+        raise ValueError(f"early_stop_eps: expected a number in (0, 1], got {early_stop_eps!r}")
+    if samples.n_samples == 0:
+        return samples
+    tau = sigmas.detach().double() * (samples.t_ends - samples.t_starts).double()
+    # NaN or inf: opaque from here on (the sample itself stays); bounded so one ray cannot spoil the running sum.
+    tau = torch.nan_to_num(tau, nan=1e6, posinf=1e6).clamp(0.0, 1e6)
+    before = torch.cumsum(tau, 0) - tau  # optical depth in front of each sample, all rays in one sum
+    first = samples.offsets[:-1].clamp_max(samples.n_samples - 1)
+    before = before - before[first][samples.ray_indices]  # ... minus that of the ray's first sample
+    keep = before <= -math.log(early_stop_eps)  # T_i = exp(-before) >= eps; NaN compares False
+    if bool(keep.all()):
+        return samples
+    ray_indices = samples.ray_indices[keep]
+    counts = torch.bincount(ray_indices, minlength=samples.n_rays)
+    offsets = torch.zeros_like(samples.offsets)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return RaySamples(
+        ray_indices=ray_indices,
+        t_starts=samples.t_starts[keep],
+        t_ends=samples.t_ends[keep],
+        positions=samples.positions[keep],
+        directions=samples.directions[keep],
+        offsets=offsets,
+    )
