@@ -423,3 +423,28 @@ def test_shading_mode_conditioning(small_data):
     assert torch.allclose(x0_c, small_data.image("sphere", 0, "red", "shaded")[None] * 2 - 1, atol=1e-5)
     with pytest.raises(ValueError):
         g.set_shading_mode("glossy")
+
+
+@pytest.mark.parametrize("mode", ["albedo", "shaded", "textureless", None])
+@pytest.mark.parametrize("black", [True, False])
+def test_posterior_means_per_mode_match_brute_force(mode, black):
+    """The fast paths (one half of the bases per mode; no silhouette pass on a black background; one product
+    for both masks) give the brute-force posterior of every mask."""
+    s, _ = _tiny_set()
+    bg = torch.zeros(2, 3, dtype=torch.float64) if black else torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.7, 0.3]])
+    bg = bg.double()
+    holes = (1 - s.bases[s.n_cams :]).repeat(2, 1)
+    z = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    a, sg = torch.tensor([0.9, 0.2]), torch.tensor([0.4359, 0.9798])
+    masks = [s.mode_mask(mode), s.label_mask("red", "cube", torch.tensor([1, 3]), mode)]
+    outs = s.posterior_means(z, a, sg, masks, bg)
+    for mask, (x0, w) in zip(masks, outs):
+        for b in range(2):
+            y = s.rho[None, :, :, None] * s.bases[:, None, None, :] + bg[b][None, None, :, None] * holes[:, None, None]
+            x = 2 * y - 1
+            m = mask if mask.dim() == 2 else mask[b]
+            d = (z[b].reshape(1, 1, 3, -1) - a[b].double() * x).square().sum((2, 3))
+            wb = torch.softmax((-d / (2 * sg[b].double() ** 2)).masked_fill(~m, -math.inf).flatten(), 0)
+            wb = wb.reshape_as(d)
+            assert torch.allclose(w[b], wb, atol=1e-9)
+            assert torch.allclose(x0[b].double(), (wb[..., None, None] * x).sum((0, 1)).reshape(3, 6, 6), atol=1e-5)

@@ -128,37 +128,73 @@ class ImageSet:
         Returns:
             per mask: x0 [B, 3, H, W] in [-1, 1] (float32) and weights [B, NB, K], the posterior over items.
         """
-        b = z_t.shape[0]
+        b, nc = z_t.shape[0], self.n_cams
         bg = (self.background if background is None else background.to(self.bases.device, self.dtype)).expand(b, 3)
+        shade_b, sil_b = self.bases[:nc], self.bases[nc:]  # views: the two halves of the bases
+        # Which halves enter at all: a shading mode uses one kind of base, and the silhouettes are needed for
+        # the background hole (1 - A) only when the background is not black. Skipping a half halves the work:
+        # the two passes over the bases (distances, then the mean) are the whole cost of a call.
+        base_any = torch.stack([m.reshape(-1, *m.shape[-2:]).any(0).any(-1) for m in masks]).any(0)  # [NB]
+        need_shade = bool(base_any[:nc].any())
+        bg_nonzero = bool((bg != 0).any())
+        need_sil = bool(base_any[nc:].any()) or bg_nonzero
         a, s = alpha.to(self.dtype)[:, None, None], sigma.to(self.dtype)[:, None, None]
         # ‖z_t − α x‖² = 4α² ‖u − y‖² with x = 2y − 1 and u = (z_t + α) / (2α). In float32 the expansion
         # ‖u‖² − 2u·y + ‖y‖² loses ~1e-7·‖u‖² (~3e-4 on 64×64 images): at most ~0.2 in a logit at the smallest σ.
         u = (z_t.reshape(b, 3, -1).to(self.dtype) + a) / (2 * a)  # [B, 3, P]
-        ub = u @ self.bases.T  # [B, 3, NB]
-        # u · (1 − A) = Σu − u · A, and the silhouettes A are the second half of the bases.
-        uh = (u.sum(-1, keepdim=True) - ub[..., self.n_cams :]).repeat(1, 1, 2)  # [B, 3, NB]
+        ub = u.new_zeros(b, 3, 2 * nc)  # u · base; a half no mask uses stays 0 (its items are masked out below)
+        if need_shade:
+            ub[..., :nc] = u @ shade_b.T
+        if need_sil:
+            ub[..., nc:] = u @ sil_b.T
+        # u · (1 − A) = Σu − u · A (multiplied by the background colour: unused when it is black).
+        uh = (u.sum(-1, keepdim=True) - ub[..., nc:]).repeat(1, 1, 2)  # [B, 3, NB]
         dot = torch.einsum("bcn,kc->bnk", ub, self.rho) + torch.einsum("bcn,bc->bn", uh, bg)[..., None]
         norm_y = self.norm_b[None] + (bg.square().sum(-1)[:, None] * self.hole_sq[None])[..., None]
         dist = u.square().sum((1, 2))[:, None, None] - 2 * dot + norm_y  # [B, NB, K]
         logits = -(2 * a.square() / s.square()) * dist
-        out = []
+        weights, used = [], torch.zeros(2 * nc, dtype=torch.bool, device=logits.device)
         for mask in masks:
             m = mask.expand_as(logits)
             w = torch.softmax(logits.masked_fill(~m, float("-inf")).reshape(b, -1), dim=-1).reshape_as(logits)
-            # Only bases with weight enter the mean (few at small noise, all at large noise).
-            used = (w > 1e-9 * w.amax(dim=(1, 2), keepdim=True)).any(dim=(0, 2))
-            y = torch.einsum("bnk,kc->bcn", w[:, used], self.rho) @ self.bases[used]  # Σ w ρ B
-            # Σ w bg (1 − A) = bg (Σ w − Σ_cam w_cam A_cam)
-            w_cam = w.sum(-1).reshape(b, 2, self.n_cams).sum(1)  # [B, cams]
-            cam_used = w_cam.amax(0) > 1e-9 * w_cam.amax()
-            hole = 1.0 - (w_cam[:, cam_used] @ self.bases[self.n_cams :][cam_used]) / w_cam.sum(-1, keepdim=True)
-            y = y + bg[:, :, None] * (w_cam.sum(-1, keepdim=True) * hole)[:, None, :]
-            out.append(((2 * y - 1).reshape(z_t.shape).float(), w))
-        return out
+            weights.append(w)
+            used |= (w > 1e-9 * w.amax(dim=(1, 2), keepdim=True)).any(dim=(0, 2))
+        # The means of every mask in one pass over each half: y = Σ w ρ B + bg (Σ w − Σ_cam w_cam A_cam).
+        w_all = torch.stack(weights)  # [M, B, NB, K]
+        rows = torch.einsum("mbnk,kc->mbcn", w_all, self.rho).reshape(-1, 2 * nc)  # [M*B*3, NB] Σ_k w ρ_kc
+        w_cam = w_all.sum(-1).reshape(len(masks), b, 2, nc).sum(2)  # [M, B, cams]
+        y = rows.new_zeros(rows.shape[0], shade_b.shape[1])
+        if need_shade:
+            y += _sparse_rows_matmul(rows[:, :nc], shade_b, used[:nc])
+        if need_sil:
+            sil_rows = rows[:, nc:]
+            if bg_nonzero:  # the hole rows: Σ_cam w_cam A_cam
+                sil_rows = torch.cat([sil_rows, w_cam.reshape(-1, nc)])
+            sil_used = used[nc:] | used[:nc] if bg_nonzero else used[nc:]
+            ys = _sparse_rows_matmul(sil_rows, sil_b, sil_used)
+            y += ys[: rows.shape[0]]
+            if bg_nonzero:
+                hole = w_cam.sum(-1).reshape(-1, 1) - ys[rows.shape[0] :]  # [M*B, P]
+                y += (bg.repeat(len(masks), 1)[:, :, None] * hole[:, None, :]).reshape(-1, y.shape[-1])
+        y = y.reshape(len(masks), *z_t.shape)
+        return [((2 * y[i] - 1).float(), weights[i]) for i in range(len(masks))]
 
     def posterior_mean(self, z_t, alpha, sigma, mask, background=None):
         """:meth:`posterior_means` for one mask: (x0 [B, 3, H, W], weights [B, NB, K])."""
         return self.posterior_means(z_t, alpha, sigma, [mask], background)[0]
+
+
+def _sparse_rows_matmul(rows: torch.Tensor, mat: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """``rows @ mat`` [R, P] where only the columns ``used`` of ``rows`` [R, N] are non-zero (weights below
+    1e-9 of the largest are dropped): a gather of the used rows of ``mat`` [N, P] when they are few (small
+    noise: the posterior sits on a few images), one dense product otherwise (a gather would copy most of it)."""
+    n_used = int(used.sum())
+    if n_used == 0:
+        return rows.new_zeros(rows.shape[0], mat.shape[1])
+    if n_used * 4 < used.numel():
+        idx = used.nonzero().squeeze(1)
+        return rows[:, idx] @ mat[idx]
+    return rows @ mat
 
 
 def corner_background(images: torch.Tensor) -> torch.Tensor:
@@ -255,9 +291,9 @@ class BuiltinGuidance:
             z_t = sds.add_noise(z.detach(), eps, t, self.alphas_cumprod)
             bg = corner_background(images.detach().to(self.device).float())
             x0_u, x0_c = self.denoise(z_t, t, view_indices(view_words, self.device), bg)
+            scale = self.default_guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
             eps_u = sds.eps_from_prediction(x0_u, z_t, t, self.alphas_cumprod, "sample")
             eps_c = sds.eps_from_prediction(x0_c, z_t, t, self.alphas_cumprod, "sample")
-            scale = self.default_guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
             grad = sds.sds_grad(eps_u, eps_c, eps, t, self.alphas_cumprod, scale, cfg.weighting, cfg.grad_clip)
         loss = sds.sds_loss_from_grad(z, grad)
         info = {
