@@ -57,7 +57,7 @@ from fastdream.errors import UserError
 from fastdream.losses import opacity_loss, orientation_loss
 from fastdream.ops import _dispatch, composite, march_rays, shade, use_backend
 from fastdream.sds import add_noise, sample_timesteps, sds_grad, sds_loss_from_grad
-from fastdream.train import apply_step, build_models, scaled_backward
+from fastdream.train import apply_step, build_models, build_optimizer, scaled_backward
 
 MODELS = ("builtin", "sd", "if")
 OPS_CHOICES = ("fused", "reference")
@@ -541,13 +541,8 @@ class StepRunner:
 
         self.cfg, self.device, self.guidance, self.resolution = cfg, device, guidance, resolution
         self.run = run_config(cfg, device, resolution)
-        o = self.run.optim
         self.field, self.background, self.grid = build_models(self.run, device)
-        groups = [
-            {"params": list(self.field.parameters()), "lr": o.lr},
-            {"params": list(self.background.parameters()), "lr": o.background_lr},
-        ]
-        self.optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), eps=o.eps)
+        self.optimizer = build_optimizer(self.run, self.field, self.background)
         self.amp = device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.camera_gen = torch.Generator().manual_seed(cfg.seed + 1)

@@ -62,6 +62,16 @@ def build_models(cfg: RunConfig, device: torch.device) -> tuple[NeuralField, Bac
     return field, background, grid
 
 
+def build_optimizer(cfg: RunConfig, field: NeuralField, background: Background | None) -> torch.optim.Adam:
+    """Adam over three groups: the hash table (``lr``), the field's MLP (``lr * mlp_lr_scale``), the background."""
+    o = cfg.optim
+    mlp = [p for name, p in field.named_parameters() if name != "table"]
+    groups = [{"params": [field.table], "lr": o.lr}, {"params": mlp, "lr": o.lr * o.mlp_lr_scale}]
+    if background is not None:
+        groups.append({"params": list(background.parameters()), "lr": o.background_lr})
+    return torch.optim.Adam(groups, betas=tuple(o.betas), eps=o.eps)
+
+
 def scaled_backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> bool:
     """``loss.backward()``, scaled under a gradient scaler. False, with no backward, when the loss is not finite."""
     if not bool(torch.isfinite(loss)):
@@ -109,10 +119,7 @@ class Trainer:
         torch.manual_seed(cfg.optim.seed)
         self.field, self.background, self.grid = build_models(cfg, self.device)
         o = cfg.optim
-        groups = [{"params": list(self.field.parameters()), "lr": o.lr}]
-        if self.background is not None:
-            groups.append({"params": list(self.background.parameters()), "lr": o.background_lr})
-        self.optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), eps=o.eps)
+        self.optimizer = build_optimizer(cfg, self.field, self.background)
         self.amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         # Separate streams: the view/mode schedule (CPU) and the noise of SDS, jitter and grid updates.

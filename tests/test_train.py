@@ -186,3 +186,17 @@ def test_apply_step_without_a_scaler_checks_gradients():
     w.grad = torch.tensor([float("inf"), 0.0])
     assert not apply_step(opt, None)
     torch.testing.assert_close(w.detach(), torch.tensor([0.5, 0.0]))
+
+
+def test_optimizer_groups_table_mlp_and_background(tmp_path):
+    cfg = tiny_config(lr=0.02, mlp_lr_scale=0.25, background_lr=0.003)
+    tr = Trainer(cfg, ColourGuidance(), tmp_path, "cpu")
+    groups = tr.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [0.02, 0.005, 0.003]
+    assert groups[0]["params"] == [tr.field.table]
+    mlp = {id(p) for p in groups[1]["params"]}
+    assert mlp == {id(p) for n, p in tr.field.named_parameters() if n != "table"} and mlp
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in tr.background.parameters()}
+    cfg.optim.mlp_lr_scale = -1.0
+    with pytest.raises(UserError, match="mlp_lr_scale"):
+        validate(cfg)
