@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+DEFAULT_DISTANCE_RANGE = (2.0, 2.5)
+DEFAULT_FOV_RANGE = (40.0, 60.0)
+
 
 @dataclass
 class CameraConfig:
@@ -31,8 +34,10 @@ class CameraConfig:
 
     elevation_range: tuple[float, float] = (-10.0, 90.0)
     azimuth_range: tuple[float, float] = (-180.0, 180.0)
-    distance_range: tuple[float, float] = (2.0, 2.5)  # camera outside the bounding sphere of radius 1
-    fov_range: tuple[float, float] = (40.0, 60.0)  # vertical field of view
+    # None: DreamFusion's (2.0, 2.5) and (40, 60) for diffusion models; for --model builtin, fastdream.config.resolve
+    # fixes them at BUILTIN_DISTANCE and BUILTIN_FOV (see there).
+    distance_range: tuple[float, float] | None = None  # camera outside the bounding sphere of radius 1
+    fov_range: tuple[float, float] | None = None  # vertical field of view
     # DreamFusion samples the elevation uniformly on the sphere rather than in angle when True.
     uniform_sphere_elevation: bool = False
     light_distance_range: tuple[float, float] = (0.8, 1.5)  # light = camera position * U(range) + noise
@@ -134,8 +139,8 @@ def sample_cameras(cfg: CameraConfig, n: int = 1, generator: torch.Generator | N
     else:
         elevation = _uniform(cfg.elevation_range, n, generator)
     azimuth = _uniform(cfg.azimuth_range, n, generator)
-    distance = _uniform(cfg.distance_range, n, generator)
-    fov = _uniform(cfg.fov_range, n, generator)
+    distance = _uniform(cfg.distance_range or DEFAULT_DISTANCE_RANGE, n, generator)
+    fov = _uniform(cfg.fov_range or DEFAULT_FOV_RANGE, n, generator)
     position = spherical_to_position(elevation, azimuth, distance)
     scale = _uniform(cfg.light_distance_range, n, generator)[:, None]
     light = position * scale + cfg.light_jitter * torch.randn(n, 3, generator=generator)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fastdream import checkpoint as ckpt
-from fastdream.config import RunConfig, resolve, slugify, validate
+from fastdream.config import RunConfig, is_builtin, resolve, slugify, validate
 from fastdream.errors import UserError
 
 CONFIG = "config.json"
@@ -179,7 +179,13 @@ class RunResult:
 def load_prepared_guidance(cfg: RunConfig, device: torch.device):
     from fastdream.guidance import load_guidance
 
-    guidance = load_guidance(cfg.guidance.model, device)
+    kw = {}
+    if is_builtin(cfg.guidance.model):  # its data are drawn from this run's camera distribution
+        from fastdream.builtin.dataset import DatasetConfig
+
+        cam = cfg.camera
+        kw["data_config"] = DatasetConfig(distance_range=tuple(cam.distance_range), fov_range=tuple(cam.fov_range))
+    guidance = load_guidance(cfg.guidance.model, device, **kw)
     try:
         guidance.prepare(cfg.prompt)
     except ValueError as e:  # e.g. a prompt outside the builtin vocabulary

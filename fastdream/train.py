@@ -16,6 +16,7 @@ same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import time
 from dataclasses import dataclass
@@ -241,7 +242,9 @@ class Trainer:
                 generator=self.noise_gen,
             )
         words = [view_word(float(cams.elevation[0]), float(cams.azimuth[0]))]
-        sds, info = self.guidance.sds_loss(out["image"].float(), words, self.sds_cfg, generator=self.noise_gen)
+        sds, info = self.guidance.sds_loss(
+            out["image"].float(), words, self.step_sds_config(), generator=self.noise_gen
+        )
         loss = sds
         o = cfg.optim
         if o.lambda_orient > 0 and out["normals"] is not None:
@@ -253,6 +256,16 @@ class Trainer:
         info = dict(info)
         info.update(mode=mode, view=words[0], samples=out["n_samples"])
         return loss, info
+
+    def step_sds_config(self) -> SDSConfig:
+        """The SDS settings of this step: ``t_range``, its upper end annealed linearly to ``t_max_end`` (if set)
+        from the first step to the last."""
+        g = self.cfg.guidance
+        if g.t_max_end is None:
+            return self.sds_cfg
+        lo, hi = g.t_range
+        frac = min(1.0, self.step / max(1, self.cfg.optim.steps - 1))
+        return dataclasses.replace(self.sds_cfg, t_range=(lo, max(lo, hi + (g.t_max_end - hi) * frac)))
 
     def train_step(self) -> bool:
         """One optimisation step. Returns False when it was skipped (non-finite loss or gradients)."""

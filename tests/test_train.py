@@ -200,3 +200,23 @@ def test_optimizer_groups_table_mlp_and_background(tmp_path):
     cfg.optim.mlp_lr_scale = -1.0
     with pytest.raises(UserError, match="mlp_lr_scale"):
         validate(cfg)
+
+
+def test_t_max_anneals_linearly_to_t_max_end(tmp_path):
+    cfg = tiny_config(steps=11)
+    tr = Trainer(cfg, ColourGuidance(), tmp_path / "plain", "cpu")
+    assert tr.step_sds_config().t_range == (0.02, 0.98)
+    cfg.guidance.t_max_end = 0.5
+    validate(cfg)
+    tr = Trainer(cfg, ColourGuidance(), tmp_path / "annealed", "cpu")
+    his = []
+    for step in (0, 5, 10):
+        tr.step = step
+        lo, hi = tr.step_sds_config().t_range
+        assert lo == 0.02
+        his.append(hi)
+    assert his == pytest.approx([0.98, 0.74, 0.5])
+    for bad in (0.01, 1.5):
+        cfg.guidance.t_max_end = bad
+        with pytest.raises(UserError, match="t_max_end"):
+            validate(cfg)

@@ -41,7 +41,7 @@ import torch
 from fastdream.builtin.primitives import BOUNDING_RADIUS, normals, sdf
 from fastdream.builtin.vocabulary import COLOURS, SHAPES
 from fastdream.cameras import VIEW_WORDS, CameraConfig, get_rays, sample_cameras, view_word
-from fastdream.config import ShadingConfig
+from fastdream.config import BUILTIN_DISTANCE, BUILTIN_FOV, ShadingConfig
 from fastdream.ops import shade
 
 DATA_VERSION = 1
@@ -57,6 +57,8 @@ class DatasetConfig:
         seed: seed of the camera draw.
         ambient, diffuse: grey light intensities of the trainer's shading.
         background: RGB of the background, 0..1.
+        distance_range, fov_range: the run's camera distance and vertical fov (degrees); fixed by default
+            (``fastdream.config.BUILTIN_DISTANCE`` / ``BUILTIN_FOV``).
     """
 
     resolution: int = 64
@@ -65,9 +67,15 @@ class DatasetConfig:
     ambient: float = ShadingConfig().ambient[0]  # the trainer's defaults (grey light)
     diffuse: float = ShadingConfig().diffuse[0]
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    distance_range: tuple[float, float] = (BUILTIN_DISTANCE, BUILTIN_DISTANCE)  # the run's camera distribution
+    fov_range: tuple[float, float] = (BUILTIN_FOV, BUILTIN_FOV)
+
+    def camera(self) -> CameraConfig:
+        """The run's camera distribution that the data are drawn from."""
+        return CameraConfig(distance_range=tuple(self.distance_range), fov_range=tuple(self.fov_range))
 
     def key(self) -> str:
-        blob = repr((DATA_VERSION, sorted(asdict(self).items()), SHAPES, CameraConfig()))
+        blob = repr((DATA_VERSION, sorted(asdict(self).items()), SHAPES, self.camera()))
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -151,7 +159,7 @@ def _trace(shape: str, rays_o: torch.Tensor, rays_d: torch.Tensor, iters: int = 
 @torch.no_grad()
 def render_dataset(cfg: DatasetConfig = DatasetConfig()) -> BuiltinDataset:
     """Render the data (no cache). A few seconds on a CPU at the default size."""
-    cams, views = balanced_cameras(cfg.cameras_per_view, cfg.seed)
+    cams, views = balanced_cameras(cfg.cameras_per_view, cfg.seed, cfg.camera())
     j, res = len(cams), cfg.resolution
     shade_img = torch.zeros(len(SHAPES), j, res * res)
     alpha_img = torch.zeros(len(SHAPES), j, res * res)
