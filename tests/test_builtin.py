@@ -378,16 +378,16 @@ def test_sds_with_the_builtin_prior_finds_the_primitive(tmp_path):
     from fastdream.export import extract_mesh
     from fastdream.train import Trainer
 
-    # Shapes that stay apart at 32x32 and 150 steps. Measured on the 2-core CPU (idle): blue torus Chamfer 0.115
-    # (next: cylinder 0.140), green cone 0.077 (next: cylinder 0.170). Cube, sphere and cylinder are within
-    # 0.01-0.02 of each other at this resolution (a red cube came out nearest the sphere at 150 steps), so the
-    # cube is checked by the full-size benchmark (benchmarks/RESULTS.md), not here.
+    # Shapes that stay apart at 32x32. Measured on the 2-core CPU (300 steps, ~15 s each): blue torus Chamfer 0.043
+    # (next: sphere 0.109), green cone 0.027 (next: cylinder 0.129). Cube, sphere and cylinder are within 0.01-0.02
+    # of each other at this resolution (a red cube came out nearest the sphere, 0.031 vs 0.049), so the cube is
+    # checked by the full-size benchmark (benchmarks/RESULTS.md), not here.
     data = render_dataset(DatasetConfig(resolution=32, cameras_per_view=32))
     for prompt in ("a blue torus", "a green cone"):
         cfg = RunConfig(prompt=prompt, device="cpu", guidance=GuidanceConfig(model="builtin"))
         cfg.render.resolution = 32
         cfg.render.samples_per_ray = 64
-        cfg.optim.steps = 150
+        cfg.optim.steps = 300
         cfg.optim.preview_every = 0
         cfg.optim.save_every = 10**6
         cfg.export.mesh_resolution = 64
@@ -399,8 +399,8 @@ def test_sds_with_the_builtin_prior_finds_the_primitive(tmp_path):
         result = evaluate_mesh(extract_mesh(trainer.field, cfg), prompt)
         assert result["correct_shape"], result["chamfer_to"]
         others = sorted(v for k, v in result["chamfer_to"].items() if k != result["shape"])
-        assert result["chamfer"] < 0.9 * others[0], result["chamfer_to"]  # a clear margin, not a tie
-        assert result["chamfer"] < 0.13, result
+        assert result["chamfer"] < 0.6 * others[0], result["chamfer_to"]  # a clear margin, not a tie
+        assert result["chamfer"] < 0.07, result
         assert result["albedo_error"] < 0.15, result
 
 
