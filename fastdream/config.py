@@ -308,6 +308,17 @@ def validate(cfg: RunConfig) -> None:
     for name, col in (("--ambient", s.ambient), ("--diffuse", s.diffuse)):
         if len(col) != 3 or any(not math.isfinite(c) or c < 0 for c in col):
             raise UserError(f"{name} must be three non-negative numbers, got {col}")
+    c = cfg.camera
+    for name, rng, lo_ok, hi_ok in (
+        ("camera.distance_range", c.distance_range, r.bound, math.inf),
+        ("camera.fov_range", c.fov_range, 0.0, 180.0),
+    ):
+        if rng is None:
+            continue
+        ok = isinstance(rng, (list, tuple)) and len(rng) == 2
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in rng)
+        if not ok or not lo_ok < rng[0] <= rng[1] < hi_ok:
+            raise UserError(f"{name} must be two numbers lo <= hi in ({lo_ok}, {hi_ok}), got {rng!r}")
     positive_int("levels", f.levels, hi=32)
     if f.log2_table_size is not None:
         positive_int("log2_table_size", f.log2_table_size, lo=8, hi=24)

@@ -448,3 +448,22 @@ def test_posterior_means_per_mode_match_brute_force(mode, black):
             wb = wb.reshape_as(d)
             assert torch.allclose(w[b], wb, atol=1e-9)
             assert torch.allclose(x0[b].double(), (wb[..., None, None] * x).sum((0, 1)).reshape(3, 6, 6), atol=1e-5)
+
+
+def test_data_follow_the_runs_camera_distribution(monkeypatch, small_data):
+    """The run's (resolved) camera distance and fov reach the data: another distribution, other data."""
+    from fastdream.config import GuidanceConfig, RunConfig, resolve
+    from fastdream.run import load_prepared_guidance
+
+    seen = []
+    monkeypatch.setattr("fastdream.guidance.builtin.load_dataset", lambda cfg: seen.append(cfg) or small_data)
+    cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin"), device="cpu")
+    cfg.camera.distance_range = (2.4, 2.4)
+    load_prepared_guidance(resolve(cfg), torch.device("cpu"))
+    assert seen[-1].distance_range == (2.4, 2.4) and seen[-1].fov_range == (50.0, 50.0)
+    assert seen[-1].key() != DatasetConfig().key()
+    cams, _ = balanced_cameras(2, 0, seen[-1].camera())
+    assert torch.allclose(cams.distance, torch.full_like(cams.distance, 2.4))
+    cams, _ = balanced_cameras(2, 0, DatasetConfig().camera())
+    assert torch.allclose(cams.distance, torch.full_like(cams.distance, 2.25))
+    assert torch.allclose(cams.fov, torch.full_like(cams.fov, math.radians(50.0)))

@@ -220,3 +220,16 @@ def test_t_max_anneals_linearly_to_t_max_end(tmp_path):
         cfg.guidance.t_max_end = bad
         with pytest.raises(UserError, match="t_max_end"):
             validate(cfg)
+
+
+def test_camera_ranges_auto_builtin_fixed_and_validated():
+    cfg = resolve(RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin"), device="cpu"))
+    assert cfg.camera.distance_range == (2.25, 2.25) and cfg.camera.fov_range == (50.0, 50.0)
+    sd = resolve(RunConfig(prompt="a red cube", device="cpu"))
+    assert sd.camera.distance_range == (2.0, 2.5) and sd.camera.fov_range == (40.0, 60.0)
+    validate(cfg)
+    for name, bad in (("distance_range", (0.5, 2.0)), ("distance_range", (3.0, 2.0)), ("fov_range", (10.0, 200.0))):
+        setattr(cfg.camera, name, bad)
+        with pytest.raises(UserError, match=name):
+            validate(cfg)
+        cfg = resolve(RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin"), device="cpu"))

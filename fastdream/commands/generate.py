@@ -104,9 +104,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
         type=_auto(float),
         action=_Store,
         default="auto",
-        help="classifier-free guidance weight (auto: 100 for Stable Diffusion, the model's own otherwise)",
+        help="classifier-free guidance weight (auto: 100 for Stable Diffusion, 20 for IF, 3 for builtin)",
     )
-    p.add_argument("--lr", type=float, action=_Store, default=o.lr, help="Adam learning rate of the field")
+    p.add_argument(
+        "--lr",
+        type=float,
+        action=_Store,
+        default=o.lr,
+        help="Adam learning rate of the hash grid (the field's MLP: lr * optim.mlp_lr_scale, 0.1)",
+    )
     p.add_argument(
         "--background",
         action=_Store,
