@@ -82,6 +82,10 @@ class RenderConfig:
     grid_threshold: float = 0.01  # a cell is occupied when density * step exceeds this
     grid_decay: float = 0.95
     jitter: bool = True  # random offset of the samples along each ray during training
+    # Training renders: a no-grad density pass first, then the field with normals only on the samples compositing
+    # visits (exact). Off: on the 2-core CPU, with a trained builtin cube (a soft field) it dropped only 17% of the
+    # samples and the extra pass made render + backward 10% slower (137 vs 124 ms). Opaque fields drop more.
+    prune_occluded: bool = False
     preview_resolution: int | None = None  # CUDA 256, CPU 64
     turntable_resolution: int | None = None  # CUDA 256, CPU 96
     turntable_frames: int | None = None  # CUDA 120, CPU 36

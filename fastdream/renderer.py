@@ -59,7 +59,7 @@ def render(
     normals_method: str | None = None,
     jitter: bool = False,
     generator: torch.Generator | None = None,
-    prune: bool = True,
+    prune: bool = False,
 ) -> dict[str, Any]:
     """Render ``B`` cameras at ``height`` x ``width``.
 

@@ -239,6 +239,7 @@ class Trainer:
                 ambient=cfg.shading.ambient,
                 diffuse=cfg.shading.diffuse,
                 jitter=cfg.render.jitter,
+                prune=cfg.render.prune_occluded,
                 generator=self.noise_gen,
             )
         words = [view_word(float(cams.elevation[0]), float(cams.azimuth[0]))]
