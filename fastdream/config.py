@@ -134,6 +134,8 @@ class GuidanceConfig:
     t_range: tuple[float, float] = (0.02, 0.98)
     t_max_end: float | None = None  # if set, t_range's upper end falls linearly to this by the last step
     weighting: str = "sds"  # w(t): "sds" (sigma_t^2) | "uniform"
+    # --model builtin only: clip the guided x0 estimate to the label's colour gamut (fastdream.guidance.builtin).
+    builtin_gamut_clip: bool = False
 
 
 @dataclass

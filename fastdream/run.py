@@ -185,6 +185,7 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
 
         cam = cfg.camera
         kw["data_config"] = DatasetConfig(distance_range=tuple(cam.distance_range), fov_range=tuple(cam.fov_range))
+        kw["gamut_clip"] = bool(cfg.guidance.builtin_gamut_clip)
     guidance = load_guidance(cfg.guidance.model, device, **kw)
     try:
         guidance.prepare(cfg.prompt)

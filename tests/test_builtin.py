@@ -467,3 +467,38 @@ def test_data_follow_the_runs_camera_distribution(monkeypatch, small_data):
     cams, _ = balanced_cameras(2, 0, DatasetConfig().camera())
     assert torch.allclose(cams.distance, torch.full_like(cams.distance, 2.25))
     assert torch.allclose(cams.fov, torch.full_like(cams.fov, math.radians(50.0)))
+
+
+def test_clip_to_gamut_keeps_hue_and_caps_at_the_label_colour():
+    from fastdream.guidance.builtin import clip_to_gamut
+
+    rho = torch.tensor([[0.6, 0.1, 0.9]])
+    y = torch.stack([2.5 * rho[0], 0.5 * rho[0], torch.tensor([-0.3, 0.05, 0.2])], -1)[None, :, None, :]  # [1,3,1,3]
+    out = (clip_to_gamut(2 * y - 1, rho) + 1) / 2
+    assert torch.allclose(out[0, :, 0, 0], rho[0], atol=1e-6)  # over-bright: scaled back onto the colour
+    assert torch.allclose(out[0, :, 0, 1], 0.5 * rho[0], atol=1e-6)  # inside the gamut: untouched
+    assert torch.allclose(out[0, :, 0, 2], torch.tensor([0.0, 0.05, 0.2]), atol=1e-6)  # negatives to 0
+    # The guidance uses it only when asked, and then the SDS gradient stays finite in every mode.
+    g = BuiltinGuidance(data=_tiny_guidance_data(), gamut_clip=True)
+    g.prepare("a purple cube")
+    for mode in ("albedo", "shaded", "textureless"):
+        g.set_shading_mode(mode)
+        img = torch.rand(2, 3, 6, 6, requires_grad=True)
+        loss, _ = g.sds_loss(img, ["front", "back"], SDSConfig(guidance_scale=5.0), torch.Generator().manual_seed(0))
+        loss.backward()
+        assert torch.isfinite(img.grad).all() and img.grad.abs().sum() > 0
+
+
+def _tiny_guidance_data() -> BuiltinDataset:
+    return _tiny_set()[1]
+
+
+def test_gamut_clip_setting_reaches_the_prior(monkeypatch, small_data):
+    from fastdream.config import GuidanceConfig, RunConfig, resolve
+    from fastdream.run import load_prepared_guidance
+
+    monkeypatch.setattr("fastdream.guidance.builtin.load_dataset", lambda cfg: small_data)
+    for on in (False, True):
+        cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin", builtin_gamut_clip=on))
+        cfg.device = "cpu"
+        assert load_prepared_guidance(resolve(cfg), torch.device("cpu")).gamut_clip is on
