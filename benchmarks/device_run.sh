@@ -3,8 +3,8 @@
 # One call on a lent GPU machine (no registry there): install carried wheels, build the extension for the visible
 # card, run the whole test suite (CUDA included), the microbenchmarks, the step benchmarks, the peers, and
 # compute-sanitizer memcheck over the CUDA kernel tests, each stage under a time cap so the script ends by itself
-# inside DEADLINE seconds. At most 8 files land in $OUT (default ./device-out): summary.txt, build.log, tests.log,
-# bench.log, bench-cuda.json, steps.log, peers.log, memcheck.log.
+# inside DEADLINE seconds. Files in $OUT (default ./device-out): summary.txt, build.log, tests.log, failures.log,
+# bench.log, bench-cuda-*.json, steps.log, peers.log, memcheck.log.
 #
 #   WHEELS=.whl DEADLINE=540 benchmarks/device_run.sh
 #
@@ -17,8 +17,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
 DEADLINE=${DEADLINE:-540}
 WHEELS=${WHEELS:-.whl}
-# STAGES: which of tests,micro,steps,peers,memcheck to run (default all); TEST_ARGS: extra pytest arguments.
-STAGES=${STAGES:-tests,micro,steps,peers,memcheck}
+# STAGES: which of tests,steps,hash,micro,peers,memcheck,compile to run, in that order (default all but hash,
+# which is the hash-grid part of micro alone); TEST_ARGS: extra pytest arguments (e.g. "-k cuda": only the CUDA
+# parametrisations, the CPU ones run in CI).
+STAGES=${STAGES:-steps,tests,micro,peers,memcheck,compile}
 TEST_ARGS=${TEST_ARGS:-}
 TEST_CAP=${TEST_CAP:-200}
 STEP_CAP=${STEP_CAP:-90}
@@ -58,27 +60,28 @@ if has peers && $PY -c "import nerfacc" 2>/dev/null; then
   NERFACC_PID=$!
 fi
 
-if has tests; then
-log "tests (CPU and CUDA parametrisations) $TEST_ARGS"
-XDIST=""
-$PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-15}"
-FASTDREAM_FAILURE_LOG="$OUT/failures.log" timeout "$(cap "$TEST_CAP")" $PY -m pytest -v -p no:cacheprovider $XDIST --tb=short -rfEs --durations=15 $TEST_ARGS tests \
-  >"$OUT/tests.log" 2>&1
-echo "tests rc=$?" | tee -a "$OUT/summary.txt"
-grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 | tee -a "$OUT/summary.txt"
-grep -E "^(FAILED|ERROR)|\] (FAILED|ERROR)" "$OUT/tests.log" | head -40 | tee -a "$OUT/summary.txt"
-fi
+stage_tests() {
+  log "tests $TEST_ARGS"
+  local xdist=""
+  $PY -c "import xdist" 2>/dev/null && xdist="-n ${TEST_WORKERS:-15}"
+  FASTDREAM_FAILURE_LOG="$OUT/failures.log" timeout "$(cap "$TEST_CAP")" $PY -m pytest -v -p no:cacheprovider $xdist \
+    --tb=short -rfEs --durations=15 $TEST_ARGS tests >"$OUT/tests.log" 2>&1
+  echo "tests rc=$?" | tee -a "$OUT/summary.txt"
+  grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 | tee -a "$OUT/summary.txt"
+  grep -E "^(FAILED|ERROR)|\] (FAILED|ERROR)" "$OUT/tests.log" | head -40 | tee -a "$OUT/summary.txt"
+}
 
-if has micro; then
-log "microbenchmarks (pytest-benchmark)"
-timeout "$(cap 150)" $PY -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_peers.py \
-  --ignore=benchmarks/bench_builtin_quality.py --benchmark-json="$OUT/bench-cuda.json" \
-  --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name >"$OUT/bench.log" 2>&1
-echo "bench rc=$?" | tee -a "$OUT/summary.txt"
-grep -E "passed|failed|error" "$OUT/bench.log" | tail -2 | tee -a "$OUT/summary.txt"
-fi
+micro() {
+  local name=$1 cap_s=$2
+  shift 2
+  log "microbenchmarks ($name): $*"
+  timeout "$(cap "$cap_s")" $PY -m pytest "$@" --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench-cuda-$name.json" --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name \
+    >>"$OUT/bench.log" 2>&1
+  echo "bench $name rc=$?" | tee -a "$OUT/summary.txt"
+  grep -E "passed|failed|error" "$OUT/bench.log" | tail -1 | tee -a "$OUT/summary.txt"
+}
 
-log "step benchmarks (fastdream bench)"
 step() {
   local name=$1
   shift
@@ -90,33 +93,59 @@ step() {
   grep -E "^step \(sum|peak memory" "$OUT/steps.log" | tail -2 | sed "s/^/$name: /" | tee -a "$OUT/summary.txt"
   echo "bench $name rc=$rc" | tee -a "$OUT/summary.txt"
 }
-if has steps; then
-step sd --model sd --steps 30
-step sd-graphs --model sd --cuda-graphs --steps 30
-step builtin --model builtin --steps 30
-step if --model if --steps 10
-fi
 
-log "peers"
-if has peers && [ -n "${NERFACC_PID:-}" ]; then
+# STEP_LIST: which step benchmarks (default all six).
+STEP_LIST=${STEP_LIST:-builtin,builtin-reference,sd,sd-graphs,sd-reference,if}
+stage_steps() {
+  log "step benchmarks (fastdream bench): $STEP_LIST"
+  local name
+  for name in ${STEP_LIST//,/ }; do
+    case $name in
+    builtin) step builtin --model builtin --steps 30 --warmup 5 ;;
+    builtin-reference) step builtin-reference --model builtin --reference --steps 10 ;;
+    sd) step sd --model sd --steps 30 --warmup 5 ;;
+    sd-graphs) step sd-graphs --model sd --cuda-graphs --steps 30 --warmup 5 ;;
+    sd-reference) step sd-reference --model sd --reference --steps 10 ;;
+    if) step if --model if --steps 10 ;;
+    esac
+  done
+}
+
+stage_peers() {
+  [ -n "${NERFACC_PID:-}" ] || return 0
+  log "peers"
   wait "$NERFACC_PID"
   timeout "$(cap 60)" $PY -m pytest benchmarks/bench_peers.py --benchmark-only -q -s -p no:cacheprovider -rs \
     --benchmark-json=/tmp/peers.json --benchmark-columns=median,iqr,rounds >>"$OUT/peers.log" 2>&1
   echo "peers rc=$?" | tee -a "$OUT/summary.txt"
   grep -E "peer/fastdream|SKIPPED" "$OUT/peers.log" | tee -a "$OUT/summary.txt"
   cat /tmp/peers.json >>"$OUT/peers.log" 2>/dev/null
-fi
+}
 
-if has memcheck && command -v compute-sanitizer >/dev/null 2>&1 && (($(left) > 60)); then
+stage_memcheck() {
+  command -v compute-sanitizer >/dev/null 2>&1 && (($(left) > 60)) || return 0
   log "compute-sanitizer memcheck over the CUDA kernel tests"
   timeout "$(cap 200)" compute-sanitizer --tool memcheck --error-exitcode 99 \
     $PY -m pytest -q -p no:cacheprovider -k "cuda and not triton" tests/test_shading.py tests/test_raymarch.py \
     tests/test_composite.py tests/test_hash_grid.py tests/test_occupancy.py >"$OUT/memcheck.log" 2>&1
   echo "memcheck rc=$?" | tee -a "$OUT/summary.txt"
   grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$OUT/summary.txt"
-fi
+}
 
-if has steps && (($(left) > 120)); then
-  step sd-compile --model sd --compile --steps 20
-fi
+for s in tests steps hash micro peers memcheck compile; do
+  has "$s" || continue
+  if (($(left) < 20)); then
+    log "out of time before stage $s"
+    break
+  fi
+  case $s in
+  steps) stage_steps ;;
+  tests) stage_tests ;;
+  hash) micro hash 60 benchmarks/bench_hash_grid.py ;;
+  micro) micro all 150 benchmarks/ --ignore=benchmarks/bench_peers.py --ignore=benchmarks/bench_builtin_quality.py ;;
+  peers) stage_peers ;;
+  memcheck) stage_memcheck ;;
+  compile) (($(left) > 120)) && step sd-compile --model sd --compile --steps 20 ;;
+  esac
+done
 log "done"

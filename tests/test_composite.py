@@ -186,25 +186,34 @@ def test_single_channel_and_broadcast_background(device, backend):
     torch.testing.assert_close(out.image, ref.image, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference"] + CPU_FAST)
-def test_nan_and_inf_sigmas_are_defined(backend):
+EDGE_BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference")] + BACKENDS  # every device's fast paths too
+
+
+def _to(s: RaySamples, device: str) -> RaySamples:
+    fields = (s.ray_indices, s.t_starts, s.t_ends, s.positions, s.directions, s.offsets)
+    return RaySamples(*(x.to(device) for x in fields))
+
+
+@pytest.mark.parametrize("device,backend", EDGE_BACKENDS)
+def test_nan_and_inf_sigmas_are_defined(device, backend):
     sigmas, colors, s, bg = _inputs(5, seed=9)
     first = int(s.offsets[1])  # ray 0 is empty: ray 1 starts here
     sigmas[first] = float("nan")
     sigmas[int(s.offsets[2])] = float("inf")
     with use_backend(backend):
-        out = composite(sigmas, colors, s, background=bg)
-    assert torch.isnan(out.opacity[1])  # NaN propagates along its own ray only
-    torch.testing.assert_close(out.opacity[2], torch.tensor(1.0))  # an infinite density is opaque
-    assert torch.isfinite(out.image[3:]).all() and torch.isfinite(out.image[0]).all()
+        out = composite(sigmas.to(device), colors.to(device), _to(s, device), background=bg.to(device))
+    opacity, image = out.opacity.cpu(), out.image.cpu()
+    assert torch.isnan(opacity[1])  # NaN propagates along its own ray only
+    torch.testing.assert_close(opacity[2], torch.tensor(1.0))  # an infinite density is opaque
+    assert torch.isfinite(image[3:]).all() and torch.isfinite(image[0]).all()
 
 
-@pytest.mark.parametrize("backend", ["reference"] + CPU_FAST)
-def test_no_samples_gives_background(backend):
-    s = _samples([0, 0, 0])
-    bg = torch.rand(3, 3)
-    sig = torch.zeros(0, requires_grad=True)
-    col = torch.zeros(0, 3, requires_grad=True)
+@pytest.mark.parametrize("device,backend", EDGE_BACKENDS)
+def test_no_samples_gives_background(device, backend):
+    s = _to(_samples([0, 0, 0]), device)
+    bg = torch.rand(3, 3, device=device)
+    sig = torch.zeros(0, requires_grad=True, device=device)
+    col = torch.zeros(0, 3, requires_grad=True, device=device)
     with use_backend(backend):
         out = composite(sig, col, s, background=bg)
     torch.testing.assert_close(out.image, bg)

@@ -89,12 +89,14 @@ def test_normals_path_matches_reference(backend):
     def run(dev):
         m = _mlp(TINY.out_dim, dtype=torch.float32).to(dev)
         m.load_state_dict(mlp.state_dict())
-        t = table.to(dev).requires_grad_(True)
+        # A fresh leaf each run: table.to("cpu") would be table itself, which the first run would mark as
+        # requiring a gradient (making the next run's copy a non-leaf) and whose .grad both runs would share.
+        t = table.clone().to(dev).requires_grad_(True)
         tau, grad = density_gradient(x.to(dev), t, TINY, lambda e: m(e))
         n = normals_from_gradient(grad)
         loss = (n * view.to(dev)).sum().square() + tau.sum()
         loss.backward()
-        return [v.detach().cpu() for v in (tau, grad, n, t.grad, m[0].weight.grad, m[2].weight.grad)]
+        return [v.detach().cpu().clone() for v in (tau, grad, n, t.grad, m[0].weight.grad, m[2].weight.grad)]
 
     with use_backend("reference"):
         want = run(torch.device("cpu"))
@@ -107,7 +109,7 @@ def test_normals_path_matches_reference(backend):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "cuda", "triton"])
 def test_loss_on_normals_trains_table_and_mlp(backend):
     device = _require(backend)
     x, table = _inputs(TINY, 17, dtype=torch.float32, seed=5)
@@ -176,7 +178,7 @@ def test_density_mlp_of_the_wrong_shape_is_named():
         density_gradient(x, table, TINY, lambda e: e[:, :2])
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "cuda", "triton"])
 def test_empty_input(backend):
     device = _require(backend)
     _, table = _inputs(TINY, 0, dtype=torch.float32)

@@ -59,7 +59,10 @@ def _assert_same(a: RaySamples, b: RaySamples, exact: bool) -> None:
     """Identical samples (``exact``: the CPU loop does the reference's float32 operations in the same order), or on
     CUDA (fast-math sqrt and division) the same samples up to float tolerance, allowing a ray's count to differ by
     one where its last step lands within rounding of the sphere (at most 1% of the rays)."""
-    a = RaySamples(*(x.cpu() for x in (a.ray_indices, a.t_starts, a.t_ends, a.positions, a.directions, a.offsets)))
+    a, b = (
+        RaySamples(*(x.cpu() for x in (r.ray_indices, r.t_starts, r.t_ends, r.positions, r.directions, r.offsets)))
+        for r in (a, b)
+    )
     for name in ("t_starts", "t_ends", "positions", "directions"):
         assert getattr(a, name).dtype == getattr(b, name).dtype == torch.float32, name
     if exact:
@@ -190,22 +193,24 @@ def test_grid_smaller_than_the_sphere_skips_points_outside_it(device, backend):
     _assert_same(fast, ref, exact=device == "cpu")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_every_cell_empty_gives_no_samples(backend):
-    o, d = _rays(97)
-    grid = OccupancyGrid(resolution=16)
-    grid.update(lambda x: torch.zeros(x.shape[0]), warmup=True)
+EDGE_BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference")] + BACKENDS  # every device's fast paths too
+
+
+@pytest.mark.parametrize("device,backend", EDGE_BACKENDS)
+def test_every_cell_empty_gives_no_samples(device, backend):
+    o, d = _rays(97, device=device)
+    grid = OccupancyGrid(resolution=16).to(device)
+    grid.update(lambda x: torch.zeros(x.shape[0], device=x.device), warmup=True)
     assert not grid.occupied.any()
     with use_backend(backend):
         s = march_rays(o, d, grid)
-    assert (
-        s.n_samples == 0 and s.positions.shape == (0, 3) and torch.equal(s.offsets, torch.zeros(98, dtype=torch.long))
-    )
+    assert s.n_samples == 0 and s.positions.shape == (0, 3)
+    assert torch.equal(s.offsets.cpu(), torch.zeros(98, dtype=torch.long))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_nan_inf_and_zero_rays_get_no_samples(backend):
-    o, d = _rays(6)
+@pytest.mark.parametrize("device,backend", EDGE_BACKENDS)
+def test_nan_inf_and_zero_rays_get_no_samples(device, backend):
+    o, d = _rays(6, device=device)
     d[0] = float("nan")
     d[1] = float("inf")
     d[2] = 0.0
@@ -218,10 +223,10 @@ def test_nan_inf_and_zero_rays_get_no_samples(backend):
     assert torch.isfinite(s.positions).all()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_rays_that_miss_or_point_away(backend):
-    o = torch.tensor([[0.0, 1.5, 3.0], [0.0, 0.0, 3.0], [0.0, 0.0, 3.0]])
-    d = torch.tensor([[0.0, 0.0, -1.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0]])
+@pytest.mark.parametrize("device,backend", EDGE_BACKENDS)
+def test_rays_that_miss_or_point_away(device, backend):
+    o = torch.tensor([[0.0, 1.5, 3.0], [0.0, 0.0, 3.0], [0.0, 0.0, 3.0]], device=device)
+    d = torch.tensor([[0.0, 0.0, -1.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0]], device=device)
     with use_backend(backend):
         s = march_rays(o, d)
     assert s.offsets.tolist() == [0, 0, 0, 128]
