@@ -8,10 +8,10 @@
 #
 #   WHEELS=.whl DEADLINE=540 benchmarks/device_run.sh
 #
-# Seen on an H200 (2026-11-26): wheels 5 s, build 133 s (16 jobs, sm_90a), the whole suite with 8 xdist workers
-# ~205 s, the microbenchmarks 50 s, each step benchmark 15-40 s (model setup and JIT compilation dominate), the
-# nerfacc JIT build fits beside the tests. A 15-minute device budget holds one full call: do not plan a second.
-# The step benchmarks of the reference ops run inside the microbenchmarks (benchmarks/bench_step.py).
+# Seen on an H200 (2026-11-26): the machine starts in ~30 s, wheels 5 s, build 115-125 s (16 jobs, sm_90a), the
+# CUDA tests (TEST_ARGS="-k cuda", 15 workers) 31 s, the microbenchmarks 50 s, each step benchmark 15-30 s
+# (model setup dominates), memcheck 50-60 s. A 15-minute device budget holds one full call (~400 s) and a
+# shorter second one after a fix (~320 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}

@@ -269,8 +269,9 @@ _dispatch.register(OP, "cpp", _cpp_impl)
 _dispatch.register(OP, "cuda", _cpp_impl)
 _dispatch.register(OP, "triton", _triton_impl)
 # Measured on an H200 (2026-11-26, 2^20 points, defaults, medians of one run): the CUDA C++ launch (fp32
-# reads) beat Triton (fp16 reads of a cached copy) in every pass: forward 0.93 vs 1.82 ms, forward+backward
-# 3.94 vs 6.61 ms, with the Jacobian 6.80 vs 10.60 ms. So it comes first; Triton stays the fallback.
+# reads, float2 loads and atomics) beats Triton (fp16 reads of a cached copy) in every pass: forward 0.98 vs
+# 1.80 ms, forward+backward 2.71 vs 6.48 ms, with the Jacobian 5.45 vs 10.23 ms. So it comes first; Triton
+# stays the fallback.
 _dispatch.set_order(OP, "cuda", ("cuda", "triton", "reference"))
 
 
