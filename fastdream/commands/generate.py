@@ -104,7 +104,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         type=_auto(float),
         action=_Store,
         default="auto",
-        help="classifier-free guidance weight (auto: 100 for Stable Diffusion, 20 for IF, 3 for builtin)",
+        help="classifier-free guidance weight (auto: 100 for Stable Diffusion, 20 for IF, 2 for builtin)",
     )
     p.add_argument(
         "--lr",

@@ -235,10 +235,11 @@ class BuiltinGuidance:
 
     # Measured on full default runs (800 steps, 64×64; benchmarks/RESULTS.md): a large ω over-saturates the
     # colour, because guidance scales the whole object by (1 + (ω − 1)(P_cond − P_uncond)) where the label's
-    # silhouettes are likelier than the set's; purple came out (1, 0, 1) at ω = 10, (0.95, 0.03, 1.0) at 5 and
-    # (0.54, 0.03, 1.0) at 3. Shapes were no worse for it (purple cylinder Chamfer 0.040 / 0.041 / 0.036; blue cube
-    # 0.065 at ω = 10, 0.040 at 3), but ω = 2 is too weak (blue cube collapsed, Chamfer 0.11).
-    default_guidance_scale: float = 3.0
+    # silhouettes are likelier than the set's; purple came out (1, 0, 1) at ω = 10, (0.95, 0.03, 1.0) at 5,
+    # (0.74, 0.11, 1.0) at 3 and (0.67, 0.15, 0.99) at 2 (named: (0.60, 0.10, 0.90)). ω = 2 once collapsed the
+    # blue cube (Chamfer 0.11), but that was before the fixed builtin camera and the MLP's lower learning rate;
+    # with them, the ten-prompt table at ω = 2 is the one in RESULTS.md.
+    default_guidance_scale: float = 2.0
 
     def __init__(
         self,
