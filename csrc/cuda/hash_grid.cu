@@ -106,9 +106,9 @@ __global__ void forward_f2_kernel(int64_t n, Levels levels, const float* __restr
   out[1] = e1;
 }
 
-__global__ void backward_table_f2_kernel(int64_t n, Levels levels, const float* __restrict__ x, int64_t S,
-                                         float bound, const float* __restrict__ grad_enc,
-                                         const float* __restrict__ grad_jac, float* __restrict__ grad_table) {
+__global__ void backward_table_f2_kernel(int64_t n, Levels levels, const float* __restrict__ x, int64_t S, float bound,
+                                         const float* __restrict__ grad_enc, const float* __restrict__ grad_jac,
+                                         float* __restrict__ grad_table) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int L = levels.count;
   if (t >= n * L) return;
