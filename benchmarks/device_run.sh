@@ -3,8 +3,8 @@
 # One call on a lent GPU machine (no registry there): install carried wheels, build the extension for the visible
 # card, run the whole test suite (CUDA included), the microbenchmarks, the step benchmarks, the peers, and
 # compute-sanitizer memcheck over the CUDA kernel tests, each stage under a time cap so the script ends by itself
-# inside DEADLINE seconds. Files in $OUT (default ./device-out): summary.txt, build.log, tests.log, failures.log,
-# bench.log, bench-cuda-*.json, steps.log, peers.log, memcheck.log.
+# inside DEADLINE seconds. Files in $OUT (default ./device-out): summary.txt, and logs.tgz holding build.log,
+# tests.log, failures.log, bench.log, bench-cuda-*.json, steps.log, prof-*.txt, peers.log, memcheck.log.
 #
 #   WHEELS=.whl DEADLINE=540 benchmarks/device_run.sh
 #
@@ -94,7 +94,7 @@ step() {
   echo "bench $name rc=$rc" | tee -a "$OUT/summary.txt"
 }
 
-# STEP_LIST: which step benchmarks (default all six).
+# STEP_LIST: which step benchmarks (default the first six; the *-prof ones also write torch.profiler tables).
 STEP_LIST=${STEP_LIST:-builtin,builtin-reference,sd,sd-graphs,sd-reference,if}
 stage_steps() {
   log "step benchmarks (fastdream bench): $STEP_LIST"
@@ -107,7 +107,19 @@ stage_steps() {
     sd-graphs) step sd-graphs --model sd --cuda-graphs --steps 30 --warmup 5 ;;
     sd-reference) step sd-reference --model sd --reference --steps 10 ;;
     if) step if --model if --steps 10 ;;
+    builtin-prof) step builtin-prof --model builtin --steps 10 --warmup 5 --profile "$OUT/prof-builtin.txt" ;;
+    sd-prof) step sd-prof --model sd --steps 10 --warmup 5 --profile "$OUT/prof-sd.txt" ;;
+    sd-graphs-prof) step sd-graphs-prof --model sd --cuda-graphs --steps 10 --warmup 5 --profile "$OUT/prof-sd-graphs.txt" ;;
     esac
+  done
+  # STEP_EXTRA: more, "name:fastdream bench args;name:args;..." (%OUT% in the args stands for $OUT).
+  local entries e args
+  IFS=';' read -ra entries <<<"${STEP_EXTRA:-}"
+  for e in "${entries[@]}"; do
+    [ -n "$e" ] || continue
+    args=${e#*:}
+    # shellcheck disable=SC2086  # the args are words
+    step "${e%%:*}" ${args//%OUT%/$OUT}
   done
 }
 
@@ -149,3 +161,13 @@ for s in tests steps hash micro peers memcheck compile; do
   esac
 done
 log "done"
+
+# At most 8 files come back from a device call: keep summary.txt and pack the rest (Chrome traces of the large
+# models left out) into logs.tgz.
+log "done"
+(
+  cd "$OUT" || exit
+  rm -f prof-sd*.trace.json
+  files=$(ls | grep -v -e '^summary.txt$' -e '^logs.tgz$')
+  [ -n "$files" ] && tar czf logs.tgz $files && rm -f $files
+)

@@ -217,11 +217,15 @@ class BenchConfig:
         resolution: render size; None: the guidance's (64; 16 with ``tiny``).
         batch: cameras per step (the trainer uses 1).
         ops: "fused" (the dispatcher's fastest implementations) | "reference" (pure PyTorch everywhere).
-        compile: ``torch.compile`` the UNet call. cuda_graphs: replay the UNet call from a CUDA graph.
+        compile: ``torch.compile`` the UNet call. cuda_graphs: replay the UNet call from a CUDA graph, and the
+            VAE encoder's forward and backward (SD) from two.
         tiny: tiny field and tiny random models (CPU tests of every path).
         shading: "shaded" | "textureless" (both need normals) | "albedo".
         grid_update_every: the trainer's period, used to amortise the grid update in the step total.
         seed: weights, cameras and noise.
+        vae_layout: "channels_last" | "contiguous": memory format of the SD VAE on CUDA.
+        vae_attention: "sdpa" | "classic": the SD VAE's attention (fastdream.guidance.stable_diffusion).
+        unet_layout: "channels_last" | "contiguous": memory format of the UNet on CUDA.
     """
 
     model: str = "builtin"
@@ -237,6 +241,9 @@ class BenchConfig:
     shading: str = "shaded"
     grid_update_every: int = 16
     seed: int = 0
+    vae_layout: str = "contiguous"
+    vae_attention: str = "classic"
+    unet_layout: str = "channels_last"
 
 
 @dataclass
@@ -275,6 +282,10 @@ class BenchResult:
             mode.append("torch.compile")
         if c["cuda_graphs"]:
             mode.append("CUDA graphs")
+        if c["model"] != "builtin":
+            mode.append(f"UNet {c['unet_layout']}")
+        if c["model"] == "sd":
+            mode.append(f"VAE {c['vae_layout']}, {c['vae_attention']} attention")
         lines = [
             f"fastdream bench: {', '.join(mode)} on {self.device} ({self.device_name}); {c['resolution']}x"
             f"{c['resolution']} x{c['batch']}, {c['steps']} steps after {c['warmup']} warm-up",
@@ -329,6 +340,12 @@ def validate(cfg: BenchConfig, device: torch.device) -> None:
         raise UserError("--compile and --cuda-graphs speed up the UNet call; use them with --model sd or --model if")
     if cfg.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device; drop it or use --device cuda")
+    if cfg.unet_layout not in ("channels_last", "contiguous"):
+        raise UserError(f"--unet-layout must be channels_last or contiguous, got {cfg.unet_layout!r}")
+    if cfg.vae_layout not in ("channels_last", "contiguous"):
+        raise UserError(f"--vae-layout must be channels_last or contiguous, got {cfg.vae_layout!r}")
+    if cfg.vae_attention not in ("sdpa", "classic"):
+        raise UserError(f"--vae-attention must be sdpa or classic, got {cfg.vae_attention!r}")
     if cfg.model in ("sd", "if") and device.type == "cpu" and not cfg.tiny:
         raise UserError(
             f"--model {cfg.model} builds the full-size UNet, far too slow on a CPU; add --tiny for a smoke run "
@@ -385,7 +402,13 @@ def build_guidance(cfg: BenchConfig, device: torch.device) -> Any:
 
     models = _diffusers_models(cfg, device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    common = {"scheduler": models["scheduler"], "text_encoder": None, "tokenizer": None, "device": device}
+    common = {
+        "scheduler": models["scheduler"],
+        "text_encoder": None,
+        "tokenizer": None,
+        "device": device,
+        "unet_channels_last": cfg.unet_layout == "channels_last",
+    }
     if cfg.model == "sd":
         from fastdream.guidance.stable_diffusion import StableDiffusionGuidance
 
@@ -394,6 +417,8 @@ def build_guidance(cfg: BenchConfig, device: torch.device) -> Any:
             vae=models["vae"],
             dtype=dtype,
             render_resolution=16 if cfg.tiny else 64,
+            vae_channels_last=cfg.vae_layout == "channels_last",
+            vae_attention=cfg.vae_attention,
             name="sd-2.1-base-shaped (random weights)",
             **common,
         )
@@ -426,6 +451,31 @@ def accelerate_unet(guidance: Any, *, compile: bool, cuda_graphs: bool) -> None:
         guidance.unet = torch.compile(unet, mode=mode, dynamic=False)
     elif cuda_graphs:
         guidance.unet = CUDAGraphUNet(unet)
+    if cuda_graphs and hasattr(guidance, "vae_mean"):
+        guidance.vae_mean = GraphedVAEMean(guidance.vae_mean)
+
+
+class GraphedVAEMean:
+    """The VAE encoder's forward and backward (to the image; the weights are frozen) replayed from two CUDA graphs
+    (``torch.cuda.make_graphed_callables``), captured on the first call and again when the input's shape, dtype
+    or strides change. The encoder at 512x512 is ~300 kernels each way."""
+
+    def __init__(self, fn: Any, warmup_iters: int = 3) -> None:
+        self.fn, self.warmup_iters = fn, warmup_iters
+        self._key: tuple | None = None
+        self._graphed: Any = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:  # no backward wanted: the plain call (the graph's backward expects one)
+            return self.fn(x)
+        key = (x.shape, x.dtype, x.stride(), x.device)
+        if key != self._key:
+            sample = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).uniform_(-1, 1)
+            self._graphed = torch.cuda.make_graphed_callables(
+                self.fn, (sample.requires_grad_(True),), num_warmup_iters=self.warmup_iters
+            )
+            self._key = key
+        return self._graphed(x)
 
 
 class CUDAGraphUNet(torch.nn.Module):
@@ -700,8 +750,29 @@ def _device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def run_bench(cfg: BenchConfig) -> BenchResult:
-    """Build everything for ``cfg``, run ``warmup`` + ``steps`` steps and return the medians."""
+def _profile(runner: StepRunner, device: torch.device, steps: int, path: Path) -> None:
+    """``steps`` more steps under torch.profiler; write its table of ops and kernels by self time to ``path``
+    (device time on CUDA, CPU time on the CPU), and a Chrome trace beside it (``path`` + ``.trace.json``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            runner.step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    head = f"fastdream bench --profile: {steps} steps, {_device_name(device)}, sorted by {sort}\n"
+    path.write_text(head + prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90) + "\n")
+    prof.export_chrome_trace(str(path) + ".trace.json")
+
+
+def run_bench(cfg: BenchConfig, profile: Path | None = None) -> BenchResult:
+    """Build everything for ``cfg``, run ``warmup`` + ``steps`` steps and return the medians.
+
+    profile: also profile a few more steps (at most 5, after the timed ones, so the timings are not the
+    profiler's) and write the table there (see :func:`_profile`)."""
     device = resolve_device(cfg.device)
     validate(cfg, device)
     forced = "reference" if cfg.ops == "reference" else None
@@ -726,6 +797,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                 per_part.setdefault(k, []).append(v)
             walls.append(wall)
             samples.append(runner.n_samples)
+        if profile is not None:
+            _profile(runner, device, min(5, max(1, cfg.steps)), profile)
         backends = {op: forced or _dispatch.select(op, device) for op in FIELD_OPS}
     if device.type == "cuda":
         peak, kind = int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated, timed steps"

@@ -278,6 +278,44 @@ def test_sd_attention_uses_sdpa(sd_folder):
     assert all(isinstance(p, AttnProcessor2_0) for p in g.unet.attn_processors.values())
 
 
+def test_vae_attention_classic_by_default_and_same_latents_and_gradients(sd_folder):
+    """The VAE runs diffusers' classic attention (faster backward on CUDA at head size 512): same latents and the
+    same gradient to the render as diffusers' own SDPA processor and as the VAE's own encode."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from fastdream.guidance.stable_diffusion import StableDiffusionGuidance
+
+    g = load_guidance(str(sd_folder), "cpu")
+    procs = g.vae.attn_processors
+    assert procs and all(isinstance(p, AttnProcessor) for p in procs.values())
+    images = _images(b=2, size=16)
+    x = images.clone().requires_grad_(True)
+    z = g.encode_images(x)
+    w = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    (z * w).sum().backward()
+    g.vae.set_attn_processor(AttnProcessor2_0())
+    y = images.clone().requires_grad_(True)
+    z2 = g.encode_images(y)
+    (z2 * w).sum().backward()
+    torch.testing.assert_close(z, z2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-6)
+    r = g.model_resolution
+    up = torch.nn.functional.interpolate(images, (r, r), mode="bilinear", align_corners=False) * 2 - 1
+    own = g.vae.encode(up).latent_dist.mean * g.vae.config.scaling_factor
+    torch.testing.assert_close(z.detach(), own.detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="vae_attention"):
+        StableDiffusionGuidance(
+            unet=g.unet,
+            vae=g.vae,
+            scheduler=diffusers.DDPMScheduler(),
+            text_encoder=None,
+            tokenizer=None,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            vae_attention="flash",
+        )
+
+
 def test_prepare_again_reloads_the_text_encoder(sd_folder):
     g = load_guidance(str(sd_folder), "cpu")
     g.prepare("a red cube")

@@ -8,6 +8,7 @@ Examples::
     fastdream bench --model sd --cuda-graphs --json sd.json
     fastdream bench --model sd --reference            # the field with the pure-PyTorch ops
     fastdream bench --model if --compile              # IF-I-XL-shaped pixel-space UNet, torch.compile
+    fastdream bench --model sd --profile prof.txt     # and where the time goes: kernels by self time
 """
 
 from __future__ import annotations
@@ -38,13 +39,42 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.set_defaults(ops=d.ops)
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet call")
-    p.add_argument("--cuda-graphs", action="store_true", help="replay the UNet call from a CUDA graph (CUDA only)")
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay the UNet call, and the VAE encoder's forward and backward (sd), from CUDA graphs (CUDA only)",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny field and tiny random models (a smoke run)")
     p.add_argument(
         "--shading", choices=("shaded", "textureless", "albedo"), default=d.shading, help="shading mode of the step"
     )
     p.add_argument("--seed", type=int, default=d.seed, help="weights, cameras and noise")
+    p.add_argument(
+        "--unet-layout",
+        choices=("channels_last", "contiguous"),
+        default=d.unet_layout,
+        help=f"memory format of the UNet on CUDA (default {d.unet_layout})",
+    )
+    p.add_argument(
+        "--vae-layout",
+        choices=("channels_last", "contiguous"),
+        default=d.vae_layout,
+        help=f"memory format of the SD VAE on CUDA (default {d.vae_layout})",
+    )
+    p.add_argument(
+        "--vae-attention",
+        choices=("sdpa", "classic"),
+        default=d.vae_attention,
+        help=f"the SD VAE's attention: PyTorch's SDPA or diffusers' classic AttnProcessor (default {d.vae_attention})",
+    )
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON to OUT ('-': stdout)")
+    p.add_argument(
+        "--profile",
+        metavar="OUT",
+        default=None,
+        help="after the timed steps, profile up to 5 more with torch.profiler: ops and kernels by self time to OUT, "
+        "a Chrome trace to OUT.trace.json",
+    )
     return p
 
 
@@ -62,11 +92,17 @@ def run(args: argparse.Namespace) -> int:
         tiny=args.tiny,
         shading=args.shading,
         seed=args.seed,
+        vae_layout=args.vae_layout,
+        vae_attention=args.vae_attention,
+        unet_layout=args.unet_layout,
     )
     out = Path(args.json) if args.json not in (None, "-") else None
     if out is not None and out.parent and not out.parent.is_dir():
         raise UserError(f"--json {args.json}: folder {out.parent} does not exist; create it or pick another path")
-    result = run_bench(cfg)
+    prof = Path(args.profile) if args.profile else None
+    if prof is not None and not prof.parent.is_dir():
+        raise UserError(f"--profile {args.profile}: folder {prof.parent} does not exist; create it or pick another")
+    result = run_bench(cfg, profile=prof)
     doc = json.dumps(result.to_dict(), indent=2)
     if args.json == "-":
         print(doc)

@@ -14,11 +14,14 @@ from fastdream.guidance.base import VIEW_WORDS, SDSConfig, check_images, view_in
 from fastdream.sds import add_noise, eps_from_prediction, sample_timesteps, sds_grad, sds_loss_from_grad, sds_weight
 
 
-def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """eval, requires_grad off, on ``device`` in ``dtype``; channels_last on CUDA (faster fp16 convolutions)."""
+def freeze(
+    module: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, channels_last: bool = True
+) -> torch.nn.Module:
+    """eval, requires_grad off, on ``device`` in ``dtype``; channels_last on CUDA (faster fp16 convolutions)
+    unless ``channels_last`` is False."""
     module.eval().requires_grad_(False)
     module.to(device=device, dtype=dtype)
-    if device.type == "cuda":
+    if device.type == "cuda" and channels_last:
         module.to(memory_format=torch.channels_last)
     return module
 
@@ -31,6 +34,7 @@ class DiffusersGuidance:
         unet: the frozen UNet2DConditionModel. alphas_cumprod: [T] fp32 on device.
         num_train_timesteps, prediction_type: from the scheduler config.
         text_encoder, tokenizer: set until :meth:`prepare` frees them.
+        unet_channels_last: on CUDA the UNet's weights and input are channels_last (the default; False: NCHW).
     """
 
     default_guidance_scale: float = 100.0
@@ -48,12 +52,14 @@ class DiffusersGuidance:
         resolution: int,
         name: str = "",
         text_encoder_loader: Callable[[], torch.nn.Module] | None = None,
+        unet_channels_last: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.resolution = int(resolution)
         self.name = name
-        self.unet = freeze(unet, self.device, dtype)
+        self.unet = freeze(unet, self.device, dtype, channels_last=unet_channels_last)
+        self.unet_channels_last = unet_channels_last and self.device.type == "cuda"
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.prediction_type = str(scheduler.config.get("prediction_type", "epsilon"))
         self.alphas_cumprod = scheduler.alphas_cumprod.detach().to(self.device, torch.float32)
@@ -121,7 +127,7 @@ class DiffusersGuidance:
         cond = torch.stack([self.cond_embeddings[i] for i in view_indices(view_words).tolist()])
         uncond = self.uncond_embeddings.expand(b, -1, -1)
         z_in = torch.cat([z_t, z_t]).to(self.dtype)
-        if self.device.type == "cuda":
+        if self.unet_channels_last:
             z_in = z_in.contiguous(memory_format=torch.channels_last)
         t_in = torch.cat([t, t])
         out = self.unet(z_in, t_in, encoder_hidden_states=torch.cat([uncond, cond]), return_dict=False)[0]
