@@ -54,6 +54,7 @@ import torch
 from fastdream.cameras import get_rays, sample_cameras, view_word
 from fastdream.config import FieldConfig, RunConfig, resolve
 from fastdream.errors import UserError
+from fastdream.guidance.graphs import accelerate
 from fastdream.losses import opacity_loss, orientation_loss
 from fastdream.ops import _dispatch, composite, march_rays, shade, use_backend
 from fastdream.sds import add_noise, sample_timesteps, sds_grad, sds_loss_from_grad
@@ -434,108 +435,8 @@ def build_guidance(cfg: BenchConfig, device: torch.device) -> Any:
     uncond = torch.randn(1, length, dim, generator=gen)
     g.set_text_embeddings(cond, uncond, PROMPT)
     if cfg.compile or cfg.cuda_graphs:
-        accelerate_unet(g, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
+        accelerate(g, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
     return g
-
-
-def accelerate_unet(guidance: Any, *, compile: bool, cuda_graphs: bool) -> None:
-    """Replace ``guidance.unet`` by a compiled and/or CUDA-graph-replayed version of itself.
-
-    compile alone: ``torch.compile`` (inductor, default mode); cuda_graphs alone: :class:`CUDAGraphUNet`;
-    both: ``torch.compile(mode="reduce-overhead")`` (inductor's CUDA graphs around the compiled kernels).
-    """
-    unet = guidance.unet
-    if compile:
-        mode = "reduce-overhead" if cuda_graphs else None
-        # The compiled wrapper forwards attribute reads (``config``) to the UNet.
-        guidance.unet = torch.compile(unet, mode=mode, dynamic=False)
-    elif cuda_graphs:
-        guidance.unet = CUDAGraphUNet(unet)
-    if cuda_graphs and hasattr(guidance, "vae_mean"):
-        guidance.vae_mean = GraphedVAEMean(guidance.vae_mean)
-
-
-class GraphedVAEMean:
-    """The VAE encoder's forward and backward (to the image; the weights are frozen) replayed from two CUDA graphs
-    (``torch.cuda.make_graphed_callables``), captured on the first call and again when the input's shape, dtype
-    or strides change. The encoder at 512x512 is ~300 kernels each way."""
-
-    def __init__(self, fn: Any, warmup_iters: int = 3) -> None:
-        self.fn, self.warmup_iters = fn, warmup_iters
-        self._key: tuple | None = None
-        self._graphed: Any = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.requires_grad:  # no backward wanted: the plain call (the graph's backward expects one)
-            return self.fn(x)
-        key = (x.shape, x.dtype, x.stride(), x.device)
-        if key != self._key:
-            sample = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).uniform_(-1, 1)
-            self._graphed = torch.cuda.make_graphed_callables(
-                self.fn, (sample.requires_grad_(True),), num_warmup_iters=self.warmup_iters
-            )
-            self._key = key
-        return self._graphed(x)
-
-
-class CUDAGraphUNet(torch.nn.Module):
-    """A frozen UNet replayed from a CUDA graph: one launch instead of ~1,000 kernel launches per call.
-
-    The graph is captured on the first call (after a few eager warm-up calls on a side stream) and again
-    whenever the input shapes, dtypes or strides change. The returned tensor is the graph's static output,
-    overwritten by the next call: use it (``predict_eps`` does) before calling again. Inference only.
-    """
-
-    def __init__(self, unet: torch.nn.Module, warmup_calls: int = 3) -> None:
-        super().__init__()
-        self.unet = unet
-        self.config = unet.config
-        self.warmup_calls = warmup_calls
-        self._key: tuple | None = None
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._static_in: list[torch.Tensor] = []
-        self._static_out: torch.Tensor | None = None
-
-    @staticmethod
-    def _signature(*tensors: torch.Tensor) -> tuple:
-        return tuple((t.shape, t.dtype, t.stride(), t.device) for t in tensors)
-
-    @torch.no_grad()
-    def _capture(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> None:
-        static = [t.clone() for t in (sample, timestep, hidden)]  # clone keeps channels_last strides
-
-        def call() -> torch.Tensor:
-            return self.unet(static[0], static[1], encoder_hidden_states=static[2], return_dict=False)[0]
-
-        side = torch.cuda.Stream(device=sample.device)
-        side.wait_stream(torch.cuda.current_stream(sample.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup_calls):
-                call()
-        torch.cuda.current_stream(sample.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = call()
-        self._graph, self._static_in, self._static_out = graph, static, out
-
-    @torch.no_grad()
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        return_dict: bool = False,
-    ) -> tuple[torch.Tensor]:
-        if not torch.is_tensor(timestep):
-            timestep = torch.tensor([timestep], device=sample.device).expand(sample.shape[0])
-        key = self._signature(sample, timestep, encoder_hidden_states)
-        if key != self._key:
-            self._capture(sample, timestep, encoder_hidden_states)
-            self._key = key
-        for dst, src in zip(self._static_in, (sample, timestep, encoder_hidden_states)):
-            dst.copy_(src)
-        self._graph.replay()
-        return (self._static_out,)
 
 
 # --- the step ----------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ CONFIG = "config.json"
 OUTPUTS = (CONFIG, ckpt.CHECKPOINT_DIR, "previews", "turntable.mp4", "turntable.gif", "mesh.glb", "mesh.obj")
 # Settings --resume takes from the command line; everything else comes from the saved config.json.
 RESUME_OVERRIDES = {"steps": ("optim", "steps"), "save_every": ("optim", "save_every"),
-                    "preview_every": ("optim", "preview_every"), "device": (None, "device")}  # fmt: skip
+                    "preview_every": ("optim", "preview_every"), "device": (None, "device"),
+                    "cuda_graphs": ("guidance", "cuda_graphs")}  # fmt: skip
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,7 +120,7 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
             names = ", ".join("--" + n.replace("_", "-") for n in ignored)
             raise UserError(
                 f"--resume continues {run_dir} with its saved settings; only --steps, --save-every, "
-                f"--preview-every and --device may change (got {names})"
+                f"--preview-every, --device and --cuda-graphs may change (got {names})"
             )
         saved.out = str(run_dir)
         saved.device = str(device)
@@ -186,11 +187,17 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
         cam = cfg.camera
         kw["data_config"] = DatasetConfig(distance_range=tuple(cam.distance_range), fov_range=tuple(cam.fov_range))
         kw["gamut_clip"] = bool(cfg.guidance.builtin_gamut_clip)
+    if cfg.guidance.cuda_graphs and torch.device(device).type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA device; drop it or use --device cuda")
     guidance = load_guidance(cfg.guidance.model, device, **kw)
     try:
         guidance.prepare(cfg.prompt)
     except ValueError as e:  # e.g. a prompt outside the builtin vocabulary
         raise UserError(str(e).splitlines()[0] if str(e) else "the prompt was refused by the model") from e
+    if cfg.guidance.cuda_graphs:
+        from fastdream.guidance.graphs import accelerate
+
+        accelerate(guidance, cuda_graphs=True)
     return guidance
 
 

@@ -16,6 +16,7 @@ from fastdream.bench import BenchConfig, StepRunner, build_guidance, run_bench
 from fastdream.cameras import make_cameras
 from fastdream.cli import main
 from fastdream.guidance.base import SDSConfig
+from fastdream.guidance.graphs import CUDAGraphUNet, GraphedVAEMean
 from fastdream.renderer import render
 
 CPU = torch.device("cpu")
@@ -164,7 +165,7 @@ def test_cuda_graph_unet_matches_eager():
     dev = torch.device("cuda")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(**bench.TINY_SD_UNET).to(dev).eval()
-    wrapped = bench.CUDAGraphUNet(unet)
+    wrapped = CUDAGraphUNet(unet)
     for seed in (0, 1):  # the second call replays with new inputs
         g = torch.Generator(device=dev).manual_seed(seed)
         x = torch.randn(2, 4, 8, 8, device=dev, generator=g)
@@ -174,3 +175,27 @@ def test_cuda_graph_unet_matches_eager():
             ref = unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
         out = wrapped(x, t, encoder_hidden_states=c)[0]
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_vae_mean_matches_eager_forward_and_backward():
+    diffusers = pytest.importorskip("diffusers")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(**bench.TINY_SD_VAE).to(dev).eval().requires_grad_(False)
+
+    def mean(x):
+        return vae.encode(x).latent_dist.mean
+
+    graphed = GraphedVAEMean(mean)
+    for seed in (0, 1):  # the second call replays with new inputs
+        g = torch.Generator(device=dev).manual_seed(seed)
+        x = torch.rand(1, 3, 32, 32, device=dev, generator=g) * 2 - 1
+        w = torch.randn(1, 4, 16, 16, device=dev, generator=g)
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ref = mean(a)
+        (ref * w).sum().backward()
+        out = graphed(b)
+        (out * w).sum().backward()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)

@@ -69,6 +69,7 @@ RESUME = ("--device", "cpu", "--quiet", "--no-export")
         (("a red cube", "--lr", "-0.1"), ("--lr",)),
         (("a red cube", "--set", "render.nonsense=3"), ("--set", "unknown")),
         (("a red cube", "--device", "tpu"), ("--device",)),
+        (("a red cube", "--cuda-graphs"), ("--cuda-graphs", "builtin")),
     ],
 )
 def test_bad_settings(run_dir: Path, args: tuple[str, ...], needles: tuple[str, ...]) -> None:
@@ -94,6 +95,13 @@ def test_unknown_model_id_offline(run_dir: Path, tmp_path: Path) -> None:
         needles=("nobody-xyz/no-such-model", "HF_HUB_OFFLINE"),
         env=env,
     )
+
+
+def test_cuda_graphs_on_the_cpu(run_dir: Path, tmp_path: Path) -> None:
+    """Refused before anything is loaded (the model folder does not even exist)."""
+    args = [a if a != "builtin" else str(tmp_path / "no-model") for a in TINY]
+    check(run_dir, *GEN, "a red cube", *args, "--device", "cpu", "--cuda-graphs", "--out", run_dir, "--overwrite",
+          needles=("--cuda-graphs", "CUDA"))  # fmt: skip
 
 
 def test_local_folder_that_is_not_a_diffusers_model(run_dir: Path, tmp_path: Path) -> None:

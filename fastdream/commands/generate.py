@@ -33,6 +33,16 @@ class _Store(argparse.Action):
         namespace._explicit = explicit
 
 
+class _Flag(_Store):
+    """``store_true`` that records the option as given explicitly, like :class:`_Store`."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, True, option_string)
+
+
 def _auto(kind: type):
     def parse(text: str):
         if text.strip().lower() == "auto":
@@ -149,6 +159,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="any other setting of config.json, e.g. --set render.turntable_frames=12 (repeatable)",
     )
+    p.add_argument(
+        "--cuda-graphs",
+        action=_Flag,
+        help="CUDA, diffusion models: replay the UNet call and SD's VAE encoder (forward and backward) from CUDA "
+        "graphs: fewer kernel launches per step (off by default)",
+    )
     p.add_argument("--no-export", action="store_true", help="skip the turntable and mesh export at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -160,7 +176,9 @@ def config_from_args(args: argparse.Namespace):
 
     cfg = RunConfig(prompt=args.prompt, out=args.out, device=args.device)
     cfg.guidance = GuidanceConfig(
-        model=args.model, guidance_scale=None if args.guidance_scale == "auto" else args.guidance_scale
+        model=args.model,
+        guidance_scale=None if args.guidance_scale == "auto" else args.guidance_scale,
+        cuda_graphs=bool(getattr(args, "cuda_graphs", False)),
     )
     o, r, s, f = cfg.optim, cfg.render, cfg.shading, cfg.field
     o.steps = None if args.steps == "auto" else args.steps
