@@ -227,6 +227,7 @@ class BenchConfig:
         vae_layout: "channels_last" | "contiguous": memory format of the SD VAE on CUDA.
         vae_attention: "sdpa" | "classic": the SD VAE's attention (fastdream.guidance.stable_diffusion).
         unet_layout: "channels_last" | "contiguous": memory format of the UNet on CUDA.
+        vae_groupnorm: "native" | "split": the SD VAE encoder's GroupNorm (fastdream.guidance.groupnorm).
     """
 
     model: str = "builtin"
@@ -244,6 +245,7 @@ class BenchConfig:
     seed: int = 0
     vae_layout: str = "contiguous"
     vae_attention: str = "classic"
+    vae_groupnorm: str = "native"
     unet_layout: str = "channels_last"
 
 
@@ -286,7 +288,7 @@ class BenchResult:
         if c["model"] != "builtin":
             mode.append(f"UNet {c['unet_layout']}")
         if c["model"] == "sd":
-            mode.append(f"VAE {c['vae_layout']}, {c['vae_attention']} attention")
+            mode.append(f"VAE {c['vae_layout']}, {c['vae_attention']} attention, {c['vae_groupnorm']} GroupNorm")
         lines = [
             f"fastdream bench: {', '.join(mode)} on {self.device} ({self.device_name}); {c['resolution']}x"
             f"{c['resolution']} x{c['batch']}, {c['steps']} steps after {c['warmup']} warm-up",
@@ -345,6 +347,8 @@ def validate(cfg: BenchConfig, device: torch.device) -> None:
         raise UserError(f"--unet-layout must be channels_last or contiguous, got {cfg.unet_layout!r}")
     if cfg.vae_layout not in ("channels_last", "contiguous"):
         raise UserError(f"--vae-layout must be channels_last or contiguous, got {cfg.vae_layout!r}")
+    if cfg.vae_groupnorm not in ("native", "split"):
+        raise UserError(f"--vae-groupnorm must be native or split, got {cfg.vae_groupnorm!r}")
     if cfg.vae_attention not in ("sdpa", "classic"):
         raise UserError(f"--vae-attention must be sdpa or classic, got {cfg.vae_attention!r}")
     if cfg.model in ("sd", "if") and device.type == "cpu" and not cfg.tiny:
@@ -420,6 +424,7 @@ def build_guidance(cfg: BenchConfig, device: torch.device) -> Any:
             render_resolution=16 if cfg.tiny else 64,
             vae_channels_last=cfg.vae_layout == "channels_last",
             vae_attention=cfg.vae_attention,
+            vae_groupnorm=cfg.vae_groupnorm,
             name="sd-2.1-base-shaped (random weights)",
             **common,
         )

@@ -316,6 +316,31 @@ def test_vae_attention_classic_by_default_and_same_latents_and_gradients(sd_fold
         )
 
 
+def test_vae_groupnorm_option(sd_folder):
+    """vae_groupnorm="split" swaps the encoder's GroupNorms (same latents); an unknown value is refused."""
+    from fastdream.guidance.groupnorm import SplitGroupNorm
+    from fastdream.guidance.stable_diffusion import StableDiffusionGuidance
+
+    g = load_guidance(str(sd_folder), "cpu")
+    assert not any(isinstance(m, SplitGroupNorm) for m in g.vae.modules())
+    images = _images(b=1, size=16)
+    ref = g.encode_images(images)
+    common = {
+        "unet": g.unet,
+        "scheduler": diffusers.DDPMScheduler(),
+        "text_encoder": None,
+        "tokenizer": None,
+        "device": torch.device("cpu"),
+        "dtype": torch.float32,
+    }
+    split = StableDiffusionGuidance(vae=g.vae, vae_groupnorm="split", **common)
+    norms = [m for m in split.vae.encoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(isinstance(m, SplitGroupNorm) for m in norms)
+    torch.testing.assert_close(split.encode_images(images), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="vae_groupnorm"):
+        StableDiffusionGuidance(vae=g.vae, vae_groupnorm="fast", **common)
+
+
 def test_prepare_again_reloads_the_text_encoder(sd_folder):
     g = load_guidance(str(sd_folder), "cpu")
     g.prepare("a red cube")

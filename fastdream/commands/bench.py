@@ -62,6 +62,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help=f"memory format of the SD VAE on CUDA (default {d.vae_layout})",
     )
     p.add_argument(
+        "--vae-groupnorm",
+        choices=("native", "split"),
+        default=d.vae_groupnorm,
+        help=f"the SD VAE encoder's GroupNorm: PyTorch's, or split reductions (default {d.vae_groupnorm})",
+    )
+    p.add_argument(
         "--vae-attention",
         choices=("sdpa", "classic"),
         default=d.vae_attention,
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         vae_layout=args.vae_layout,
         vae_attention=args.vae_attention,
         unet_layout=args.unet_layout,
+        vae_groupnorm=args.vae_groupnorm,
     )
     out = Path(args.json) if args.json not in (None, "-") else None
     if out is not None and out.parent and not out.parent.is_dir():

@@ -22,6 +22,9 @@ TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
 # the memory-efficient kernel, whose backward alone took 5 ms a step on an H200), "classic" diffusers'
 # AttnProcessor (baddbmm, softmax, bmm: a few large matmuls each way). fastdream's default is "classic".
 VAE_ATTENTION = ("sdpa", "classic")
+# The VAE encoder's GroupNorms: "native" (torch.nn.GroupNorm) or "split" (fastdream.guidance.groupnorm: the
+# statistics as split reductions; not yet timed on a GPU, so not the default).
+VAE_GROUPNORM = ("native", "split")
 # Measured on an H200 (2026-11-26, benchmarks/RESULTS.md), SD-2.1-base-shaped 64x64 step with the UNet in a CUDA
 # graph: channels_last VAE + sdpa 53.6 ms; contiguous VAE 50.8; classic attention 48.4; both 40.4 (encode 13.5 ->
 # 10.9 ms, backward 19.3 -> 9.0 ms). In channels_last, every GroupNorm of the VAE (40 of them at up to 512x512x128)
@@ -35,7 +38,7 @@ class StableDiffusionGuidance(DiffusersGuidance):
         vae: frozen AutoencoderKL (only its encoder is used). model_resolution: native image size (512).
         resolution: render size the trainer should produce (default 64; upsampled to ``model_resolution``).
         vae_channels_last: on CUDA, the VAE's weights and input in channels_last (default False: contiguous NCHW).
-        vae_attention: see ``VAE_ATTENTION``.
+        vae_attention: see ``VAE_ATTENTION``. vae_groupnorm: see ``VAE_GROUPNORM``.
     """
 
     default_guidance_scale = 100.0
@@ -48,6 +51,7 @@ class StableDiffusionGuidance(DiffusersGuidance):
         render_resolution: int = 64,
         vae_channels_last: bool = False,
         vae_attention: str = "classic",
+        vae_groupnorm: str = "native",
         **kw: Any,
     ) -> None:
         super().__init__(resolution=render_resolution, **kw)
@@ -59,6 +63,12 @@ class StableDiffusionGuidance(DiffusersGuidance):
             from diffusers.models.attention_processor import AttnProcessor
 
             self.vae.set_attn_processor(AttnProcessor())
+        if vae_groupnorm not in VAE_GROUPNORM:
+            raise ValueError(f"vae_groupnorm must be one of {VAE_GROUPNORM}, got {vae_groupnorm!r}")
+        if vae_groupnorm == "split":
+            from fastdream.guidance.groupnorm import use_split_group_norm
+
+            use_split_group_norm(self.vae.encoder)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.model_resolution = int(self.unet.config.sample_size) * self.vae_scale_factor

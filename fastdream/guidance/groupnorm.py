@@ -1,0 +1,128 @@
+# SPDX-License-Identifier: Apache-2.0
+"""GroupNorm for few, large groups (the SD VAE at 512x512: one image, 32 groups of up to 2M values each).
+
+PyTorch's CUDA GroupNorm computes the statistics with one thread block per (image, group): 32 blocks for one
+VAE activation, a small fraction of an H100. On an H200 that kernel took 6 ms of a 40 ms SDS step
+(benchmarks/RESULTS.md). Here every reduction is an ordinary PyTorch reduction (``mean``, ``vector_norm`` and
+``sum`` with fp32 accumulation), which PyTorch splits over many blocks when the rows are long, and the
+normalisation is one fused multiply-add per pass:
+
+    forward:  mean_g, E_g[x^2] (two reductions); y = x * scale[n, c] + shift[n, c] (one elementwise pass)
+    backward: sum_hw dy, sum_hw dy * x per (n, c) (two reductions); dx = dy * k1 + x * k2 + k3 (two passes)
+
+The variance is E[x^2] - mean^2 with fp32 sums, clamped at 0: its relative error is about 1e-7 (mean / std)^2,
+negligible unless a group's mean is hundreds of standard deviations from zero. Inputs that are not
+contiguous NCHW (e.g. channels_last) fall back to ``torch.nn.functional.group_norm``.
+
+Off by default (``StableDiffusionGuidance(vae_groupnorm="split")``, ``fastdream bench --vae-groupnorm split``):
+checked against ``group_norm`` here (values, gradients, float64 gradcheck), not yet timed on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) per (image, group), fp32 (fp64 for fp64 input), shape [N, G]."""
+    n = x.shape[0]
+    xg = x.reshape(n, groups, -1)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    count = xg.shape[-1]
+    mean = xg.mean(-1, dtype=acc)
+    sq = torch.linalg.vector_norm(xg, 2, dim=-1, dtype=acc).square() / count
+    var = (sq - mean.square()).clamp_min(0)
+    return mean, torch.rsqrt(var + eps)
+
+
+class _SplitGroupNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups: int, eps: float):
+        n, c = x.shape[:2]
+        mean, rstd = _stats(x, groups, eps)  # [N, G]
+        per = c // groups
+        w = weight.to(mean.dtype) if weight is not None else torch.ones(c, dtype=mean.dtype, device=x.device)
+        b = bias.to(mean.dtype) if bias is not None else torch.zeros(c, dtype=mean.dtype, device=x.device)
+        rstd_c = rstd.repeat_interleave(per, dim=1)  # [N, C]
+        mean_c = mean.repeat_interleave(per, dim=1)
+        scale = rstd_c * w
+        shift = b - mean_c * scale
+        view = (n, c) + (1,) * (x.dim() - 2)
+        y = torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view))
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.groups = groups
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        groups = ctx.groups
+        n, c = x.shape[:2]
+        per = c // groups
+        acc = mean.dtype
+        dy = dy.contiguous()
+        # Per (image, channel): sum dy and sum dy * x, accumulated in fp32 (fp64 for fp64).
+        dy_r, x_r = dy.reshape(n, c, -1), x.reshape(n, c, -1)
+        sum_dy = dy_r.sum(-1, dtype=acc)
+        # dy * x in fp32: under a GradScaler fp16 gradients reach 1e4 and their product with x would overflow.
+        sum_dyx = (dy_r.to(acc) * x_r).sum(-1)
+        hw = x_r.shape[-1]
+        w = weight.to(acc) if weight is not None else torch.ones(c, dtype=acc, device=x.device)
+        mean_c = mean.repeat_interleave(per, dim=1)
+        rstd_c = rstd.repeat_interleave(per, dim=1)
+        # xhat = (x - mean) * rstd; a = dy * w. dx = rstd * (a - mean_g(a) - xhat * mean_g(a * xhat)).
+        sum_a = (sum_dy * w).reshape(n, groups, per).sum(-1)  # [N, G]
+        sum_ax = (sum_dyx * w).reshape(n, groups, per).sum(-1)  # sum a * x
+        cnt = per * hw
+        sum_axhat = (sum_ax - mean * sum_a) * rstd  # sum a * xhat
+        m_a = sum_a / cnt
+        m_axhat = sum_axhat / cnt
+        # dx = dy * (rstd w) + x * k2 + k3, with k2 = -rstd^2 m_axhat, k3 = -rstd m_a + rstd^2 mean m_axhat
+        k1 = rstd_c * w
+        k2 = (-(rstd * rstd) * m_axhat).repeat_interleave(per, dim=1)
+        k3 = (-rstd * m_a + rstd * rstd * mean * m_axhat).repeat_interleave(per, dim=1)
+        view = (n, c) + (1,) * (x.dim() - 2)
+        dx = torch.addcmul(k3.to(x.dtype).view(view), x, k2.to(x.dtype).view(view))
+        dx = torch.addcmul(dx, dy, k1.to(x.dtype).view(view))
+        dw = db = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            # dw_c = sum_n sum_hw dy * xhat = sum_n (sum_dyx - mean_c sum_dy) rstd_c
+            dw = ((sum_dyx - mean_c * sum_dy) * rstd_c).sum(0).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = sum_dy.sum(0).to(weight.dtype if weight is not None else x.dtype)
+        return dx, dw, db, None, None
+
+
+def split_group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.group_norm`` with split reductions (see the module doc). Same arguments and results."""
+    if x.dim() < 2 or x.shape[1] % num_groups != 0:
+        return F.group_norm(x, num_groups, weight, bias, eps)  # its own error message
+    if not x.is_contiguous() or x.numel() == 0:
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    return _SplitGroupNorm.apply(x, weight, bias, num_groups, eps)
+
+
+class SplitGroupNorm(torch.nn.GroupNorm):
+    """``torch.nn.GroupNorm`` whose forward is :func:`split_group_norm` (same parameters and state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return split_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def use_split_group_norm(module: torch.nn.Module) -> int:
+    """Turn every ``torch.nn.GroupNorm`` under ``module`` into a :class:`SplitGroupNorm`, in place (parameters
+    kept). Returns how many were changed."""
+    count = 0
+    for m in module.modules():
+        if type(m) is torch.nn.GroupNorm:
+            m.__class__ = SplitGroupNorm
+            count += 1
+    return count
