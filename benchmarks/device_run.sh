@@ -11,7 +11,10 @@
 # Seen on an H200 (2026-11-26): the machine starts in ~30 s, wheels 5 s, build 115-125 s (16 jobs, sm_90a), the
 # CUDA tests (TEST_ARGS="-k cuda", 15 workers) 31 s, the microbenchmarks 50 s, each step benchmark 15-30 s
 # (model setup dominates), memcheck 50-60 s. A 15-minute device budget holds one full call (~400 s) and a
-# shorter second one after a fix (~320 s).
+# shorter second one after a fix (~320 s). Session 5 (H200): build 135-140 s; an SD step benchmark ~20 s each.
+# A/B runs of the SD settings in one call, e.g.:
+#   STAGES=steps STEP_LIST=builtin STEP_EXTRA="a:--model sd --cuda-graphs --steps 20 --warmup 5;b:--model sd \
+#     --cuda-graphs --steps 20 --warmup 5 --vae-groupnorm split --profile %OUT%/prof-b.txt" benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}

@@ -121,6 +121,17 @@ def test_cli_sd_tiny_writes_json(tmp_path, capsys):
     assert "guidance: encode" in capsys.readouterr().out
 
 
+def test_cli_profile_writes_the_op_table_and_a_trace(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "prof.txt"
+    argv = ["bench", "--model", "sd", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "0"]
+    assert main([*argv, "--vae-groupnorm", "split", "--profile", str(out)]) == 0
+    table = out.read_text()
+    assert "2 steps" in table and "Self CPU" in table and "aten::" in table
+    assert json.loads(out.with_name("prof.txt.trace.json").read_text())["traceEvents"]
+    assert "split GroupNorm" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, words",
     [
@@ -130,6 +141,7 @@ def test_cli_sd_tiny_writes_json(tmp_path, capsys):
         (["--steps", "0", "--device", "cpu"], "--steps"),
         (["--device", "tpu"], "--device"),
         (["--device", "cpu", "--tiny", "--json", "/nonexistent-dir/x.json"], "--json"),
+        (["--device", "cpu", "--tiny", "--profile", "/nonexistent-dir/p.txt"], "--profile"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(argv, words, capsys):
