@@ -185,7 +185,11 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
         from fastdream.builtin.dataset import DatasetConfig
 
         cam = cfg.camera
-        kw["data_config"] = DatasetConfig(distance_range=tuple(cam.distance_range), fov_range=tuple(cam.fov_range))
+        kw["data_config"] = DatasetConfig(
+            distance_range=tuple(cam.distance_range),
+            fov_range=tuple(cam.fov_range),
+            cameras_per_view=cfg.guidance.builtin_cameras_per_view,
+        )
         kw["gamut_clip"] = bool(cfg.guidance.builtin_gamut_clip)
     if cfg.guidance.cuda_graphs and torch.device(device).type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device; drop it or use --device cuda")

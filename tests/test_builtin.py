@@ -462,6 +462,10 @@ def test_data_follow_the_runs_camera_distribution(monkeypatch, small_data):
     load_prepared_guidance(resolve(cfg), torch.device("cpu"))
     assert seen[-1].distance_range == (2.4, 2.4) and seen[-1].fov_range == (50.0, 50.0)
     assert seen[-1].key() != DatasetConfig().key()
+    assert seen[-1].cameras_per_view == DatasetConfig().cameras_per_view
+    cfg.guidance.builtin_cameras_per_view = 8  # the data size setting reaches the data too
+    load_prepared_guidance(resolve(cfg), torch.device("cpu"))
+    assert seen[-1].cameras_per_view == 8 and seen[-1].key() != seen[-2].key()
     cams, _ = balanced_cameras(2, 0, seen[-1].camera())
     assert torch.allclose(cams.distance, torch.full_like(cams.distance, 2.4))
     cams, _ = balanced_cameras(2, 0, DatasetConfig().camera())

@@ -70,6 +70,7 @@ RESUME = ("--device", "cpu", "--quiet", "--no-export")
         (("a red cube", "--set", "render.nonsense=3"), ("--set", "unknown")),
         (("a red cube", "--device", "tpu"), ("--device",)),
         (("a red cube", "--cuda-graphs"), ("--cuda-graphs", "builtin")),
+        (("a red cube", "--set", "guidance.builtin_cameras_per_view=0"), ("builtin_cameras_per_view",)),
     ],
 )
 def test_bad_settings(run_dir: Path, args: tuple[str, ...], needles: tuple[str, ...]) -> None:
