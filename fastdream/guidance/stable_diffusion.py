@@ -27,7 +27,7 @@ VAE_ATTENTION = ("sdpa", "classic")
 VAE_GROUPNORM = ("native", "split")
 # Measured on an H200 (2026-11-26, benchmarks/RESULTS.md), SD-2.1-base-shaped 64x64 step with the UNet in a CUDA
 # graph: channels_last VAE + sdpa 53.6 ms; contiguous VAE 50.8; classic attention 48.4; both 40.4 (encode 13.5 ->
-# 10.9 ms, backward 19.3 -> 9.0 ms). In channels_last, every GroupNorm of the VAE (40 of them at up to 512x512x128)
+# 10.9 ms, backward 19.3 -> 9.0 ms). In channels_last, each of the encoder's 22 GroupNorms (at up to 512x512x128)
 # first copies its input to NCHW and back; the UNet (64x64 latents) stays channels_last, which is faster there.
 
 
@@ -54,17 +54,17 @@ class StableDiffusionGuidance(DiffusersGuidance):
         vae_groupnorm: str = "native",
         **kw: Any,
     ) -> None:
-        super().__init__(resolution=render_resolution, **kw)
         if vae_attention not in VAE_ATTENTION:
             raise ValueError(f"vae_attention must be one of {VAE_ATTENTION}, got {vae_attention!r}")
+        if vae_groupnorm not in VAE_GROUPNORM:
+            raise ValueError(f"vae_groupnorm must be one of {VAE_GROUPNORM}, got {vae_groupnorm!r}")
+        super().__init__(resolution=render_resolution, **kw)
         self.vae = freeze(vae, self.device, self.dtype, channels_last=vae_channels_last)
         self.vae_channels_last = vae_channels_last and self.device.type == "cuda"
         if vae_attention == "classic":
             from diffusers.models.attention_processor import AttnProcessor
 
             self.vae.set_attn_processor(AttnProcessor())
-        if vae_groupnorm not in VAE_GROUPNORM:
-            raise ValueError(f"vae_groupnorm must be one of {VAE_GROUPNORM}, got {vae_groupnorm!r}")
         if vae_groupnorm == "split":
             from fastdream.guidance.groupnorm import use_split_group_norm
 
