@@ -5,15 +5,25 @@ table), and the fused encoding+Jacobian forward+backward (the normals path), at 
 
 Sizes: 2**18 points on the CPU, 2**20 on CUDA; ``FASTDREAM_BENCH_HASH_N`` overrides. Run with
 ``pytest benchmarks/bench_hash_grid.py`` (the CPU default run takes under a minute on 2 cores).
+
+Two point sets: ``uniform`` (independent uniform points in the cube: every gather a cache miss, the worst
+case) and, on CUDA, ``rays`` (what the renderer feeds the grid: N / 256 rays of a pinhole camera at distance
+2.5 looking at the origin, 256 evenly spaced samples each in [1.5, 3.5], ray after ray; for 2^20 points a 64x64
+image). On CUDA the ``cuda`` backend runs three times: ``cuda`` (its default, fp16 table reads), ``cuda-fp32``
+(``CUDA_FP16_TABLE_READS = False``: fp32 reads) and ``cuda-warp`` (``FASTDREAM_HASH_BACKWARD=warp``: the
+warp-aggregated table gradient, csrc/cuda/hash_grid.cu).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 
 import pytest
 import torch
 
+import fastdream.ops.hash_grid as hash_grid_module
 from fastdream.ops import HashGridConfig, _dispatch, hash_encode, hash_encode_with_jacobian, use_backend
 
 pytest.importorskip("pytest_benchmark")
@@ -25,6 +35,47 @@ CFG = HashGridConfig()
 BACKENDS = [b for b in ("reference", "cpp", "cuda", "triton") if b in _dispatch.usable_backends(OP, DEVICE)]
 if DEVICE.type == "cpu":  # the Triton interpreter is a correctness tool, not a contender
     BACKENDS = [b for b in BACKENDS if b != "triton"]
+if "cuda" in BACKENDS:
+    BACKENDS += ["cuda-fp32", "cuda-warp"]
+LAYOUTS = ["uniform", "rays"] if DEVICE.type == "cuda" else ["uniform"]
+
+
+@contextlib.contextmanager
+def _backend(name: str):
+    """``use_backend``, with ``cuda-fp32`` = the cuda backend reading the table in fp32."""
+    prev = hash_grid_module.CUDA_FP16_TABLE_READS, os.environ.get("FASTDREAM_HASH_BACKWARD")
+    hash_grid_module.CUDA_FP16_TABLE_READS = name != "cuda-fp32"
+    if name == "cuda-warp":
+        os.environ["FASTDREAM_HASH_BACKWARD"] = "warp"
+    try:
+        with use_backend("cuda" if name.startswith("cuda") else name):
+            yield
+    finally:
+        hash_grid_module.CUDA_FP16_TABLE_READS = prev[0]
+        if prev[1] is None:
+            os.environ.pop("FASTDREAM_HASH_BACKWARD", None)
+        else:
+            os.environ["FASTDREAM_HASH_BACKWARD"] = prev[1]
+
+
+def ray_points(n: int, generator: torch.Generator, samples: int = 256) -> torch.Tensor:
+    """n points along n / samples camera rays, ray after ray (see the module docstring)."""
+    rays = max(1, n // samples)
+    side = math.isqrt(rays)
+    eye = torch.nn.functional.normalize(torch.randn(3, generator=generator), dim=0) * 2.5
+    fwd = -eye / eye.norm()
+    right = torch.nn.functional.normalize(torch.linalg.cross(fwd, torch.tensor([0.0, 1.0, 0.0])), dim=0)
+    up = torch.linalg.cross(right, fwd)
+    k = torch.arange(rays)
+    px = ((k % side).float() + 0.5) / side * 2 - 1
+    py = ((k // side).float() + 0.5) / max(1, (rays + side - 1) // side) * 2 - 1
+    half = math.tan(math.radians(45) / 2)  # a 45-degree field of view: the unit sphere fills the image
+    d = torch.nn.functional.normalize(fwd + half * (px[:, None] * right + py[:, None] * up), dim=1)
+    t = torch.linspace(1.5, 3.5, samples)
+    pts = (eye + d[:, None, :] * t[None, :, None]).reshape(-1, 3)
+    if pts.shape[0] < n:  # n not a multiple of samples: pad with the first points
+        pts = torch.cat([pts, pts[: n - pts.shape[0]]])
+    return pts[:n].contiguous()
 
 
 def _sync() -> None:
@@ -32,13 +83,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-@pytest.fixture(scope="module")
-def data():
+@pytest.fixture(scope="module", params=LAYOUTS)
+def data(request):
     g = torch.Generator().manual_seed(0)
-    x = (torch.rand(N, 3, generator=g) * 2 - 1).to(DEVICE)
+    x = (torch.rand(N, 3, generator=g) * 2 - 1) if request.param == "uniform" else ray_points(N, g)
     table = ((torch.rand(CFG.levels, CFG.table_size, CFG.features, generator=g) * 2 - 1) * 1e-2).to(DEVICE)
     grad = torch.randn(N, CFG.out_dim, generator=g).to(DEVICE)
-    return x, table, grad
+    return x.to(DEVICE), table, grad, request.param
 
 
 def _pedantic(backend: str) -> dict:
@@ -50,11 +101,11 @@ def _pedantic(backend: str) -> dict:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hash_encode_forward(benchmark, data, backend):
-    x, table, _ = data
-    benchmark.group = f"hash_encode forward N={N} {DEVICE.type}"
+    x, table, _, layout = data
+    benchmark.group = f"hash_encode forward N={N} {layout} {DEVICE.type}"
 
     def run():
-        with use_backend(backend), torch.no_grad():
+        with _backend(backend), torch.no_grad():
             out = hash_encode(x, table, CFG)
         _sync()
         return out
@@ -65,13 +116,13 @@ def test_hash_encode_forward(benchmark, data, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hash_encode_forward_backward(benchmark, data, backend):
-    x, table, grad = data
-    benchmark.group = f"hash_encode forward+backward N={N} {DEVICE.type}"
+    x, table, grad, layout = data
+    benchmark.group = f"hash_encode forward+backward N={N} {layout} {DEVICE.type}"
     t = table.clone().requires_grad_(True)
 
     def run():
         t.grad = None
-        with use_backend(backend):
+        with _backend(backend):
             hash_encode(x, t, CFG).backward(grad)
         _sync()
         return t.grad
@@ -82,14 +133,14 @@ def test_hash_encode_forward_backward(benchmark, data, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hash_encode_jacobian_forward_backward(benchmark, data, backend):
-    x, table, grad = data
-    benchmark.group = f"hash_encode_with_jacobian forward+backward N={N} {DEVICE.type}"
+    x, table, grad, layout = data
+    benchmark.group = f"hash_encode_with_jacobian forward+backward N={N} {layout} {DEVICE.type}"
     t = table.clone().requires_grad_(True)
     grad_jac = grad[:, :, None].expand(N, CFG.out_dim, 3)
 
     def run():
         t.grad = None
-        with use_backend(backend):
+        with _backend(backend):
             enc, jac = hash_encode_with_jacobian(x, t, CFG)
             torch.autograd.backward([enc, jac], [grad, grad_jac])
         _sync()

@@ -20,9 +20,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
 DEADLINE=${DEADLINE:-540}
 WHEELS=${WHEELS:-.whl}
-# STAGES: which of tests,steps,hash,micro,peers,memcheck,compile to run, in that order (default all but hash,
-# which is the hash-grid part of micro alone); TEST_ARGS: extra pytest arguments (e.g. "-k cuda": only the CUDA
-# parametrisations, the CPU ones run in CI).
+# STAGES: which of tests,steps,hash,generate,micro,peers,memcheck,compile to run, in that order (default all but
+# hash, which is the hash-grid part of micro alone, and generate, a default builtin run timed end to end with
+# GEN_ARGS); TEST_ARGS: extra pytest arguments (e.g. "-k cuda": only the CUDA parametrisations, the CPU ones run
+# in CI).
 STAGES=${STAGES:-steps,tests,micro,peers,memcheck,compile}
 TEST_ARGS=${TEST_ARGS:-}
 TEST_CAP=${TEST_CAP:-200}
@@ -137,17 +138,36 @@ stage_peers() {
   cat /tmp/peers.json >>"$OUT/peers.log" 2>/dev/null
 }
 
+# A default builtin run end to end on the GPU (--cuda-graphs: the field replayed from CUDA graphs), timed, then
+# scored by fastdream evaluate.
+stage_generate() {
+  log "generate: a red cube, --model builtin --device cuda ${GEN_ARGS:-}"
+  local t0 rc
+  t0=$(date +%s)
+  # shellcheck disable=SC2086  # the args are words
+  timeout "$(cap 120)" $PY -m fastdream generate "a red cube" --model builtin --device cuda --out /tmp/gen-run \
+    --overwrite --quiet ${GEN_ARGS:-} >"$OUT/generate.log" 2>&1
+  rc=$?
+  echo "generate rc=$rc, $(($(date +%s) - t0)) s (dataset, training, export)" | tee -a "$OUT/summary.txt"
+  tail -3 "$OUT/generate.log" | tee -a "$OUT/summary.txt"
+  timeout "$(cap 60)" $PY -m fastdream evaluate /tmp/gen-run >"$OUT/evaluate.json" 2>>"$OUT/generate.log"
+  echo "evaluate rc=$?" | tee -a "$OUT/summary.txt"
+  head -c 600 "$OUT/evaluate.json" | tee -a "$OUT/summary.txt"
+  echo | tee -a "$OUT/summary.txt"
+}
+
 stage_memcheck() {
   command -v compute-sanitizer >/dev/null 2>&1 && (($(left) > 60)) || return 0
   log "compute-sanitizer memcheck over the CUDA kernel tests"
   timeout "$(cap 200)" compute-sanitizer --tool memcheck --error-exitcode 99 \
-    $PY -m pytest -q -p no:cacheprovider -k "cuda and not triton" tests/test_shading.py tests/test_raymarch.py \
-    tests/test_composite.py tests/test_hash_grid.py tests/test_occupancy.py >"$OUT/memcheck.log" 2>&1
+    $PY -m pytest -q -p no:cacheprovider -k "cuda and not triton" ${MEMCHECK_FILES:-tests/test_shading.py \
+    tests/test_raymarch.py tests/test_composite.py tests/test_hash_grid.py tests/test_occupancy.py} \
+    >"$OUT/memcheck.log" 2>&1
   echo "memcheck rc=$?" | tee -a "$OUT/summary.txt"
   grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$OUT/summary.txt"
 }
 
-for s in tests steps hash micro peers memcheck compile; do
+for s in tests steps hash generate micro peers memcheck compile; do
   has "$s" || continue
   if (($(left) < 20)); then
     log "out of time before stage $s"
@@ -156,7 +176,8 @@ for s in tests steps hash micro peers memcheck compile; do
   case $s in
   steps) stage_steps ;;
   tests) stage_tests ;;
-  hash) micro hash 60 benchmarks/bench_hash_grid.py ;;
+  hash) micro hash 120 benchmarks/bench_hash_grid.py ;;
+  generate) stage_generate ;;
   micro) micro all 150 benchmarks/ --ignore=benchmarks/bench_peers.py --ignore=benchmarks/bench_builtin_quality.py ;;
   peers) stage_peers ;;
   memcheck) stage_memcheck ;;

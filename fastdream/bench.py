@@ -220,6 +220,7 @@ class BenchConfig:
         ops: "fused" (the dispatcher's fastest implementations) | "reference" (pure PyTorch everywhere).
         compile: ``torch.compile`` the UNet call. cuda_graphs: replay the UNet call from a CUDA graph, and the
             VAE encoder's forward and backward (SD) from two.
+        field_graphs: replay the field's forward and backward from CUDA graphs (:mod:`fastdream.field_graphs`).
         tiny: tiny field and tiny random models (CPU tests of every path).
         shading: "shaded" | "textureless" (both need normals) | "albedo".
         grid_update_every: the trainer's period, used to amortise the grid update in the step total.
@@ -239,6 +240,7 @@ class BenchConfig:
     ops: str = "fused"
     compile: bool = False
     cuda_graphs: bool = False
+    field_graphs: bool = False
     tiny: bool = False
     shading: str = "shaded"
     grid_update_every: int = 16
@@ -285,6 +287,8 @@ class BenchResult:
             mode.append("torch.compile")
         if c["cuda_graphs"]:
             mode.append("CUDA graphs")
+        if c.get("field_graphs"):
+            mode.append("field in CUDA graphs")
         if c["model"] != "builtin":
             mode.append(f"UNet {c['unet_layout']}")
         if c["model"] == "sd":
@@ -343,6 +347,12 @@ def validate(cfg: BenchConfig, device: torch.device) -> None:
         raise UserError("--compile and --cuda-graphs speed up the UNet call; use them with --model sd or --model if")
     if cfg.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device; drop it or use --device cuda")
+    if cfg.field_graphs and device.type != "cuda":
+        raise UserError("--field-graphs needs a CUDA device; drop it or use --device cuda")
+    if cfg.field_graphs and cfg.shading == "albedo":
+        raise UserError(
+            "--field-graphs replays the field with its normals; use it with --shading shaded or textureless"
+        )
     if cfg.unet_layout not in ("channels_last", "contiguous"):
         raise UserError(f"--unet-layout must be channels_last or contiguous, got {cfg.unet_layout!r}")
     if cfg.vae_layout not in ("channels_last", "contiguous"):
@@ -498,6 +508,11 @@ class StepRunner:
         self.cfg, self.device, self.guidance, self.resolution = cfg, device, guidance, resolution
         self.run = run_config(cfg, device, resolution)
         self.field, self.background, self.grid = build_models(self.run, device)
+        self.density_and_normals = self.field.density_and_normals
+        if cfg.field_graphs:
+            from fastdream.field_graphs import GraphedDensityAndNormals
+
+            self.density_and_normals = GraphedDensityAndNormals(self.field)
         self.optimizer = build_optimizer(self.run, self.field, self.background)
         self.amp = device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
@@ -544,7 +559,7 @@ class StepRunner:
                 sigma, albedo = self.field(positions)
                 normals = None
             else:
-                sigma, albedo, normals = self.field.density_and_normals(positions)
+                sigma, albedo, normals = self.density_and_normals(positions)
             clock.mark("field")
             if normals is None:
                 colors = albedo
@@ -720,6 +735,8 @@ def run_bench(cfg: BenchConfig, profile: Path | None = None) -> BenchResult:
         notes.append(f"{runner.skipped} steps had a non-finite loss or gradient and skipped backward/optimizer")
     if device.type == "cpu":
         notes.append("CPU timings are wall time and depend on the machine's load")
+    if cfg.field_graphs:
+        notes.append(f"field CUDA graphs: {runner.density_and_normals.captures} captured (sample-count buckets)")
     config = dataclasses.asdict(cfg) | {"resolution": resolution, "device": str(device)}
     return BenchResult(
         config=config,

@@ -139,8 +139,9 @@ class GuidanceConfig:
     # --model builtin only: cameras per view word in the prior's data (fastdream.builtin.dataset; 4x this images per
     # primitive, colour and shading mode). The denoiser's cost grows with it (64: ~22% of a CPU step).
     builtin_cameras_per_view: int = 64
-    # Diffusion models on CUDA: replay the UNet call, and SD's VAE encoder forward and backward, from CUDA graphs
-    # (fastdream.guidance.graphs; the UNet call is launch-bound: 25 -> 9.8 ms a step on an H200).
+    # CUDA: replay the field's forward and backward with normals (fastdream.field_graphs) and, for diffusion models,
+    # the UNet call and SD's VAE encoder forward and backward (fastdream.guidance.graphs) from CUDA graphs. Both
+    # are launch-bound at 64x64 (the UNet call: 25 -> 9.8 ms a step on an H200).
     cuda_graphs: bool = False
 
 
@@ -305,8 +306,6 @@ def validate(cfg: RunConfig) -> None:
         if not lo <= g.t_max_end <= 1.0:
             raise UserError(f"t_max_end must be in [t_range[0], 1] = [{lo}, 1], got {g.t_max_end}")
     positive_int("builtin_cameras_per_view", g.builtin_cameras_per_view, lo=1, hi=4096)
-    if g.cuda_graphs and is_builtin(g.model):
-        raise UserError("--cuda-graphs speeds up a diffusion model's UNet call; drop it with --model builtin")
     if g.weighting not in WEIGHTINGS:
         raise UserError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {g.weighting!r}")
     if r.background is not None and r.background not in BACKGROUNDS:

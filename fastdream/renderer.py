@@ -60,6 +60,7 @@ def render(
     jitter: bool = False,
     generator: torch.Generator | None = None,
     prune: bool = False,
+    density_and_normals: Any = None,
 ) -> dict[str, Any]:
     """Render ``B`` cameras at ``height`` x ``width``.
 
@@ -73,6 +74,8 @@ def render(
         prune: evaluate the density first without gradients and drop the samples that compositing would skip
             (behind the point where a ray's transmittance falls below 1e-4: the inside of opaque objects).
             Exact: the image, the weights and every gradient are unchanged (:func:`fastdream.ops.prune_occluded`).
+        density_and_normals: replaces ``field.density_and_normals`` (same signature), e.g. the CUDA-graph replay
+            of :class:`fastdream.field_graphs.GraphedDensityAndNormals`.
 
     Returns:
         dict with ``image`` [B, 3, H, W], ``opacity`` [B, 1, H, W], ``depth`` [B, 1, H, W],
@@ -102,7 +105,8 @@ def render(
     positions = samples.positions
     need_normals = bool(need_normals) or mode != ShadeMode.ALBEDO
     if need_normals:
-        sigma, albedo, normals = field.density_and_normals(positions, method=normals_method)
+        fn = density_and_normals or field.density_and_normals
+        sigma, albedo, normals = fn(positions, method=normals_method)
     else:
         sigma, albedo = field(positions)
         normals = None

@@ -198,7 +198,7 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
         guidance.prepare(cfg.prompt)
     except ValueError as e:  # e.g. a prompt outside the builtin vocabulary
         raise UserError(str(e).splitlines()[0] if str(e) else "the prompt was refused by the model") from e
-    if cfg.guidance.cuda_graphs:
+    if cfg.guidance.cuda_graphs and not is_builtin(cfg.guidance.model):  # the field: fastdream.train.Trainer
         from fastdream.guidance.graphs import accelerate
 
         accelerate(guidance, cuda_graphs=True)

@@ -136,6 +136,7 @@ def test_cli_profile_writes_the_op_table_and_a_trace(tmp_path, capsys):
     "argv, words",
     [
         (["--model", "sd", "--tiny", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs"),
+        (["--tiny", "--field-graphs", "--device", "cpu"], "--field-graphs"),
         (["--compile", "--device", "cpu"], "--model sd"),
         (["--model", "sd", "--device", "cpu"], "--tiny"),
         (["--steps", "0", "--device", "cpu"], "--steps"),

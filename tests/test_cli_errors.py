@@ -69,7 +69,6 @@ RESUME = ("--device", "cpu", "--quiet", "--no-export")
         (("a red cube", "--lr", "-0.1"), ("--lr",)),
         (("a red cube", "--set", "render.nonsense=3"), ("--set", "unknown")),
         (("a red cube", "--device", "tpu"), ("--device",)),
-        (("a red cube", "--cuda-graphs"), ("--cuda-graphs", "builtin")),
         (("a red cube", "--set", "guidance.builtin_cameras_per_view=0"), ("builtin_cameras_per_view",)),
     ],
 )

@@ -198,7 +198,7 @@ def backend(request) -> str:
 
 
 def _tol(backend: str, device: torch.device) -> dict:
-    if backend == "triton" and device.type == "cuda":  # fp16 table reads
+    if backend in ("cuda", "triton") and device.type == "cuda":  # fp16 table reads (values up to 1 here)
         return {"atol": 3e-3, "rtol": 3e-3}
     return {"atol": 1e-4, "rtol": 1e-4}
 
@@ -319,6 +319,84 @@ def test_backend_second_derivative_in_x_matches_reference(backend):
         got = run(hash_encode, x.to(device), table.to(device))
     tol = _tol(backend, device)
     torch.testing.assert_close(got.cpu().double(), want, atol=tol["atol"] * 100, rtol=tol["rtol"] * 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the fp16-read path of the cuda backend")
+@pytest.mark.parametrize("fp16_reads", [True, False])
+def test_cuda_table_reads_are_exact_on_the_table_they_read(fp16_reads, monkeypatch):
+    """fp16 reads: the only error is the rounding of the table (the reference on the fp16-rounded table agrees to
+    fp32 accuracy); every output and gradient stays fp32. fp32 reads: the reference on the table itself."""
+    import fastdream.ops.hash_grid as hg
+
+    if "cuda" not in _dispatch.usable_backends(OP, torch.device("cuda")):
+        pytest.skip("the CUDA extension is not built")
+    monkeypatch.setattr(hg, "CUDA_FP16_TABLE_READS", fp16_reads)
+    n = 1025
+    x = _mixed_points(n, seed=3)
+    table = _table(SMALL) * 1e-2  # the scale of a trained table (init is 1e-4)
+    read = table.half().double() if fp16_reads else table.double()
+    g = torch.Generator().manual_seed(9)
+    g_enc, g_jac = torch.randn(n, SMALL.out_dim, generator=g), torch.randn(n, SMALL.out_dim, 3, generator=g)
+
+    def run(enc_fn, jac_fn, x_, t_):
+        xr, tr = x_.clone().requires_grad_(True), t_.clone().requires_grad_(True)
+        enc = enc_fn(xr, tr, SMALL)
+        (enc * g_enc.to(enc)).sum().backward()
+        t2 = t_.clone().requires_grad_(True)
+        e2, j2 = jac_fn(x_, t2, SMALL)
+        ((e2 * g_enc.to(e2)).sum() + (j2 * g_jac.to(j2)).sum()).backward()
+        return enc, e2, j2, xr.grad, tr.grad, t2.grad
+
+    want = run(hash_encode_reference, hash_encode_with_jacobian_reference, x.double(), read)
+    with use_backend("cuda"):
+        got = run(hash_encode, hash_encode_with_jacobian, x.cuda(), table.cuda())
+    names = ("enc", "enc (jacobian pass)", "jac", "grad x", "grad table", "grad table (jacobian pass)")
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == torch.float32, name
+        scale = b.abs().max().item() + 1e-30
+        torch.testing.assert_close(a.cpu().double(), b, atol=2e-6 * scale, rtol=1e-5, msg=lambda m, k=name: f"{k}: {m}")
+    if fp16_reads:  # and the rounding is visible: the fp32 table would give other values
+        exact = run(hash_encode_reference, hash_encode_with_jacobian_reference, x.double(), table.double())
+        assert not torch.allclose(got[0].cpu().double(), exact[0], atol=0, rtol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the warp-aggregated table gradient")
+@pytest.mark.parametrize("n", [1, 33, 1025])
+@pytest.mark.parametrize("order", ["rays", "shuffled"])
+def test_cuda_warp_aggregated_backward_matches_the_plain_one(n, order, monkeypatch):
+    """FASTDREAM_HASH_BACKWARD=warp: the same table gradients (encoding and Jacobian paths), for points along
+    rays (long runs of shared vertices in a warp) and shuffled (hardly any), at sizes that leave partial warps."""
+    if "cuda" not in _dispatch.usable_backends(OP, torch.device("cuda")):
+        pytest.skip("the CUDA extension is not built")
+    g = torch.Generator().manual_seed(n)
+    t = torch.linspace(-1.1, 1.1, n)[:, None]
+    x = torch.randn(1, 3, generator=g) * 0.3 + t * torch.nn.functional.normalize(torch.randn(1, 3, generator=g))
+    if order == "shuffled":
+        x = x[torch.randperm(n, generator=g)]
+    x, table = x.cuda(), (_table(SMALL) * 1e-2).cuda()
+    g_enc = torch.randn(n, SMALL.out_dim, generator=g).cuda()
+    g_jac = torch.randn(n, SMALL.out_dim, 3, generator=g).cuda()
+
+    def grads():
+        t1, t2 = table.clone().requires_grad_(True), table.clone().requires_grad_(True)
+        with use_backend("cuda"):
+            hash_encode(x, t1, SMALL).backward(g_enc)
+            e, j = hash_encode_with_jacobian(x, t2, SMALL)
+            torch.autograd.backward([e, j], [g_enc, g_jac])
+        return t1.grad, t2.grad
+
+    monkeypatch.delenv("FASTDREAM_HASH_BACKWARD", raising=False)
+    plain = grads()
+    monkeypatch.setenv("FASTDREAM_HASH_BACKWARD", "warp")
+    warp = grads()
+    for name, a, b in zip(("encoding", "jacobian"), warp, plain):
+        assert a.dtype == torch.float32
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a, b, atol=1e-6 * scale, rtol=1e-5, msg=lambda m, k=name: f"{k}: {m}")
+    read = table.half().double().cpu()  # and both equal the reference on the table the kernels read
+    tr = read.clone().requires_grad_(True)
+    hash_encode_reference(x.double().cpu(), tr, SMALL).backward(g_enc.double().cpu())
+    torch.testing.assert_close(warp[0].cpu().double(), tr.grad, atol=1e-6 * tr.grad.abs().max().item(), rtol=1e-5)
 
 
 def test_cpp_float64_gradcheck_and_gradgradcheck():

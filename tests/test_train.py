@@ -202,6 +202,15 @@ def test_optimizer_groups_table_mlp_and_background(tmp_path):
         validate(cfg)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_optimizer_is_fused_adam_on_cuda_only(tmp_path, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    tr = Trainer(tiny_config(), ColourGuidance(), tmp_path, device)
+    assert isinstance(tr.optimizer, torch.optim.Adam)
+    assert bool(tr.optimizer.defaults["fused"]) == (device == "cuda")
+
+
 def test_t_max_anneals_linearly_to_t_max_end(tmp_path):
     cfg = tiny_config(steps=11)
     tr = Trainer(cfg, ColourGuidance(), tmp_path / "plain", "cpu")

@@ -1,10 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0
 // CUDA launches of the hash-grid encoding: one thread per (point, level). Per-point code:
 // csrc/include/fastdream/hash_grid.h (the table gradient accumulates with atomicAdd there).
+//
+// Table reads: the table is float32 (or float64), or, for float32 positions, float16: fp16 reads (half the bytes
+// of every gather; the default 16-level table is 32 MiB in fp16, which fits an H100's 50 MiB L2, against 64 MiB
+// in fp32), converted to fp32 before any arithmetic. The gradient of the table is always float32 (fp32 atomics),
+// whatever the table's read type: fastdream/ops/hash_grid.py passes an fp16 copy of the fp32 master table.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "fastdream/hash_grid.h"
@@ -38,8 +46,8 @@ int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThread
 
 // Thread t handles point t / L at level t % L: neighbouring threads read neighbouring table slices' rows of
 // the same point (the points are the coalesced dimension of the outputs).
-template <typename T>
-__global__ void forward_kernel(int64_t n, Levels levels, const T* __restrict__ x, const T* __restrict__ table,
+template <typename T, typename TT>
+__global__ void forward_kernel(int64_t n, Levels levels, const T* __restrict__ x, const TT* __restrict__ table,
                                int64_t S, int F, T bound, T* __restrict__ enc, T* __restrict__ jac) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int L = levels.count;
@@ -81,8 +89,24 @@ __device__ __forceinline__ void atomic_add_float2(float* p, float a, float b) {
 #endif
 }
 
-__global__ void forward_f2_kernel(int64_t n, Levels levels, const float* __restrict__ x,
-                                  const float* __restrict__ table, int64_t S, float bound, float* __restrict__ enc) {
+// Four floats (two vertices' F = 2 features) in one atomic on sm_90+ (CUDA 12.1+); two float2 ones before.
+__device__ __forceinline__ void atomic_add_float4(float* p, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), v);
+#else
+  atomic_add_float2(p, v.x, v.y);
+  atomic_add_float2(p + 2, v.z, v.w);
+#endif
+}
+
+__device__ __forceinline__ float2 load_pair(const float* p) { return __ldg(reinterpret_cast<const float2*>(p)); }
+__device__ __forceinline__ float2 load_pair(const __half* p) {
+  return __half22float2(__ldg(reinterpret_cast<const __half2*>(p)));
+}
+
+template <typename TT>
+__global__ void forward_f2_kernel(int64_t n, Levels levels, const float* __restrict__ x, const TT* __restrict__ table,
+                                  int64_t S, float bound, float* __restrict__ enc) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int L = levels.count;
   if (t >= n * L) return;
@@ -93,11 +117,11 @@ __global__ void forward_f2_kernel(int64_t n, Levels levels, const float* __restr
   uint32_t idx[8];
   float w[8];
   hash_level_cell<float>(u, levels.lv[l].res, levels.lv[l].dense, static_cast<uint32_t>(S - 1), idx, w, nullptr);
-  const float2* table_l = reinterpret_cast<const float2*>(table + l * S * 2);
+  const TT* table_l = table + l * S * 2;
   float e0 = 0.f, e1 = 0.f;
 #pragma unroll
   for (int c = 0; c < 8; ++c) {
-    const float2 v = __ldg(table_l + idx[c]);
+    const float2 v = load_pair(table_l + static_cast<int64_t>(idx[c]) * 2);
     e0 += w[c] * v.x;
     e1 += w[c] * v.y;
   }
@@ -106,20 +130,16 @@ __global__ void forward_f2_kernel(int64_t n, Levels levels, const float* __restr
   out[1] = e1;
 }
 
-__global__ void backward_table_f2_kernel(int64_t n, Levels levels, const float* __restrict__ x, int64_t S, float bound,
-                                         const float* __restrict__ grad_enc, const float* __restrict__ grad_jac,
-                                         float* __restrict__ grad_table) {
-  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int L = levels.count;
-  if (t >= n * L) return;
-  const int64_t i = t / L;
-  const int l = static_cast<int>(t % L);
+// The table gradient of one point at one level (F = 2, fp32): vertex indices and the two features' gradients per
+// corner, from the encoding's gradient (grad_enc, may be nullptr) and the Jacobian's (grad_jac, may be nullptr).
+__device__ __forceinline__ void f2_corner_grads(int64_t i, int l, int L, const HashLevel lv, const float* x,
+                                                uint32_t mask, float bound, const float* __restrict__ grad_enc,
+                                                const float* __restrict__ grad_jac, uint32_t idx[8], float a[8],
+                                                float b[8]) {
   float u[3], du[3];
   hash_point(x + 3 * i, bound, u, du);
-  const HashLevel lv = levels.lv[l];
-  uint32_t idx[8];
   float w[8], dw[8][3];
-  hash_level_cell<float>(u, lv.res, lv.dense, static_cast<uint32_t>(S - 1), idx, w, grad_jac != nullptr ? dw : nullptr);
+  hash_level_cell<float>(u, lv.res, lv.dense, mask, idx, w, grad_jac != nullptr ? dw : nullptr);
   float g0 = 0.f, g1 = 0.f;
   if (grad_enc != nullptr) {
     g0 = grad_enc[(i * L + l) * 2 + 0];
@@ -135,22 +155,120 @@ __global__ void backward_table_f2_kernel(int64_t n, Levels levels, const float* 
       j[3 + k] = gj[3 + k] * r * du[k];
     }
   }
-  float* grad_l = grad_table + l * S * 2;
 #pragma unroll
   for (int c = 0; c < 8; ++c) {
-    float a = w[c] * g0, b = w[c] * g1;
+    a[c] = w[c] * g0;
+    b[c] = w[c] * g1;
     if (grad_jac != nullptr) {
-      a += dw[c][0] * j[0] + dw[c][1] * j[1] + dw[c][2] * j[2];
-      b += dw[c][0] * j[3] + dw[c][1] * j[4] + dw[c][2] * j[5];
+      a[c] += dw[c][0] * j[0] + dw[c][1] * j[1] + dw[c][2] * j[2];
+      b[c] += dw[c][0] * j[3] + dw[c][1] * j[4] + dw[c][2] * j[5];
     }
-    if (a != 0.f || b != 0.f) atomic_add_float2(grad_l + static_cast<int64_t>(idx[c]) * 2, a, b);
   }
 }
 
-bool aligned8(const void* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; }
+__global__ void backward_table_f2_kernel(int64_t n, Levels levels, const float* __restrict__ x, int64_t S, float bound,
+                                         const float* __restrict__ grad_enc, const float* __restrict__ grad_jac,
+                                         float* __restrict__ grad_table, bool pair16) {
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int L = levels.count;
+  if (t >= n * L) return;
+  const int64_t i = t / L;
+  const int l = static_cast<int>(t % L);
+  uint32_t idx[8];
+  float a[8], b[8];
+  f2_corner_grads(i, l, L, levels.lv[l], x, static_cast<uint32_t>(S - 1), bound, grad_enc, grad_jac, idx, a, b);
+  float* grad_l = grad_table + l * S * 2;
+  // Corners c and c + 1 differ in x only. Dense levels index them i and i + 1; hashed levels i ^ h and (i + 1) ^ h
+  // (x has prime 1), which are the two halves of one 16-byte pair {2k, 2k + 1} whenever i is even. Such a pair
+  // takes one float4 atomic instead of two float2 ones (sm_90+; the grad table and each level's slice are
+  // 16-byte aligned: checked by the launcher): about 6 atomics per point and level instead of 8.
+#pragma unroll
+  for (int c = 0; c < 8; c += 2) {
+    const uint32_t i0 = idx[c], i1 = idx[c + 1];
+    if (pair16 && (i0 ^ i1) == 1u) {
+      const bool lo0 = (i0 & 1u) == 0u;
+      const float4 v = lo0 ? make_float4(a[c], b[c], a[c + 1], b[c + 1]) : make_float4(a[c + 1], b[c + 1], a[c], b[c]);
+      if (v.x != 0.f || v.y != 0.f || v.z != 0.f || v.w != 0.f)
+        atomic_add_float4(grad_l + static_cast<int64_t>(i0 & ~1u) * 2, v);
+      continue;
+    }
+    if (a[c] != 0.f || b[c] != 0.f) atomic_add_float2(grad_l + static_cast<int64_t>(i0) * 2, a[c], b[c]);
+    if (a[c + 1] != 0.f || b[c + 1] != 0.f)
+      atomic_add_float2(grad_l + static_cast<int64_t>(i1) * 2, a[c + 1], b[c + 1]);
+  }
+}
 
-template <typename T>
-__global__ void backward_x_kernel(int64_t n, Levels levels, const T* __restrict__ x, const T* __restrict__ table,
+// The same gradient with warp aggregation, for points that come ray by ray (the renderer's order). A warp takes
+// 32 consecutive points at one level (warp w: level w % L, points 32 (w / L) ...), so along a ray neighbouring
+// lanes often share a vertex, at the coarse levels nearly always. Per corner, runs of lanes with the same vertex
+// are summed with a segmented suffix scan over shuffles and the run's first lane adds the sum: one atomic per run
+// instead of one per lane. Lanes past n take a vertex index no level has (0xFFFFFFFF) and a zero gradient.
+// Selected by FASTDREAM_HASH_BACKWARD=warp (an experiment measured in benchmarks/bench_hash_grid.py).
+__global__ void backward_table_f2_warp_kernel(int64_t n, Levels levels, const float* __restrict__ x, int64_t S,
+                                              float bound, const float* __restrict__ grad_enc,
+                                              const float* __restrict__ grad_jac, float* __restrict__ grad_table) {
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int L = levels.count;
+  const int64_t warp = t >> 5;
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int l = static_cast<int>(warp % L);
+  const int64_t i = (warp / L) * 32 + lane;
+  if ((warp / L) * 32 >= n) return;  // whole warps only: every lane below takes part in the shuffles
+  uint32_t idx[8];
+  float a[8], b[8];
+  if (i < n) {
+    f2_corner_grads(i, l, L, levels.lv[l], x, static_cast<uint32_t>(S - 1), bound, grad_enc, grad_jac, idx, a, b);
+  } else {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      idx[c] = 0xFFFFFFFFu;
+      a[c] = b[c] = 0.f;
+    }
+  }
+  float* grad_l = grad_table + l * S * 2;
+  constexpr unsigned kAll = 0xFFFFFFFFu;
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    const uint32_t key = idx[c];
+    const uint32_t prev = __shfl_up_sync(kAll, key, 1);
+    const bool head = lane == 0 || prev != key;
+    const unsigned heads = __ballot_sync(kAll, head);
+    const unsigned after = lane == 31 ? 0u : heads & (kAll << (lane + 1));  // run starts past this lane
+    const int run_end = after ? __ffs(after) - 1 : 32;                      // first lane of the next run
+    float va = a[c], vb = b[c];
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const float na = __shfl_down_sync(kAll, va, d);
+      const float nb = __shfl_down_sync(kAll, vb, d);
+      if (lane + d < run_end) {
+        va += na;
+        vb += nb;
+      }
+    }
+    if (head && key != 0xFFFFFFFFu && (va != 0.f || vb != 0.f))
+      atomic_add_float2(grad_l + static_cast<int64_t>(key) * 2, va, vb);
+  }
+}
+
+bool warp_aggregate() {
+  const char* v = std::getenv("FASTDREAM_HASH_BACKWARD");
+  return v != nullptr && std::strcmp(v, "warp") == 0;
+}
+
+// Threads for the warp-aggregated kernel: L whole warps per 32 points.
+int64_t warp_threads(int64_t n, int L) { return ((n + 31) / 32) * 32 * L; }
+
+bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+bool is_half_table(const torch::Tensor& x, const torch::Tensor& table, const char* fn) {
+  const bool half = table.scalar_type() == torch::kHalf;
+  TORCH_CHECK(table.scalar_type() == x.scalar_type() || (half && x.scalar_type() == torch::kFloat), fn,
+              ": the table must have the positions' dtype, or be float16 with float32 positions");
+  return half;
+}
+
+template <typename T, typename TT>
+__global__ void backward_x_kernel(int64_t n, Levels levels, const T* __restrict__ x, const TT* __restrict__ table,
                                   int64_t S, int F, T bound, const T* __restrict__ grad, T* __restrict__ grad_x) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
@@ -170,18 +288,34 @@ __global__ void backward_x_kernel(int64_t n, Levels levels, const T* __restrict_
 torch::Tensor hash_encode_forward_cuda(torch::Tensor x, torch::Tensor table, std::vector<int64_t> resolutions,
                                        double bound) {
   const c10::cuda::CUDAGuard guard(x.device());
+  const bool half = is_half_table(x, table, "hash_encode_forward");
   const Levels lv = make_levels_cuda(resolutions, table.size(1));
   const int64_t n = x.size(0), S = table.size(1), F = table.size(2);
   auto enc = torch::empty({n, lv.count * F}, x.options());
   if (n == 0) return enc;
-  if (x.scalar_type() == torch::kFloat && F == 2 && aligned8(table.data_ptr())) {
-    forward_f2_kernel<<<blocks_for(n * lv.count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        n, lv, x.data_ptr<float>(), table.data_ptr<float>(), S, static_cast<float>(bound), enc.data_ptr<float>());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int blocks = blocks_for(n * lv.count);
+  if (half) {
+    const __half* tp = reinterpret_cast<const __half*>(table.data_ptr<at::Half>());
+    if (F == 2 && aligned(tp, 4)) {
+      forward_f2_kernel<__half><<<blocks, kThreads, 0, stream>>>(n, lv, x.data_ptr<float>(), tp, S,
+                                                                 static_cast<float>(bound), enc.data_ptr<float>());
+    } else {
+      forward_kernel<float, __half><<<blocks, kThreads, 0, stream>>>(n, lv, x.data_ptr<float>(), tp, S,
+                                                                     static_cast<int>(F), static_cast<float>(bound),
+                                                                     enc.data_ptr<float>(), nullptr);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return enc;
+  }
+  if (x.scalar_type() == torch::kFloat && F == 2 && aligned(table.data_ptr(), 8)) {
+    forward_f2_kernel<float><<<blocks, kThreads, 0, stream>>>(n, lv, x.data_ptr<float>(), table.data_ptr<float>(), S,
+                                                              static_cast<float>(bound), enc.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return enc;
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_forward_cuda", [&] {
-    forward_kernel<scalar_t><<<blocks_for(n * lv.count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    forward_kernel<scalar_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
         n, lv, x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), S, static_cast<int>(F), static_cast<scalar_t>(bound),
         enc.data_ptr<scalar_t>(), nullptr);
   });
@@ -193,16 +327,25 @@ std::tuple<torch::Tensor, torch::Tensor> hash_encode_jacobian_forward_cuda(torch
                                                                            std::vector<int64_t> resolutions,
                                                                            double bound) {
   const c10::cuda::CUDAGuard guard(x.device());
+  const bool half = is_half_table(x, table, "hash_encode_jacobian_forward");
   const Levels lv = make_levels_cuda(resolutions, table.size(1));
   const int64_t n = x.size(0), S = table.size(1), F = table.size(2);
   auto enc = torch::empty({n, lv.count * F}, x.options());
   auto jac = torch::empty({n, lv.count * F, 3}, x.options());
   if (n == 0) return {enc, jac};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_jacobian_forward_cuda", [&] {
-    forward_kernel<scalar_t><<<blocks_for(n * lv.count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        n, lv, x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), S, static_cast<int>(F), static_cast<scalar_t>(bound),
-        enc.data_ptr<scalar_t>(), jac.data_ptr<scalar_t>());
-  });
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int blocks = blocks_for(n * lv.count);
+  if (half) {
+    forward_kernel<float, __half><<<blocks, kThreads, 0, stream>>>(
+        n, lv, x.data_ptr<float>(), reinterpret_cast<const __half*>(table.data_ptr<at::Half>()), S, static_cast<int>(F),
+        static_cast<float>(bound), enc.data_ptr<float>(), jac.data_ptr<float>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_jacobian_forward_cuda", [&] {
+      forward_kernel<scalar_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
+          n, lv, x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), S, static_cast<int>(F),
+          static_cast<scalar_t>(bound), enc.data_ptr<scalar_t>(), jac.data_ptr<scalar_t>());
+    });
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {enc, jac};
 }
@@ -212,18 +355,25 @@ std::tuple<torch::Tensor, torch::Tensor> hash_encode_backward_cuda(torch::Tensor
                                                                    std::vector<int64_t> resolutions, double bound,
                                                                    bool need_x) {
   const c10::cuda::CUDAGuard guard(x.device());
+  const bool half = is_half_table(x, table, "hash_encode_backward");
   const Levels lv = make_levels_cuda(resolutions, table.size(1));
   const int64_t n = x.size(0), S = table.size(1), F = table.size(2);
-  auto grad_table = torch::zeros_like(table);
+  auto grad_table = torch::zeros(table.sizes(), x.options());  // the positions' dtype: fp32 for an fp16 table
   auto grad_x = torch::zeros_like(x);
   if (n == 0) return {grad_table, grad_x};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_backward_cuda", [&] {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (F == 2) {
-        backward_table_f2_kernel<<<blocks_for(n * lv.count), kThreads, 0, stream>>>(
-            n, lv, x.data_ptr<float>(), S, static_cast<float>(bound), grad.data_ptr<float>(), nullptr,
-            grad_table.data_ptr<float>());
+        if (warp_aggregate()) {
+          backward_table_f2_warp_kernel<<<blocks_for(warp_threads(n, lv.count)), kThreads, 0, stream>>>(
+              n, lv, x.data_ptr<float>(), S, static_cast<float>(bound), grad.data_ptr<float>(), nullptr,
+              grad_table.data_ptr<float>());
+        } else {
+          backward_table_f2_kernel<<<blocks_for(n * lv.count), kThreads, 0, stream>>>(
+              n, lv, x.data_ptr<float>(), S, static_cast<float>(bound), grad.data_ptr<float>(), nullptr,
+              grad_table.data_ptr<float>(), aligned(grad_table.data_ptr(), 16));
+        }
       }
     }
     if (!(std::is_same_v<scalar_t, float> && F == 2)) {
@@ -233,9 +383,15 @@ std::tuple<torch::Tensor, torch::Tensor> hash_encode_backward_cuda(torch::Tensor
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (need_x) {
-      backward_x_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          n, lv, x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), S, static_cast<int>(F),
-          static_cast<scalar_t>(bound), grad.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>());
+      if (half) {
+        backward_x_kernel<float, __half><<<blocks_for(n), kThreads, 0, stream>>>(
+            n, lv, x.data_ptr<float>(), reinterpret_cast<const __half*>(table.data_ptr<at::Half>()), S,
+            static_cast<int>(F), static_cast<float>(bound), grad.data_ptr<float>(), grad_x.data_ptr<float>());
+      } else {
+        backward_x_kernel<scalar_t, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+            n, lv, x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), S, static_cast<int>(F),
+            static_cast<scalar_t>(bound), grad.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>());
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -253,9 +409,15 @@ torch::Tensor hash_encode_jacobian_backward_cuda(torch::Tensor grad_enc, torch::
     auto stream = at::cuda::getCurrentCUDAStream();
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (F == 2) {
-        backward_table_f2_kernel<<<blocks_for(n * lv.count), kThreads, 0, stream>>>(
-            n, lv, x.data_ptr<float>(), table_size, static_cast<float>(bound), grad_enc.data_ptr<float>(),
-            grad_jac.data_ptr<float>(), grad_table.data_ptr<float>());
+        if (warp_aggregate()) {
+          backward_table_f2_warp_kernel<<<blocks_for(warp_threads(n, lv.count)), kThreads, 0, stream>>>(
+              n, lv, x.data_ptr<float>(), table_size, static_cast<float>(bound), grad_enc.data_ptr<float>(),
+              grad_jac.data_ptr<float>(), grad_table.data_ptr<float>());
+        } else {
+          backward_table_f2_kernel<<<blocks_for(n * lv.count), kThreads, 0, stream>>>(
+              n, lv, x.data_ptr<float>(), table_size, static_cast<float>(bound), grad_enc.data_ptr<float>(),
+              grad_jac.data_ptr<float>(), grad_table.data_ptr<float>(), aligned(grad_table.data_ptr(), 16));
+        }
       }
     }
     if (!(std::is_same_v<scalar_t, float> && F == 2)) {

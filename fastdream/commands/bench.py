@@ -44,6 +44,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         action="store_true",
         help="replay the UNet call, and the VAE encoder's forward and backward (sd), from CUDA graphs (CUDA only)",
     )
+    p.add_argument(
+        "--field-graphs",
+        action="store_true",
+        help="replay the field's forward and backward (hash grid, MLP, normals) from CUDA graphs, one per "
+        "sample-count bucket (fastdream.field_graphs; CUDA only, any model)",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny field and tiny random models (a smoke run)")
     p.add_argument(
         "--shading", choices=("shaded", "textureless", "albedo"), default=d.shading, help="shading mode of the step"
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         ops=args.ops,
         compile=args.compile,
         cuda_graphs=args.cuda_graphs,
+        field_graphs=args.field_graphs,
         tiny=args.tiny,
         shading=args.shading,
         seed=args.seed,

@@ -27,11 +27,17 @@ the table, so the backward of the backward is the forward), so gradgradcheck hol
 ``table``.
 
 Implementations: ``reference`` (PyTorch), ``cpp`` (C++ CPU loop) and ``cuda`` (the same per-point code,
-``csrc/include/fastdream/hash_grid.h``, launched on the GPU; both read the table as given, fp32 or fp64),
-``triton`` (``fastdream.kernels.hash_grid``: it reads an fp16 copy of the table, cached while the table is
-unchanged, and computes and accumulates in fp32; see ``FP16_TABLE_READS_ON_CUDA`` there). On CUDA the default
-is ``cuda``, measured faster on an H200 in every pass (benchmarks/RESULTS.md); ``FASTDREAM_BACKEND=triton``
-selects the fp16-read path.
+``csrc/include/fastdream/hash_grid.h``, launched on the GPU), ``triton`` (``fastdream.kernels.hash_grid``).
+
+Precision on CUDA: both GPU backends read an **fp16 copy of the table** (cast from the fp32 master table at each
+call: 0.1 GB of traffic for the default 64 MiB table, against ~2 GB of gathers for 2^20 points) and compute,
+interpolate and accumulate every gradient in fp32; the table's gradient is fp32. The only error against the
+fp32 reference is the rounding of the table entries (relative 2^-11): the tests check the fast paths against the
+reference evaluated on the fp16-rounded table, to fp32 accuracy. ``CUDA_FP16_TABLE_READS = False`` here (and
+``FP16_TABLE_READS_ON_CUDA`` in the Triton module) reads fp32 instead. float64 inputs are always read as given
+(exact gradchecks), as is everything on the CPU. The second-order paths (a backward's own backward, whose
+"table" is a gradient direction that fp16 could underflow) read fp32. On CUDA the default backend is ``cuda``,
+measured faster than Triton on an H200 in every pass (benchmarks/RESULTS.md).
 
 Example:
     >>> import torch
@@ -54,6 +60,10 @@ from fastdream.ops import _dispatch
 from fastdream.ops._checks import FLOAT_DTYPES, check_tensor, same_device
 
 OP = "hash_encode"
+
+# The ``cuda`` backend reads an fp16 copy of an fp32 table (see the module docstring).
+CUDA_FP16_TABLE_READS = True
+_CUDA_FP16 = "cuda+fp16"  # the backend name the custom ops carry for that path
 
 PRIME_Y = 2654435761
 PRIME_Z = 805459861
@@ -255,6 +265,36 @@ def _cpp_impl() -> _Impl:
     )
 
 
+def _cuda_fp16_impl() -> _Impl:
+    """The CUDA extension reading an fp16 copy of the (fp32) table; gradients and outputs stay fp32."""
+    ext = backends.extension()
+
+    def half(table: torch.Tensor) -> torch.Tensor:
+        return table.detach().to(torch.float16)
+
+    def backward(grad, x, table, resolutions, bound, need_x):
+        # Only the gradient to x reads the table; the table's gradient is fp32 either way.
+        return ext.hash_encode_backward(grad, x, half(table) if need_x else table, resolutions, bound, need_x)
+
+    return _Impl(
+        lambda x, table, resolutions, bound: ext.hash_encode_forward(x, half(table), resolutions, bound),
+        backward,
+        lambda x, table, resolutions, bound: ext.hash_encode_jacobian_forward(x, half(table), resolutions, bound),
+        ext.hash_encode_jacobian_backward,
+    )
+
+
+def _impl(backend: str) -> _Impl:
+    if backend == _CUDA_FP16:
+        return _cuda_fp16_impl()
+    return _dispatch.get(OP, backend)()
+
+
+def _exact(backend: str) -> str:
+    """The backend for the second-order paths: fp32 table reads (their "table" is a gradient direction)."""
+    return "cuda" if backend == _CUDA_FP16 else backend
+
+
 def _triton_impl() -> _Impl:
     from fastdream.kernels import hash_grid as k
 
@@ -285,7 +325,7 @@ _dispatch.set_order(OP, "cuda", ("cuda", "triton", "reference"))
 def _encode_op(
     x: torch.Tensor, table: torch.Tensor, resolutions: list[int], bound: float, backend: str
 ) -> torch.Tensor:
-    return _dispatch.get(OP, backend)().forward(x, table, resolutions, bound)
+    return _impl(backend).forward(x, table, resolutions, bound)
 
 
 @_encode_op.register_fake
@@ -303,7 +343,7 @@ def _encode_backward_op(
     need_x: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    g_table, g_x = _dispatch.get(OP, backend)().backward(grad.contiguous(), x, table, resolutions, bound, need_x)
+    g_table, g_x = _impl(backend).backward(grad.contiguous(), x, table, resolutions, bound, need_x)
     return g_table, g_x
 
 
@@ -316,7 +356,7 @@ def _(grad, x, table, resolutions, bound, need_x, backend):
 def _jacobian_op(
     x: torch.Tensor, table: torch.Tensor, resolutions: list[int], bound: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    enc, jac = _dispatch.get(OP, backend)().jacobian_forward(x, table, resolutions, bound)
+    enc, jac = _impl(backend).jacobian_forward(x, table, resolutions, bound)
     return enc, jac
 
 
@@ -336,7 +376,7 @@ def _jacobian_backward_op(
     table_size: int,
     backend: str,
 ) -> torch.Tensor:
-    return _dispatch.get(OP, backend)().jacobian_backward(
+    return _impl(backend).jacobian_backward(
         grad_enc.contiguous(), grad_jac.contiguous(), x, resolutions, bound, table_size
     )
 
@@ -380,7 +420,7 @@ def _encode_backward_setup(ctx, inputs, output):
 
 def _encode_backward_backward(ctx, v_table, v_x):
     grad, x, table = ctx.saved_tensors
-    res, bound, backend = ctx.resolutions, ctx.bound, ctx.backend
+    res, bound, backend = ctx.resolutions, ctx.bound, _exact(ctx.backend)
     g_grad = g_x = g_table = None
     if v_table is not None:
         v_table = v_table.contiguous()
@@ -448,7 +488,7 @@ def _jacobian_backward_backward(ctx, v_table):
     (x,) = ctx.saved_tensors
     if v_table is None:
         return None, None, None, None, None, None, None
-    enc, jac = _jacobian_op(x, v_table.contiguous(), ctx.resolutions, ctx.bound, ctx.backend)
+    enc, jac = _jacobian_op(x, v_table.contiguous(), ctx.resolutions, ctx.bound, _exact(ctx.backend))
     return enc, jac, None, None, None, None, None
 
 
@@ -460,6 +500,13 @@ def _fast_dtype(backend: str, x: torch.Tensor, table: torch.Tensor) -> torch.dty
     if backend in ("cpp", "cuda") and torch.float64 in (x.dtype, table.dtype):
         return torch.float64
     return torch.float32
+
+
+def _reads(backend: str, dtype: torch.dtype) -> str:
+    """``cuda`` with fp32 compute reads the table in fp16 unless ``CUDA_FP16_TABLE_READS`` is off."""
+    if backend == "cuda" and dtype == torch.float32 and CUDA_FP16_TABLE_READS:
+        return _CUDA_FP16
+    return backend
 
 
 def _check(x: object, table: object, cfg: object) -> torch.device:
@@ -489,7 +536,9 @@ def hash_encode(
     if backend == "reference":
         return hash_encode_reference(x, table, cfg)
     dt = _fast_dtype(backend, x, table)
-    return _encode_op(x.to(dt).contiguous(), table.to(dt).contiguous(), list(cfg.resolutions), cfg.bound, backend)
+    return _encode_op(
+        x.to(dt).contiguous(), table.to(dt).contiguous(), list(cfg.resolutions), cfg.bound, _reads(backend, dt)
+    )
 
 
 def hash_encode_with_jacobian(
@@ -512,7 +561,11 @@ def hash_encode_with_jacobian(
         return hash_encode_with_jacobian_reference(x, table, cfg)
     dt = _fast_dtype(backend, x, table)
     return _jacobian_op(
-        x.detach().to(dt).contiguous(), table.to(dt).contiguous(), list(cfg.resolutions), cfg.bound, backend
+        x.detach().to(dt).contiguous(),
+        table.to(dt).contiguous(),
+        list(cfg.resolutions),
+        cfg.bound,
+        _reads(backend, dt),
     )
 
 

@@ -8,6 +8,10 @@
 
 #include "fastdream/common.h"
 
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#endif
+
 namespace fastdream {
 
 constexpr uint32_t kHashPrimeY = 2654435761u;
@@ -75,14 +79,22 @@ FD_HD void hash_point(const T* x, T bound, T u[3], T du[3]) {
   }
 }
 
+// A table entry as a number (the extension is built with __CUDA_NO_HALF_CONVERSIONS__: explicit for __half).
+FD_HD float table_value(float v) { return v; }
+FD_HD double table_value(double v) { return v; }
+#if defined(__CUDACC__)
+FD_HD float table_value(__half v) { return __half2float(v); }
+#endif
+
 struct HashLevel {
   int res;
   bool dense;
 };
 
-// Forward of one point at one level: enc_l [F] and, when jac_l != nullptr, jac_l [F, 3].
-template <typename T>
-FD_HD void hash_level_forward(const T u[3], const T du[3], HashLevel lv, const T* table_l, int F, uint32_t mask,
+// Forward of one point at one level: enc_l [F] and, when jac_l != nullptr, jac_l [F, 3]. The table's type TT
+// is T, or (CUDA, T = float) __half: fp16 reads, converted to T before any arithmetic.
+template <typename T, typename TT = T>
+FD_HD void hash_level_forward(const T u[3], const T du[3], HashLevel lv, const TT* table_l, int F, uint32_t mask,
                               T* enc_l, T* jac_l) {
   uint32_t idx[8];
   T w[8], dw[8][3];
@@ -91,7 +103,7 @@ FD_HD void hash_level_forward(const T u[3], const T du[3], HashLevel lv, const T
   for (int f = 0; f < F; ++f) {
     T e = T(0), j0 = T(0), j1 = T(0), j2 = T(0);
     for (int c = 0; c < 8; ++c) {
-      const T v = table_l[static_cast<int64_t>(idx[c]) * F + f];
+      const T v = static_cast<T>(table_value(table_l[static_cast<int64_t>(idx[c]) * F + f]));
       e += w[c] * v;
       if (jac_l != nullptr) {
         j0 += dw[c][0] * v;
@@ -109,8 +121,8 @@ FD_HD void hash_level_forward(const T u[3], const T du[3], HashLevel lv, const T
 }
 
 // Adds to grad_x [3] the gradient of <grad_l, enc_l> w.r.t. x (one point, one level).
-template <typename T>
-FD_HD void hash_level_backward_x(const T u[3], const T du[3], HashLevel lv, const T* table_l, int F, uint32_t mask,
+template <typename T, typename TT = T>
+FD_HD void hash_level_backward_x(const T u[3], const T du[3], HashLevel lv, const TT* table_l, int F, uint32_t mask,
                                  const T* grad_l, T* grad_x) {
   uint32_t idx[8];
   T w[8], dw[8][3];
@@ -118,7 +130,8 @@ FD_HD void hash_level_backward_x(const T u[3], const T du[3], HashLevel lv, cons
   T g0 = T(0), g1 = T(0), g2 = T(0);
   for (int c = 0; c < 8; ++c) {
     T s = T(0);
-    for (int f = 0; f < F; ++f) s += grad_l[f] * table_l[static_cast<int64_t>(idx[c]) * F + f];
+    for (int f = 0; f < F; ++f)
+      s += grad_l[f] * static_cast<T>(table_value(table_l[static_cast<int64_t>(idx[c]) * F + f]));
     g0 += dw[c][0] * s;
     g1 += dw[c][1] * s;
     g2 += dw[c][2] * s;
