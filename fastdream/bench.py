@@ -247,7 +247,7 @@ class BenchConfig:
     seed: int = 0
     vae_layout: str = "contiguous"
     vae_attention: str = "classic"
-    vae_groupnorm: str = "native"
+    vae_groupnorm: str = "split"
     unet_layout: str = "channels_last"
 
 
@@ -736,7 +736,11 @@ def run_bench(cfg: BenchConfig, profile: Path | None = None) -> BenchResult:
     if device.type == "cpu":
         notes.append("CPU timings are wall time and depend on the machine's load")
     if cfg.field_graphs:
-        notes.append(f"field CUDA graphs: {runner.density_and_normals.captures} captured (sample-count buckets)")
+        fg = runner.density_and_normals
+        notes.append(
+            f"field CUDA graphs: {fg.captures} captured (sample-count buckets, ~25 ms each), {fg.replays} replays; "
+            "a bucket's first call runs eagerly"
+        )
     config = dataclasses.asdict(cfg) | {"resolution": resolution, "device": str(device)}
     return BenchResult(
         config=config,

@@ -8,12 +8,19 @@ passes are captured once per sample-count bucket with ``torch.cuda.make_graphed_
 launches a step.
 
 The sample count changes every step, a CUDA graph's shapes cannot: the samples are padded with zeros up to a
-bucket (:func:`capacity`: at most 1/8 more, never fewer than 1,024) and the outputs cut back. Padding rows are
+bucket (:func:`capacity`: at most 1/4 more, never fewer than 1,024) and the outputs cut back. A bucket is captured
+the second time it is asked for (``min_sightings``); the first time runs eagerly, so sizes seen once cost no
+capture. Padding rows are
 independent of the real ones (the field is evaluated point by point) and get a zero gradient, so the results
 are the eager ones up to the order of floating-point additions (the hash grid's atomics; cuBLAS may pick other
 kernels for other row counts). The parameters are read by address, so optimiser updates in place are seen by
 every replay. At most ``max_graphs`` buckets are kept (least recently used evicted); each holds its own memory
 pool, about the size of one eager forward and backward at that bucket plus the table's gradient.
+
+Measured on an H100 (benchmarks/RESULTS.md): the builtin 64x64 step's field forward 2.86 -> 0.36 ms and its
+backward 6.00 -> 2.81 ms. With an SD-shaped model in a 15-step benchmark the sample count wandered over 13
+buckets of the first version's 1/8-octave spacing, and the captures (~25 ms each) dominated: hence the coarser
+buckets and the capture on second sight.
 
 Used by ``fastdream bench --field-graphs`` (CUDA only). Elsewhere, in eval mode, without gradients, or for
 finite-difference normals, the call is the eager one.
@@ -21,7 +28,7 @@ finite-difference normals, the call is the eager one.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +39,15 @@ MIN_CAPACITY = 1024
 
 
 def capacity(n: int) -> int:
-    """The bucket for ``n`` samples: the smallest ``m * 2**k >= n`` with ``8 <= m <= 16`` (so at most 1/8 of the
-    rows are padding), and at least :data:`MIN_CAPACITY`.
+    """The bucket for ``n`` samples: the smallest ``m * 2**k >= n`` with ``4 <= m <= 8`` (so at most 1/4 more
+    rows than asked for: four buckets per octave), and at least :data:`MIN_CAPACITY`.
 
     Example:
         >>> [capacity(n) for n in (0, 1024, 1025, 9701, 16384, 16385)]
-        [1024, 1024, 1152, 10240, 16384, 18432]
+        [1024, 1024, 1280, 10240, 16384, 20480]
     """
     n = max(int(n), MIN_CAPACITY)
-    k = max(0, n.bit_length() - 4)
+    k = max(0, n.bit_length() - 3)
     m = -(-n // (1 << k))  # ceil
     return m << k
 
@@ -63,16 +70,22 @@ class GraphedDensityAndNormals:
         field: the field (its parameters are captured by address).
         max_graphs: buckets kept at once.
         warmup_iters: eager forward+backward passes before each capture (``make_graphed_callables``).
+        min_sightings: a bucket is captured on its ``min_sightings``-th call (earlier calls run eagerly).
     """
 
-    def __init__(self, field: NeuralField, max_graphs: int = 8, warmup_iters: int = 2) -> None:
+    def __init__(self, field: NeuralField, max_graphs: int = 8, warmup_iters: int = 2, min_sightings: int = 2) -> None:
         if max_graphs < 1:
             raise ValueError(f"max_graphs: expected >= 1, got {max_graphs}")
+        if min_sightings < 1:
+            raise ValueError(f"min_sightings: expected >= 1, got {min_sightings}")
         self.field = field
         self.max_graphs = max_graphs
         self.warmup_iters = warmup_iters
+        self.min_sightings = min_sightings
         self._graphs: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
+        self._seen: Counter[tuple] = Counter()
         self.captures = 0  # how many graphs were captured (tests, benchmarks)
+        self.replays = 0  # calls served from a graph
 
     def _eager(self, x: torch.Tensor, method: str | None) -> bool:
         method = method or self.field.cfg.normals
@@ -84,7 +97,8 @@ class GraphedDensityAndNormals:
             or not self.field.training
         )
 
-    def _graph(self, cap: int, device: torch.device) -> torch.nn.Module:
+    def _graph(self, cap: int, device: torch.device) -> torch.nn.Module | None:
+        """The graph of bucket ``cap``, captured now if this is its ``min_sightings``-th call; None: run eagerly."""
         amp = torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda")
         key = (cap, device, amp, dtype)
@@ -92,6 +106,9 @@ class GraphedDensityAndNormals:
         if g is not None:
             self._graphs.move_to_end(key)
             return g
+        self._seen[key] += 1
+        if self._seen[key] < self.min_sightings:
+            return None
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
         sample = torch.zeros(cap, 3, device=device)
@@ -112,6 +129,9 @@ class GraphedDensityAndNormals:
         n = x.shape[0]
         cap = capacity(n)
         g = self._graph(cap, x.device)
+        if g is None:
+            return self.field.density_and_normals(x, method=method)
         xp = F.pad(x.detach().float(), (0, 0, 0, cap - n))
         sigma, albedo, normals = g(xp)
+        self.replays += 1
         return sigma[:n], albedo[:n], normals[:n]

@@ -24,7 +24,10 @@ TINY = [
 
 
 def fastdream(*args, check=None, gpu=False):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    # ROOT first, and whatever PYTHONPATH already holds after it (packages installed outside site-packages, as on
+    # the GPU machine, where the carried wheels sit in PYTHONPATH)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(

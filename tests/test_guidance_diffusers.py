@@ -317,11 +317,14 @@ def test_vae_attention_classic_by_default_and_same_latents_and_gradients(sd_fold
 
 
 def test_vae_groupnorm_option(sd_folder):
-    """vae_groupnorm="split" swaps the encoder's GroupNorms (same latents); an unknown value is refused."""
+    """vae_groupnorm="split" (the default) swaps the encoder's GroupNorms (same latents as "native"); an unknown
+    value is refused."""
     from fastdream.guidance.groupnorm import SplitGroupNorm
     from fastdream.guidance.stable_diffusion import StableDiffusionGuidance
 
-    g = load_guidance(str(sd_folder), "cpu")
+    default = load_guidance(str(sd_folder), "cpu")
+    assert any(isinstance(m, SplitGroupNorm) for m in default.vae.encoder.modules())
+    g = load_guidance(str(sd_folder), "cpu", vae_groupnorm="native")
     assert not any(isinstance(m, SplitGroupNorm) for m in g.vae.modules())
     images = _images(b=1, size=16)
     ref = g.encode_images(images)

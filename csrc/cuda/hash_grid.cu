@@ -203,7 +203,10 @@ __global__ void backward_table_f2_kernel(int64_t n, Levels levels, const float* 
 // lanes often share a vertex, at the coarse levels nearly always. Per corner, runs of lanes with the same vertex
 // are summed with a segmented suffix scan over shuffles and the run's first lane adds the sum: one atomic per run
 // instead of one per lane. Lanes past n take a vertex index no level has (0xFFFFFFFF) and a zero gradient.
-// Selected by FASTDREAM_HASH_BACKWARD=warp (an experiment measured in benchmarks/bench_hash_grid.py).
+// The default for F = 2 fp32: on an H100 (benchmarks/RESULTS.md), forward+backward of 2^20 points in the renderer's
+// ray order took 1.73 ms against 2.15 for the plain kernel below; on independent uniform points (no runs, and no
+// paired atomics) 3.49 against 2.89 ms. Training only ever feeds the ray order. FASTDREAM_HASH_BACKWARD=plain
+// selects backward_table_f2_kernel.
 __global__ void backward_table_f2_warp_kernel(int64_t n, Levels levels, const float* __restrict__ x, int64_t S,
                                               float bound, const float* __restrict__ grad_enc,
                                               const float* __restrict__ grad_jac, float* __restrict__ grad_table) {
@@ -252,7 +255,7 @@ __global__ void backward_table_f2_warp_kernel(int64_t n, Levels levels, const fl
 
 bool warp_aggregate() {
   const char* v = std::getenv("FASTDREAM_HASH_BACKWARD");
-  return v != nullptr && std::strcmp(v, "warp") == 0;
+  return v == nullptr || std::strcmp(v, "plain") != 0;
 }
 
 // Threads for the warp-aggregated kernel: L whole warps per 32 points.

@@ -37,7 +37,9 @@ reference evaluated on the fp16-rounded table, to fp32 accuracy. ``CUDA_FP16_TAB
 ``FP16_TABLE_READS_ON_CUDA`` in the Triton module) reads fp32 instead. float64 inputs are always read as given
 (exact gradchecks), as is everything on the CPU. The second-order paths (a backward's own backward, whose
 "table" is a gradient direction that fp16 could underflow) read fp32. On CUDA the default backend is ``cuda``,
-measured faster than Triton on an H200 in every pass (benchmarks/RESULTS.md).
+measured faster than Triton on an H200 in every pass (benchmarks/RESULTS.md). Its table gradient (F = 2, fp32)
+sums the contributions of neighbouring points that share a vertex inside a warp before the atomic add
+(``FASTDREAM_HASH_BACKWARD=plain``: one atomic per point, level and vertex; see csrc/cuda/hash_grid.cu).
 
 Example:
     >>> import torch
