@@ -625,6 +625,8 @@ class StepRunner:
         words = [view_word(float(e), float(a)) for e, a in zip(cams.elevation, cams.azimuth)]
         if hasattr(self.guidance, "set_shading_mode"):  # as the trainer: a prior that conditions on it (builtin)
             self.guidance.set_shading_mode(self.cfg.shading)
+        if hasattr(self.guidance, "set_cameras"):  # and on the pose
+            self.guidance.set_cameras(cams.elevation, cams.azimuth)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.render(cams, clock)
         clock.mark("shade_composite")

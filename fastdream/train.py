@@ -236,6 +236,8 @@ class Trainer:
         mode = self.shading_mode()
         if hasattr(self.guidance, "set_shading_mode"):  # a prior that conditions on it (builtin)
             self.guidance.set_shading_mode(mode)
+        if hasattr(self.guidance, "set_cameras"):  # a prior that conditions on the pose (builtin)
+            self.guidance.set_cameras(cams.elevation, cams.azimuth)
         background = self._background_for_step()
         res = cfg.render.resolution
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):

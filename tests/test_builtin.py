@@ -506,3 +506,163 @@ def test_gamut_clip_setting_reaches_the_prior(monkeypatch, small_data):
         cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin", builtin_gamut_clip=on))
         cfg.device = "cpu"
         assert load_prepared_guidance(resolve(cfg), torch.device("cpu")).gamut_clip is on
+
+
+# --- pose conditioning ----------------------------------------------------------------------------------------
+
+
+def _tiny_cams() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.rand(4, generator=g) * 100 - 10, torch.rand(4, generator=g) * 360 - 180
+
+
+def _posed_tiny_set() -> ImageSet:
+    _, ds = _tiny_set()
+    ds.elevation, ds.azimuth = _tiny_cams()
+    return ImageSet(ds, torch.device("cpu"), dtype=torch.float64)
+
+
+def test_pose_log_prior_is_a_von_mises_fisher_kernel_of_the_camera_angle():
+    from fastdream.guidance.builtin import camera_directions
+
+    s = _posed_tiny_set()
+    el, az = torch.tensor([20.0, -5.0]), torch.tensor([30.0, 170.0])
+    lp = s.pose_log_prior(el, az, 15.0)
+    assert lp.shape == (2, len(s.bases))
+    # Against the explicit angle between the two cameras (spherical law of cosines). Base n shows camera slot
+    # n % (P * J), and the tiny set has J = 4 cameras per primitive.
+    ds_el, ds_az = _tiny_cams()
+    for b in range(2):
+        e1, a1 = math.radians(float(el[b])), math.radians(float(az[b]))
+        for n in range(len(s.bases)):
+            cam = n % s.n_cams % 4
+            e0, a0 = math.radians(float(ds_el[cam])), math.radians(float(ds_az[cam]))
+            cos = math.sin(e0) * math.sin(e1) + math.cos(e0) * math.cos(e1) * math.cos(a0 - a1)
+            assert lp[b, n].item() == pytest.approx((cos - 1) / math.radians(15.0) ** 2, abs=1e-4)
+    # The render's own camera has weight 1 (log 0), every other camera less.
+    same = s.pose_log_prior(ds_el[:1], ds_az[:1], 15.0)[0]
+    assert same[0].item() == pytest.approx(0.0, abs=1e-5) and (same <= 1e-5).all() and (same < -1e-3).any()
+    d = camera_directions(torch.tensor([90.0]), torch.tensor([123.0]))[0]
+    assert torch.allclose(d, torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)  # overhead: +Y whatever the azimuth
+    d = camera_directions(torch.tensor([0.0, 0.0]), torch.tensor([0.0, 90.0]))
+    assert torch.allclose(d, torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]), atol=1e-6)  # azimuth 0 on +Z
+
+
+@pytest.mark.parametrize("black", [True, False])
+def test_posterior_means_with_a_pose_prior_match_brute_force(black):
+    """The items of a mask weighted a priori by exp(log prior): a mixture with those component weights."""
+    s = _posed_tiny_set()
+    bg = torch.zeros(2, 3, dtype=torch.float64) if black else torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.7, 0.3]])
+    bg = bg.double()
+    holes = (1 - s.bases[s.n_cams :]).repeat(2, 1)
+    z = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    a, sg = torch.tensor([0.6, 0.1]), torch.tensor([0.8, 0.995])
+    label = s.label_mask("red", "cube", torch.tensor([0, 2]), "shaded")
+    masks = [s.mode_mask("shaded"), label, s.mode_mask("shaded")]
+    prior = s.pose_log_prior(torch.tensor([10.0, 40.0]), torch.tensor([-20.0, 100.0]), 30.0)
+    outs = s.posterior_means(z, a, sg, masks, bg, log_priors=[None, prior, prior])
+    plain = s.posterior_means(z, a, sg, masks, bg)
+    assert torch.allclose(outs[0][0], plain[0][0])  # a mask without a prior is unchanged
+    assert not torch.allclose(outs[2][0], plain[2][0], atol=1e-3)  # the same mask with one is not
+    for i, (mask, (x0, w)) in enumerate(zip(masks, outs)):
+        for b in range(2):
+            y = s.rho[None, :, :, None] * s.bases[:, None, None, :] + bg[b][None, None, :, None] * holes[:, None, None]
+            x = 2 * y - 1
+            m = mask if mask.dim() == 2 else mask[b]
+            d = (z[b].reshape(1, 1, 3, -1) - a[b].double() * x).square().sum((2, 3))
+            logits = -d / (2 * sg[b].double() ** 2)
+            if i > 0:
+                logits = logits + prior[b][:, None]
+            wb = torch.softmax(logits.masked_fill(~m, -math.inf).flatten(), 0).reshape_as(d)
+            assert torch.allclose(w[b], wb, atol=1e-9)
+            assert torch.allclose(x0[b].double(), (wb[..., None, None] * x).sum((0, 1)).reshape(3, 6, 6), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cube_data() -> BuiltinDataset:
+    return render_dataset(DatasetConfig(resolution=24, cameras_per_view=24))
+
+
+def test_pose_conditioning_says_which_way_the_cube_faces(cube_data):
+    """The view word cannot: "front" spans 90° of azimuth, the cube's period about +Y, so without the pose the
+    conditional model is the same for a face-on and a corner-on front camera. With it, at high noise (where
+    the mean is over many images), the corner-on camera's mean has the wider silhouette: a cube's projected
+    width grows from 0.8 face-on to 0.8·√2 corner-on (the kernel's width, 15°, blurs the two together)."""
+    g = BuiltinGuidance(data=cube_data)
+    assert g.pose_width == 15.0  # on by default
+    g.prepare("a red cube")
+    g.set_shading_mode("albedo")
+    z = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+    t, views = torch.tensor([990, 990]), torch.tensor([0, 0])  # the same noisy image, both "front"
+    el, az = torch.tensor([5.0, 5.0]), torch.tensor([0.0, 40.0])
+
+    def area(x0):  # silhouette width of the mean across the middle rows (red channel, 0..1), in pixels
+        return ((x0[:, 0, 10:14] + 1) / 2).sum(-1).mean(-1)
+
+    g.set_cameras(None)
+    face, corner = area(g.denoise(z, t, views)[1]).tolist()
+    assert face == pytest.approx(corner, rel=1e-6)
+    g.set_cameras(el, az)
+    face, corner = area(g.denoise(z, t, views)[1]).tolist()
+    assert corner > 1.05 * face, (face, corner)  # 11.7 vs 10.8 px; the true cube: 13 vs 12
+    # pose_width=None: the view word only, cameras or not.
+    g_plain = BuiltinGuidance(data=cube_data, pose_width=None)
+    g_plain.prepare("a red cube")
+    g_plain.set_shading_mode("albedo")
+    g_plain.set_cameras(el, az)
+    face, corner = area(g_plain.denoise(z, t, views)[1]).tolist()
+    assert face == pytest.approx(corner, rel=1e-6)
+    with pytest.raises(ValueError, match="3 cameras for a batch of 2"):
+        g.set_cameras(torch.zeros(3), torch.zeros(3))
+        g.denoise(z, t, views)
+    with pytest.raises(ValueError, match="pose_width"):
+        BuiltinGuidance(data=cube_data, pose_width=0.0)
+
+
+def test_the_trainer_passes_each_steps_camera_to_the_prior(small_data):
+    from fastdream.train import Trainer
+
+    class Recording(BuiltinGuidance):
+        def sds_loss(self, images, view_words, cfg, generator=None):
+            self.seen.append((self.cameras, view_words))
+            return super().sds_loss(images, view_words, cfg, generator)
+
+    g = Recording(data=small_data)
+    g.seen = []
+    g.prepare("a red cube")
+    cfg = _tiny_run_config()
+    tr = Trainer(cfg, g, "/nonexistent", "cpu")
+    tr.compute_loss()
+    tr.compute_loss()
+    assert len(g.seen) == 2
+    for (el, az), words in g.seen:
+        assert el.shape == az.shape == (1,)
+        assert view_word(float(el[0]), float(az[0])) == words[0]
+    assert g.seen[0][0][1] != g.seen[1][0][1]  # a fresh camera each step
+
+
+def _tiny_run_config():
+    from fastdream.config import GuidanceConfig, RunConfig, resolve, validate
+
+    cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin", guidance_scale=1.0), device="cpu")
+    f, r = cfg.field, cfg.render
+    f.levels, f.log2_table_size, f.finest_resolution, f.hidden = 4, 12, 32, 16
+    r.resolution, r.samples_per_ray, r.grid_resolution, r.preview_resolution = 16, 32, 16, 16
+    cfg = resolve(cfg, "cpu")
+    validate(cfg)
+    return cfg
+
+
+def test_pose_width_setting_reaches_the_prior(monkeypatch, small_data):
+    from fastdream.config import GuidanceConfig, RunConfig, resolve
+    from fastdream.run import load_prepared_guidance
+
+    monkeypatch.setattr("fastdream.guidance.builtin.load_dataset", lambda cfg: small_data)
+    for width in (None, 15.0, 30.0):
+        cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin", builtin_pose_width=width))
+        cfg.device = "cpu"
+        assert load_prepared_guidance(resolve(cfg), torch.device("cpu")).pose_width == width
+    cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin", builtin_pose_width=-1.0))
+    cfg.device = "cpu"
+    with pytest.raises(UserError, match="builtin_pose_width"):
+        load_prepared_guidance(resolve(cfg), torch.device("cpu"))

@@ -9,7 +9,11 @@ empirical distribution, the optimal denoiser is known in closed form:
     x̂0(z_t) = Σ_i softmax_i(−‖z_t − α_t x_i‖² / (2σ_t²)) x_i,     ε̂ = (z_t − α_t x̂0) / σ_t
 
 over the images of the label (prompt colour and shape, and the view word) for the conditional model and over
-the whole set for the unconditional one. Both are restricted to the render's shading mode (the trainer calls
+the whole set for the unconditional one. The conditional model also knows the render's camera
+(:meth:`BuiltinGuidance.set_cameras`, called by the trainer): its images are weighted a priori by a
+von Mises-Fisher kernel of the angle between their camera and the render's (:data:`DEFAULT_POSE_WIDTH`), the
+exact denoiser of that weighted mixture. Without it a cube's orientation is not in the label at all. Both
+models are restricted to the render's shading mode (the trainer calls
 :meth:`BuiltinGuidance.set_shading_mode` each step) and composited over the render's own background (read at
 its corners, :func:`corner_background`), so they judge the object only. Classifier-free guidance and the
 SDS gradient are :mod:`fastdream.sds`'s. z is the image in [-1, 1] at 64×64; ᾱ is DDPM's linear-β schedule (1000 steps).
@@ -29,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -40,6 +45,15 @@ from fastdream.builtin.vocabulary import COLOURS, SHAPES, parse_prompt
 from fastdream.guidance.base import SDSConfig, check_images, view_indices
 
 NUM_TRAIN_TIMESTEPS = 1000
+
+# The conditional model's pose kernel (degrees): the label's images are weighted by a von Mises-Fisher kernel
+# of this width around the render's camera (ImageSet.pose_log_prior). The view word alone cannot say which way
+# a cube faces: each view word spans 90° of azimuth (front: |az| < 45°), exactly the cube's period about +Y, so
+# "a red cube, front view" is a cube at every yaw, and its mean at high noise is the yaw-average of a cube, a
+# rounded cylinder. Runs then drifted between the cube, the cylinder and the sphere with the seed
+# (benchmarks/RESULTS.md). The other primitives are symmetric about +Y, so for them the kernel only narrows the
+# elevation. None: the view word only.
+DEFAULT_POSE_WIDTH = 15.0
 
 
 def ddpm_alphas_cumprod(steps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = 1e-4, beta_end: float = 0.02):
@@ -83,6 +97,8 @@ class ImageSet:
         self.hole_sq = (pix - alpha.sum(-1)).to(device, dtype).repeat(2)  # [NB] ‖1 − A‖² (A is 0/1)
         self.shapes = tuple(data.shapes)
         self.dtype = dtype
+        # Unit direction from the object to each base's camera (the pose kernel of :meth:`pose_log_prior`).
+        self.base_dir = camera_directions(data.elevation, data.azimuth).repeat(p, 1).repeat(2, 1).to(device, dtype)
 
     def mode_mask(self, mode: str | None) -> torch.Tensor:
         """[NB, K] the items of one shading mode ("albedo", "shaded", "textureless"), or all of them (None)."""
@@ -110,6 +126,14 @@ class ImageSet:
         m = self.valid & colour_ok & base_ok[:, None] & self.mode_mask(mode)
         return m[None] & (self.base_view[None, :] == views[:, None])[..., None]
 
+    def pose_log_prior(self, elevation: torch.Tensor, azimuth: torch.Tensor, width: float) -> torch.Tensor:
+        """[B, NB] log-weights of the items given the render cameras (degrees, [B] each): a von Mises-Fisher
+        kernel κ (cos θ − 1) in the angle θ between the item's camera and the render's, κ = 1 / width² (width
+        in radians). The conditional model is then the data of the label near the render's pose."""
+        d = camera_directions(elevation, azimuth).to(self.base_dir.device, self.dtype)  # [B, 3]
+        kappa = 1.0 / math.radians(width) ** 2
+        return kappa * (d @ self.base_dir.T - 1.0)
+
     def posterior_means(
         self,
         z_t: torch.Tensor,
@@ -117,6 +141,7 @@ class ImageSet:
         sigma: torch.Tensor,
         masks: list[torch.Tensor],
         background: torch.Tensor | None = None,
+        log_priors: list[torch.Tensor | None] | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """E[x0 | z_t] over the items of each mask (the distances are computed once for all masks).
 
@@ -124,6 +149,8 @@ class ImageSet:
             z_t: [B, 3, H, W] noisy images (x in [-1, 1]). alpha, sigma: [B] α_t, σ_t.
             masks: each [NB, K] or [B, NB, K], the items in the set.
             background: [B, 3] or [3] in [0, 1], the colour the items are composited over (default: the data's).
+            log_priors: per mask, None (items equally likely a priori) or [B, NB] log-weights of the bases
+                (:meth:`pose_log_prior`): the mixture's component weights, added to the logits.
 
         Returns:
             per mask: x0 [B, 3, H, W] in [-1, 1] (float32) and weights [B, NB, K], the posterior over items.
@@ -154,9 +181,12 @@ class ImageSet:
         dist = u.square().sum((1, 2))[:, None, None] - 2 * dot + norm_y  # [B, NB, K]
         logits = -(2 * a.square() / s.square()) * dist
         weights, used = [], torch.zeros(2 * nc, dtype=torch.bool, device=logits.device)
-        for mask in masks:
+        for i, mask in enumerate(masks):
             m = mask.expand_as(logits)
-            w = torch.softmax(logits.masked_fill(~m, float("-inf")).reshape(b, -1), dim=-1).reshape_as(logits)
+            lg = logits
+            if log_priors is not None and log_priors[i] is not None:
+                lg = logits + log_priors[i].to(logits.dtype)[..., None]
+            w = torch.softmax(lg.masked_fill(~m, float("-inf")).reshape(b, -1), dim=-1).reshape_as(logits)
             weights.append(w)
             used |= (w > 1e-9 * w.amax(dim=(1, 2), keepdim=True)).any(dim=(0, 2))
         # The means of every mask in one pass over each half: y = Σ w ρ B + bg (Σ w − Σ_cam w_cam A_cam).
@@ -195,6 +225,13 @@ def _sparse_rows_matmul(rows: torch.Tensor, mat: torch.Tensor, used: torch.Tenso
         idx = used.nonzero().squeeze(1)
         return rows[:, idx] @ mat[idx]
     return rows @ mat
+
+
+def camera_directions(elevation: torch.Tensor, azimuth: torch.Tensor) -> torch.Tensor:
+    """[B, 3] unit vectors from the origin towards cameras at ``elevation``, ``azimuth`` [B] (degrees; azimuth 0
+    on +Z, elevation 90° on +Y: fastdream.cameras' frame)."""
+    el, az = torch.deg2rad(elevation.double()), torch.deg2rad(azimuth.double())
+    return torch.stack([el.cos() * az.sin(), el.sin(), el.cos() * az.cos()], -1).float()
 
 
 def clip_to_gamut(x0: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
@@ -248,6 +285,7 @@ class BuiltinGuidance:
         data: BuiltinDataset | None = None,
         data_config: DatasetConfig | None = None,
         gamut_clip: bool = False,
+        pose_width: float | None = DEFAULT_POSE_WIDTH,
     ):
         self.device = torch.device(device)
         del dtype  # the closed-form denoiser runs in float32 (see ImageSet.posterior_means)
@@ -261,6 +299,23 @@ class BuiltinGuidance:
         # default runs it brought the albedo error of the yellow sphere from 0.152 to 0.084, the purple cylinder
         # from 0.170 to 0.104 and the blue cube from 0.085 to 0.052, shapes unchanged (Chamfer 0.007 / 0.030 / 0.040).
         self.gamut_clip = gamut_clip
+        if pose_width is not None and not pose_width > 0:
+            raise ValueError(f"pose_width: expected a positive angle in degrees or None, got {pose_width}")
+        self.pose_width = pose_width
+        self.cameras: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_cameras(self, elevation: torch.Tensor | None, azimuth: torch.Tensor | None = None) -> None:
+        """Condition the next :meth:`sds_loss` on the render cameras' pose (elevation, azimuth [B], degrees),
+        besides the view word; None forgets them. The trainer calls it every step (see :data:`DEFAULT_POSE_WIDTH`
+        for why). Without cameras, or with ``pose_width=None``, the label is the prompt and the view word only."""
+        if elevation is None:
+            self.cameras = None
+            return
+        el = torch.as_tensor(elevation, dtype=torch.float32).reshape(-1)
+        az = torch.as_tensor(azimuth, dtype=torch.float32).reshape(-1)
+        if el.shape != az.shape:
+            raise ValueError(f"elevation {tuple(el.shape)} and azimuth {tuple(az.shape)} differ in shape")
+        self.cameras = (el, az)
 
     def set_shading_mode(self, mode: str | None) -> None:
         """Condition on the shading mode of the next renders ("albedo", "shaded", "textureless"; None: any).
@@ -291,8 +346,19 @@ class BuiltinGuidance:
         ab = self.alphas_cumprod[t.long()].double()
         a, s = ab.sqrt(), (1 - ab).sqrt()
         mode = self.shading_mode
+        pose = None
+        if self.cameras is not None and self.pose_width is not None:
+            el, az = self.cameras
+            if el.shape[0] != z_t.shape[0]:
+                raise ValueError(f"set_cameras got {el.shape[0]} cameras for a batch of {z_t.shape[0]} images")
+            pose = self.set.pose_log_prior(el, az, self.pose_width)
         (x0_u, _), (x0_c, _) = self.set.posterior_means(
-            z_t, a, s, [self.set.mode_mask(mode), self.set.label_mask(*self.label, views, mode)], background
+            z_t,
+            a,
+            s,
+            [self.set.mode_mask(mode), self.set.label_mask(*self.label, views, mode)],
+            background,
+            log_priors=[None, pose],
         )
         return x0_u, x0_c
 
