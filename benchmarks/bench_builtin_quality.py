@@ -8,7 +8,7 @@ IoU from novel views, mean albedo error (goal <= 0.15).
 
 Run all ten (about 10 x 5 min on a 2-core CPU)::
 
-    python benchmarks/bench_builtin_quality.py --out /tmp/fd-bench [--prompts "a red cube" ...] [--device cpu]
+    python benchmarks/bench_builtin_quality.py --out /tmp/fd-bench [--prompts "a red cube" ...] [--seed N]
 
 or through pytest-benchmark (one round per prompt; ``FASTDREAM_BENCH_PROMPTS="a red cube;a blue torus"``
 selects a subset). It is opt-in, so that ``pytest benchmarks/ --benchmark-only`` stays minutes long: set
@@ -93,14 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="/tmp/fastdream-bench-builtin", help="folder of the runs")
     ap.add_argument("--prompts", nargs="*", default=list(PROMPTS))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=None, help="fastdream generate --seed (default: its own, 0)")
     a = ap.parse_args(argv)
+    extra = [] if a.seed is None else ["--seed", str(a.seed)]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for p in a.prompts:
-        results.append(run_prompt(p, out, a.device))
+        results.append(run_prompt(p, out, a.device, extra))
         print(json.dumps(results[-1]), flush=True)
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "device": a.device}
+    meta["seed"] = a.seed
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(table(results))
     return 0 if all(r.get("passed") for r in results) else 1

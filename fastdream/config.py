@@ -141,7 +141,7 @@ class GuidanceConfig:
     builtin_cameras_per_view: int = 64
     # --model builtin only: width (degrees) of the conditional model's pose kernel around the render camera
     # (fastdream.guidance.builtin.DEFAULT_POSE_WIDTH says why); null: the view word only.
-    builtin_pose_width: float | None = 15.0
+    builtin_pose_width: float | None = 10.0
     # CUDA: replay the field's forward and backward with normals (fastdream.field_graphs) and, for diffusion models,
     # the UNet call and SD's VAE encoder forward and backward (fastdream.guidance.graphs) from CUDA graphs. Both
     # are launch-bound at 64x64 (the UNet call: 25 -> 9.8 ms a step on an H200).

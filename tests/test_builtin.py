@@ -587,9 +587,9 @@ def test_pose_conditioning_says_which_way_the_cube_faces(cube_data):
     """The view word cannot: "front" spans 90° of azimuth, the cube's period about +Y, so without the pose the
     conditional model is the same for a face-on and a corner-on front camera. With it, at high noise (where
     the mean is over many images), the corner-on camera's mean has the wider silhouette: a cube's projected
-    width grows from 0.8 face-on to 0.8·√2 corner-on (the kernel's width, 15°, blurs the two together)."""
+    width grows from 0.8 face-on to 0.8·√2 corner-on (the kernel's width, 10°, blurs the two together)."""
     g = BuiltinGuidance(data=cube_data)
-    assert g.pose_width == 15.0  # on by default
+    assert g.pose_width == 10.0  # on by default
     g.prepare("a red cube")
     g.set_shading_mode("albedo")
     z = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)

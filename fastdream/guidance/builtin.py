@@ -53,7 +53,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 # rounded cylinder. Runs then drifted between the cube, the cylinder and the sphere with the seed
 # (benchmarks/RESULTS.md). The other primitives are symmetric about +Y, so for them the kernel only narrows the
 # elevation. None: the view word only.
-DEFAULT_POSE_WIDTH = 15.0
+DEFAULT_POSE_WIDTH = 10.0
 
 
 def ddpm_alphas_cumprod(steps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = 1e-4, beta_end: float = 0.02):
