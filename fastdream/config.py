@@ -309,6 +309,8 @@ def validate(cfg: RunConfig) -> None:
         if not lo <= g.t_max_end <= 1.0:
             raise UserError(f"t_max_end must be in [t_range[0], 1] = [{lo}, 1], got {g.t_max_end}")
     positive_int("builtin_cameras_per_view", g.builtin_cameras_per_view, lo=1, hi=4096)
+    if g.builtin_pose_width is not None:
+        finite("guidance.builtin_pose_width (degrees, or null)", g.builtin_pose_width, lo=0.0, lo_open=True)
     if g.weighting not in WEIGHTINGS:
         raise UserError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {g.weighting!r}")
     if r.background is not None and r.background not in BACKGROUNDS:

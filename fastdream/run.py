@@ -191,10 +191,7 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
             cameras_per_view=cfg.guidance.builtin_cameras_per_view,
         )
         kw["gamut_clip"] = bool(cfg.guidance.builtin_gamut_clip)
-        width = cfg.guidance.builtin_pose_width
-        if width is not None and not width > 0:
-            raise UserError(f"guidance.builtin_pose_width: expected a positive angle in degrees or null, got {width}")
-        kw["pose_width"] = width
+        kw["pose_width"] = cfg.guidance.builtin_pose_width
     if cfg.guidance.cuda_graphs and torch.device(device).type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device; drop it or use --device cuda")
     guidance = load_guidance(cfg.guidance.model, device, **kw)

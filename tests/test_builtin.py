@@ -654,7 +654,7 @@ def _tiny_run_config():
 
 
 def test_pose_width_setting_reaches_the_prior(monkeypatch, small_data):
-    from fastdream.config import GuidanceConfig, RunConfig, resolve
+    from fastdream.config import GuidanceConfig, RunConfig, resolve, validate
     from fastdream.run import load_prepared_guidance
 
     monkeypatch.setattr("fastdream.guidance.builtin.load_dataset", lambda cfg: small_data)
@@ -662,7 +662,7 @@ def test_pose_width_setting_reaches_the_prior(monkeypatch, small_data):
         cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin", builtin_pose_width=width))
         cfg.device = "cpu"
         assert load_prepared_guidance(resolve(cfg), torch.device("cpu")).pose_width == width
-    cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin", builtin_pose_width=-1.0))
-    cfg.device = "cpu"
-    with pytest.raises(UserError, match="builtin_pose_width"):
-        load_prepared_guidance(resolve(cfg), torch.device("cpu"))
+    for bad in (-1.0, 0.0, float("nan"), "wide"):
+        cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin", builtin_pose_width=bad))
+        with pytest.raises(UserError, match="builtin_pose_width"):
+            validate(resolve(cfg, "cpu"))
