@@ -378,16 +378,16 @@ def test_sds_with_the_builtin_prior_finds_the_primitive(tmp_path):
     from fastdream.export import extract_mesh
     from fastdream.train import Trainer
 
-    # Shapes that stay apart at 32x32. Measured on the 2-core CPU (300 steps, ~15 s each): blue torus Chamfer 0.043
-    # (next: sphere 0.109), green cone 0.027 (next: cylinder 0.129). Cube, sphere and cylinder are within 0.01-0.02
-    # of each other at this resolution (a red cube came out nearest the sphere, 0.031 vs 0.049), so the cube is
-    # checked by the full-size benchmark (benchmarks/RESULTS.md), not here.
+    # Measured on the 2-core CPU (32x32, default seed): blue torus, 300 steps (~15 s), Chamfer 0.043 (next: sphere
+    # 0.109); green cone, 300 steps, 0.027 (next: cylinder 0.129); red cube, 600 steps (~35 s), 0.034 (next: sphere
+    # 0.046; 0.027 vs 0.043 at seed 1). The cube needs the prior's pose kernel (it cannot tell which way a cube
+    # faces from the view word) and more steps: at 300 it still sits nearest the sphere at this resolution.
     data = render_dataset(DatasetConfig(resolution=32, cameras_per_view=32))
-    for prompt in ("a blue torus", "a green cone"):
+    for prompt, steps, margin in (("a blue torus", 300, 0.6), ("a green cone", 300, 0.6), ("a red cube", 600, 0.85)):
         cfg = RunConfig(prompt=prompt, device="cpu", guidance=GuidanceConfig(model="builtin"))
         cfg.render.resolution = 32
         cfg.render.samples_per_ray = 64
-        cfg.optim.steps = 300
+        cfg.optim.steps = steps
         cfg.optim.preview_every = 0
         cfg.optim.save_every = 10**6
         cfg.export.mesh_resolution = 64
@@ -399,7 +399,7 @@ def test_sds_with_the_builtin_prior_finds_the_primitive(tmp_path):
         result = evaluate_mesh(extract_mesh(trainer.field, cfg), prompt)
         assert result["correct_shape"], result["chamfer_to"]
         others = sorted(v for k, v in result["chamfer_to"].items() if k != result["shape"])
-        assert result["chamfer"] < 0.6 * others[0], result["chamfer_to"]  # a clear margin, not a tie
+        assert result["chamfer"] < margin * others[0], result["chamfer_to"]  # a clear margin, not a tie
         assert result["chamfer"] < 0.07, result
         assert result["albedo_error"] < 0.15, result
 
