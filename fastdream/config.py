@@ -29,9 +29,10 @@ from fastdream.errors import UserError
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 # --model builtin: one camera distance and field of view (its data are rendered with the run's). The prior
-# conditions on the view word only; with DreamFusion's random distance and fov (2x in apparent size) a cube seen
-# face-on from near matches one seen corner-on from afar, and default runs of "a blue cube" came out nearest the
-# cylinder (Chamfer 0.058, cylinder 0.039). Fixed: 0.043 (next: sphere 0.050). Both keep the corner rays off the
+# conditions on the view word and the camera's direction, not its distance or fov; with DreamFusion's random
+# distance and fov (2x in apparent size) a cube seen face-on from near matches one seen corner-on from afar, and
+# default runs of "a blue cube" came out nearest the cylinder (Chamfer 0.058, cylinder 0.039; session 3, view word
+# only). Fixed: 0.043 (next: sphere 0.050). Both keep the corner rays off the
 # bounding sphere (the prior reads the background there).
 BUILTIN_DISTANCE = 2.25
 BUILTIN_FOV = 50.0
