@@ -91,6 +91,12 @@ def test_two_ranks_share_the_prompts(tmp_path: Path) -> None:
     assert res.stdout.count("prompts: 4 done, 1 failed") == 1  # printed once, not per rank
 
 
+def last_step(folder: Path) -> int:
+    """The step of the newest checkpoint in ``folder`` (0: none yet)."""
+    found = ckpt.list_checkpoints(folder)
+    return found[-1][0] if found else 0
+
+
 def test_killed_rank_then_rerun_completes_without_redoing(tmp_path: Path) -> None:
     out = tmp_path / "lib"
     pf = prompt_file(tmp_path)
@@ -111,10 +117,12 @@ def test_killed_rank_then_rerun_completes_without_redoing(tmp_path: Path) -> Non
             time.sleep(0.05)
             statuses = {p: batch.read_status(out / batch.folder_name(p)) for p in GOOD}
             done = [p for p, s in statuses.items() if s["status"] == "done"]
+            # A victim in the first half of its steps: one nearer the end may finish (and write its last
+            # checkpoint) between this look and the kill.
             running = [
                 (p, s)
                 for p, s in statuses.items()
-                if s["status"] == "running" and ckpt.latest_checkpoint(out / batch.folder_name(p)) is not None
+                if s["status"] == "running" and 0 < last_step(out / batch.folder_name(p)) <= steps // 2
             ]
             if done and running:
                 victim = running[0]
