@@ -45,3 +45,23 @@ def test_march_rays(benchmark, backend, with_grid, side):
         else:
             out = run_timed(benchmark, lambda: march_rays(rays_o, rays_d, grid))
     benchmark.extra_info["samples"] = out.n_samples
+
+
+@pytest.mark.parametrize("backend", [b for b in bench_backends("march_rays_padded") if b != "reference"])
+@pytest.mark.parametrize("with_grid", [False, True], ids=["no-grid", "grid"])
+@pytest.mark.parametrize("side", SIDES)
+def test_march_rays_padded(benchmark, backend, with_grid, side):
+    """The fixed-size march of the CUDA-graph render (no host round-trip), at the bucket of its sample count: in
+    the same group as march_rays, so the cost of the padding (and the gain of no sync) reads off side by side."""
+    from fastdream.field_graphs import capacity
+    from fastdream.ops import march_rays_padded
+
+    dev = bench_device()
+    rays_o, rays_d = camera_rays(side, dev)
+    grid = blob_grid(dev) if with_grid else None
+    benchmark.group = f"march_rays {side}x{side} {'grid' if with_grid else 'no grid'}"
+    with use_backend(backend):
+        cap = capacity(march_rays(rays_o, rays_d, grid).n_samples)
+        samples, total = run_timed(benchmark, lambda: march_rays_padded(rays_o, rays_d, grid, capacity=cap))
+    benchmark.extra_info["samples"] = int(total)
+    benchmark.extra_info["capacity"] = cap

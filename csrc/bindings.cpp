@@ -24,6 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hash_encode_jacobian_forward", &fastdream::hash_encode_jacobian_forward);
   m.def("hash_encode_jacobian_backward", &fastdream::hash_encode_jacobian_backward);
   m.def("march_rays", &fastdream::march_rays, "Ray marching: count, prefix sum, fill (packed samples)");
+  m.def("march_rays_padded", &fastdream::march_rays_padded,
+        "Ray marching into a fixed number of rows, no host round-trip (CUDA graphs)");
   m.def("composite_forward", &fastdream::composite_forward, "Front-to-back compositing of packed samples");
   m.def("composite_backward", &fastdream::composite_backward, "Compositing backward, transmittance recomputed");
 }

@@ -15,6 +15,7 @@ from fastdream.ops import (
     RaySamples,
     _dispatch,
     march_rays,
+    march_rays_padded,
     march_rays_reference,
     ray_sphere,
     use_backend,
@@ -305,3 +306,68 @@ def test_compiled_caller_gets_the_same_samples():
     want, m = f(o, d)
     assert n == m
     torch.testing.assert_close(got, want)
+
+
+# --- a fixed output size: march_rays_padded (CUDA graphs) -----------------------------------------------------------
+
+PADDED_BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference")] + [
+    pytest.param(d, b, id=f"{d}-{b}")
+    for d in DEVICES
+    for b in sorted(_dispatch.usable_backends("march_rays_padded", torch.device(d)))
+    if b != "reference"
+]
+
+
+@pytest.mark.parametrize("device,backend", PADDED_BACKENDS)
+@pytest.mark.parametrize("n", [0, 1, 97, 1025])
+@pytest.mark.parametrize("slack", ["over", "exact", "cut", "zero"])
+def test_padded_is_march_rays_cut_or_padded_to_capacity(device, backend, n, slack):
+    """The same samples as march_rays (same backend, same jitter) in the first rows, zeros after them, offsets
+    clamped to the capacity, and the true total (cut mid-ray, the ray at the cut keeps its first samples: the
+    clamped offsets and the equal first rows say so)."""
+    o, d = _rays(n, seed=n, device=device)
+    grid = _blob_grid(device) if n % 2 else None
+    with use_backend(backend):
+        full = march_rays(o, d, grid, jitter=True, generator=torch.Generator(device).manual_seed(4))
+        s_total = full.n_samples
+        cap = {"over": s_total + 37, "exact": s_total, "cut": s_total // 2 + 1, "zero": 0}[slack]
+        u = torch.rand(n, device=device, generator=torch.Generator(device).manual_seed(4))  # the same draw
+        padded, total = march_rays_padded(o, d, grid, capacity=cap, jitter=u)
+    assert total.device == o.device and total.dtype == torch.int64 and total.tolist() == [s_total]
+    assert padded.n_samples == cap and padded.positions.shape == (cap, 3)
+    assert torch.equal(padded.offsets, full.offsets.clamp_max(cap))
+    k = min(cap, s_total)
+    for name in ("ray_indices", "t_starts", "t_ends", "positions", "directions"):
+        got, want = getattr(padded, name), getattr(full, name)
+        assert torch.equal(got[:k], want[:k]), name
+        assert not got[k:].any(), f"{name}: padding rows must be zeros"
+
+
+@pytest.mark.parametrize("device,backend", PADDED_BACKENDS)
+def test_padded_edge_cases(device, backend):
+    with use_backend(backend):
+        o, d = _rays(6, device=device)
+        d[0] = float("nan")
+        o[3] = float("inf")
+        empty = OccupancyGrid(resolution=8).to(device)
+        empty.update(lambda x: torch.zeros(x.shape[0], device=x.device), warmup=True)
+        s, total = march_rays_padded(o, d, empty, capacity=16)  # every cell empty
+        assert total.item() == 0 and not s.positions.any() and not s.offsets.any()
+        s, total = march_rays_padded(o, d, capacity=10_000)  # NaN/inf rays: no samples, finite rows
+        counts = s.offsets.diff().tolist()
+        assert counts[0] == counts[3] == 0 and torch.isfinite(s.positions).all()
+        none_o, none_d = torch.zeros(0, 3, device=device), torch.zeros(0, 3, device=device)
+        s, total = march_rays_padded(none_o, none_d, capacity=5)  # no rays
+        assert total.item() == 0 and s.offsets.tolist() == [0] and s.t_starts.shape == (5,)
+
+
+def test_padded_bad_inputs_name_the_argument():
+    o, d = _rays(4)
+    with pytest.raises(ValueError, match="capacity"):
+        march_rays_padded(o, d, capacity=-1)
+    with pytest.raises(ValueError, match="capacity"):
+        march_rays_padded(o, d, capacity=2.5)
+    with pytest.raises(ValueError, match="jitter"):
+        march_rays_padded(o, d, capacity=8, jitter=torch.zeros(3))
+    with pytest.raises(ValueError, match="rays_d"):
+        march_rays_padded(o, d[:3], capacity=8)

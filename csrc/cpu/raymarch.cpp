@@ -36,6 +36,48 @@ void check_march_inputs(const torch::Tensor& rays_o, const torch::Tensor& rays_d
       "march_rays: every tensor must be on the same device");
 }
 
+namespace {
+// Both passes on the CPU: the counts into offsets[1..R] (then their inclusive prefix sum, so offsets[r] is where
+// ray r starts), clamped to `capacity` when it is >= 0, and the samples written into `out`. Returns the total.
+struct CpuMarch {
+  const float* o;
+  const float* d;
+  const float* u;
+  MarchParams p;
+  int64_t r;
+
+  int64_t count(int64_t* off) const {
+    off[0] = 0;
+    at::parallel_for(0, r, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        off[i + 1] = march_one<false>(i, load_vec3(o + 3 * i), load_vec3(d + 3 * i), u[i], p, MarchOutput{}, 0);
+      }
+    });
+    for (int64_t i = 0; i < r; ++i) off[i + 1] += off[i];
+    return off[r];
+  }
+
+  void fill(const int64_t* off, MarchOutput out) const {
+    at::parallel_for(0, r, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        march_fill_one(i, load_vec3(o + 3 * i), load_vec3(d + 3 * i), u[i], p, off, out);
+      }
+    });
+  }
+};
+
+std::vector<torch::Tensor> sample_tensors(const torch::Tensor& like, int64_t rows) {
+  auto fopts = like.options();
+  return {torch::empty({rows}, fopts.dtype(torch::kInt64)), torch::empty({rows}, fopts), torch::empty({rows}, fopts),
+          torch::empty({rows, 3}, fopts), torch::empty({rows, 3}, fopts)};
+}
+
+MarchOutput output_of(std::vector<torch::Tensor>& t) {
+  return MarchOutput{t[0].data_ptr<int64_t>(), t[1].data_ptr<float>(), t[2].data_ptr<float>(), t[3].data_ptr<float>(),
+                     t[4].data_ptr<float>()};
+}
+}  // namespace
+
 std::vector<torch::Tensor> march_rays(torch::Tensor rays_o, torch::Tensor rays_d, torch::Tensor jitter,
                                       torch::Tensor occupied, int64_t grid_resolution, double grid_scale,
                                       double grid_bound, double step, double cone_angle, double max_step,
@@ -47,37 +89,45 @@ std::vector<torch::Tensor> march_rays(torch::Tensor rays_o, torch::Tensor rays_d
                            max_step, max_samples, bound);
 #endif
   TORCH_CHECK(rays_o.device().is_cpu(), "march_rays: CUDA tensors but the CUDA part is not compiled");
-  const MarchParams p = make_march_params(occupied_ptr(occupied), grid_resolution, grid_scale, grid_bound, step,
-                                          cone_angle, max_step, max_samples, bound);
-  const int64_t r = rays_o.size(0);
-  const float* o = rays_o.data_ptr<float>();
-  const float* d = rays_d.data_ptr<float>();
-  const float* u = jitter.data_ptr<float>();
+  const CpuMarch m{rays_o.data_ptr<float>(), rays_d.data_ptr<float>(), jitter.data_ptr<float>(),
+                   make_march_params(occupied_ptr(occupied), grid_resolution, grid_scale, grid_bound, step, cone_angle,
+                                     max_step, max_samples, bound),
+                   rays_o.size(0)};
+  auto offsets = torch::zeros({m.r + 1}, rays_o.options().dtype(torch::kInt64));
+  const int64_t total = m.count(offsets.data_ptr<int64_t>());
+  auto out = sample_tensors(rays_o, total);
+  m.fill(offsets.data_ptr<int64_t>(), output_of(out));
+  out.push_back(offsets);
+  return out;
+}
 
-  auto offsets = torch::zeros({r + 1}, rays_o.options().dtype(torch::kInt64));
+std::vector<torch::Tensor> march_rays_padded(torch::Tensor rays_o, torch::Tensor rays_d, torch::Tensor jitter,
+                                             torch::Tensor occupied, int64_t grid_resolution, double grid_scale,
+                                             double grid_bound, double step, double cone_angle, double max_step,
+                                             int64_t max_samples, double bound, int64_t capacity) {
+  check_march_inputs(rays_o, rays_d, jitter, occupied, grid_resolution);
+  TORCH_CHECK(capacity >= 0, "march_rays_padded: capacity must be >= 0, got ", capacity);
+#ifdef FD_WITH_CUDA
+  if (rays_o.is_cuda())
+    return march_rays_padded_cuda(rays_o, rays_d, jitter, occupied, grid_resolution, grid_scale, grid_bound, step,
+                                  cone_angle, max_step, max_samples, bound, capacity);
+#endif
+  TORCH_CHECK(rays_o.device().is_cpu(), "march_rays_padded: CUDA tensors but the CUDA part is not compiled");
+  const CpuMarch m{rays_o.data_ptr<float>(), rays_d.data_ptr<float>(), jitter.data_ptr<float>(),
+                   make_march_params(occupied_ptr(occupied), grid_resolution, grid_scale, grid_bound, step, cone_angle,
+                                     max_step, max_samples, bound),
+                   rays_o.size(0)};
+  auto offsets = torch::zeros({m.r + 1}, rays_o.options().dtype(torch::kInt64));
   int64_t* off = offsets.data_ptr<int64_t>();
-  at::parallel_for(0, r, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      off[i + 1] = march_one<false>(i, load_vec3(o + 3 * i), load_vec3(d + 3 * i), u[i], p, MarchOutput{}, 0);
-    }
-  });
-  for (int64_t i = 0; i < r; ++i) off[i + 1] += off[i];
-  const int64_t total = off[r];
-
-  auto fopts = rays_o.options();
-  auto ray_indices = torch::empty({total}, fopts.dtype(torch::kInt64));
-  auto t_starts = torch::empty({total}, fopts);
-  auto t_ends = torch::empty({total}, fopts);
-  auto positions = torch::empty({total, 3}, fopts);
-  auto directions = torch::empty({total, 3}, fopts);
-  const MarchOutput out{ray_indices.data_ptr<int64_t>(), t_starts.data_ptr<float>(), t_ends.data_ptr<float>(),
-                        positions.data_ptr<float>(), directions.data_ptr<float>()};
-  at::parallel_for(0, r, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      if (off[i + 1] > off[i]) march_one<true>(i, load_vec3(o + 3 * i), load_vec3(d + 3 * i), u[i], p, out, off[i]);
-    }
-  });
-  return {ray_indices, t_starts, t_ends, positions, directions, offsets};
+  const int64_t total = m.count(off);
+  for (int64_t i = 0; i <= m.r; ++i) off[i] = off[i] < capacity ? off[i] : capacity;
+  auto out = sample_tensors(rays_o, capacity);
+  m.fill(off, output_of(out));
+  const int64_t kept = off[m.r];
+  for (auto& t : out) t.narrow(0, kept, capacity - kept).zero_();  // the padding rows
+  out.push_back(offsets);
+  out.push_back(torch::full({1}, total, rays_o.options().dtype(torch::kInt64)));
+  return out;
 }
 
 }  // namespace fastdream

@@ -18,7 +18,14 @@ from fastdream.ops.normals import (
     normals_from_gradient,
 )
 from fastdream.ops.occupancy import OccupancyGrid
-from fastdream.ops.raymarch import RaySamples, march_rays, march_rays_reference, prune_occluded, ray_sphere
+from fastdream.ops.raymarch import (
+    RaySamples,
+    march_rays,
+    march_rays_padded,
+    march_rays_reference,
+    prune_occluded,
+    ray_sphere,
+)
 from fastdream.ops.shading import ShadeMode, shade, shade_reference
 
 __all__ = [
@@ -38,6 +45,7 @@ __all__ = [
     "hash_encode_with_jacobian_reference",
     "init_hash_table",
     "march_rays",
+    "march_rays_padded",
     "march_rays_reference",
     "prune_occluded",
     "normals_from_gradient",

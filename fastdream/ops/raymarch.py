@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -140,6 +141,12 @@ class _MarchArgs:
     max_samples: int
     bound: float
 
+    def extension_args(self) -> tuple:
+        """The arguments of the extension's ``march_rays`` (``march_rays_padded`` adds the capacity)."""
+        scale = self.grid_resolution / (2.0 * self.grid_bound)
+        grid = (self.occupied, self.grid_resolution, scale, self.grid_bound)
+        return (self.o, self.d, self.u, *grid, self.step, self.cone_angle, self.max_step, self.max_samples, self.bound)
+
 
 def _prepare(rays_o, rays_d, grid, step, cone_angle, max_step, max_samples_per_ray, bound, jitter, generator):
     check_tensor("rays_o", rays_o, (None, 3))
@@ -235,21 +242,7 @@ def _march_reference(a: _MarchArgs) -> RaySamples:
 
 
 def _march_extension(a: _MarchArgs) -> RaySamples:
-    ext = backends.extension()
-    out = ext.march_rays(
-        a.o,
-        a.d,
-        a.u,
-        a.occupied,
-        a.grid_resolution,
-        a.grid_resolution / (2.0 * a.grid_bound),
-        a.grid_bound,
-        a.step,
-        a.cone_angle,
-        a.max_step,
-        a.max_samples,
-        a.bound,
-    )
+    out = backends.extension().march_rays(*a.extension_args())
     return RaySamples(*out)
 
 
@@ -321,6 +314,82 @@ def march_rays_reference(
     return _march(
         rays_o, rays_d, grid, step, cone_angle, max_step, max_samples_per_ray, bound, jitter, generator, "reference"
     )
+
+
+# --- a fixed output size (CUDA graphs) ------------------------------------------------------------------------------
+
+OP_PADDED = "march_rays_padded"
+
+
+def _pad_rows(x: torch.Tensor, capacity: int) -> torch.Tensor:
+    out = x.new_zeros((capacity, *x.shape[1:]))
+    k = min(capacity, x.shape[0])
+    out[:k] = x[:k]
+    return out
+
+
+def _march_padded_reference(a: _MarchArgs, capacity: int) -> tuple[RaySamples, torch.Tensor]:
+    full = _march_reference(a)
+    total = full.offsets[-1:].clone()
+    rows = (full.ray_indices, full.t_starts, full.t_ends, full.positions, full.directions)
+    padded = [_pad_rows(x, capacity) for x in rows]
+    return RaySamples(*padded, full.offsets.clamp_max(capacity)), total
+
+
+def _march_padded_extension(a: _MarchArgs, capacity: int) -> tuple[RaySamples, torch.Tensor]:
+    out = backends.extension().march_rays_padded(*a.extension_args(), capacity)
+    return RaySamples(*out[:6]), out[6]
+
+
+_dispatch.register(OP_PADDED, "reference", _march_padded_reference)
+if hasattr(backends.extension(), "march_rays_padded"):  # an extension built before this op existed lacks it
+    _dispatch.register(OP_PADDED, "cpp", _march_padded_extension)
+    _dispatch.register(OP_PADDED, "cuda", _march_padded_extension)
+
+
+def march_rays_padded(
+    rays_o: torch.Tensor,  # [R, 3]
+    rays_d: torch.Tensor,  # [R, 3], normalised internally
+    grid: OccupancyGrid | None = None,
+    *,
+    capacity: int,
+    step: float | None = None,
+    cone_angle: float = 0.0,
+    max_step: float | None = None,
+    max_samples_per_ray: int = 1024,
+    bound: float = 1.0,
+    jitter: torch.Tensor | None = None,
+) -> tuple[RaySamples, torch.Tensor]:
+    """:func:`march_rays` into ``capacity`` rows, with no host round-trip (so it can be captured in a CUDA graph).
+
+    The samples are :func:`march_rays`' own, in the same packed order. Every per-sample tensor has ``capacity``
+    rows: zeros past the last sample (ray index 0, ``t`` 0, position 0). ``offsets`` is clamped to ``capacity``, so
+    the padding rows belong to no ray. When the rays have more samples than that, the ones past ``capacity`` are
+    dropped: the last rays lose theirs, and the ray at the cut keeps its first ones. ``total`` says whether that
+    happened.
+
+    Args:
+        capacity: rows of the output (>= 0).
+        jitter: [R] offsets in [0, 1) of each ray's first sample, as a fraction of its first step (what
+            :func:`march_rays` draws from its generator with ``jitter=True``); None: no jitter.
+        The others: as :func:`march_rays`.
+
+    Returns:
+        (samples with ``capacity`` rows, total [1] int64 on the rays' device: the samples the rays have, which may
+        exceed ``capacity``).
+
+    Raises:
+        TypeError / ValueError: an argument of the wrong type, dtype, shape, device or range (named).
+    """
+    if not (isinstance(capacity, int) and capacity >= 0):
+        raise ValueError(f"capacity: expected an int >= 0, got {capacity!r}")
+    a = _prepare(rays_o, rays_d, grid, step, cone_angle, max_step, max_samples_per_ray, bound, False, None)
+    if jitter is not None:
+        check_tensor("jitter", jitter, (a.o.shape[0],))
+        same_device(rays_o=rays_o, jitter=jitter)
+        a = dataclasses.replace(a, u=jitter.detach().float().contiguous())
+    backend = _dispatch.select(OP_PADDED, a.o.device)
+    return _dispatch.get(OP_PADDED, backend)(a, capacity)
 
 
 def prune_occluded(samples: RaySamples, sigmas: torch.Tensor, early_stop_eps: float = 1e-4) -> RaySamples:

@@ -35,6 +35,13 @@ std::vector<torch::Tensor> march_rays(torch::Tensor rays_o, torch::Tensor rays_d
                                       torch::Tensor occupied, int64_t grid_resolution, double grid_scale,
                                       double grid_bound, double step, double cone_angle, double max_step,
                                       int64_t max_samples, double bound);
+// The same with a fixed output size (CUDA graphs: no host round-trip): ray_indices, t_starts, t_ends, positions,
+// directions padded with zeros to `capacity` rows, offsets [R + 1] clamped to `capacity` (samples past it are
+// dropped, the last rays' first), and total [1] int64: how many samples the rays have (may exceed `capacity`).
+std::vector<torch::Tensor> march_rays_padded(torch::Tensor rays_o, torch::Tensor rays_d, torch::Tensor jitter,
+                                             torch::Tensor occupied, int64_t grid_resolution, double grid_scale,
+                                             double grid_bound, double step, double cone_angle, double max_step,
+                                             int64_t max_samples, double bound, int64_t capacity);
 
 // compositing (csrc/cpu/composite.cpp, csrc/cuda/composite.cu): sigmas [S], colors [S, C], t_starts [S],
 // t_ends [S] float32, offsets [R + 1] int64. Forward returns color [R, C] (no background), opacity [R], depth [R],
@@ -60,6 +67,10 @@ std::vector<torch::Tensor> march_rays_cuda(torch::Tensor rays_o, torch::Tensor r
                                            torch::Tensor occupied, int64_t grid_resolution, double grid_scale,
                                            double grid_bound, double step, double cone_angle, double max_step,
                                            int64_t max_samples, double bound);
+std::vector<torch::Tensor> march_rays_padded_cuda(torch::Tensor rays_o, torch::Tensor rays_d, torch::Tensor jitter,
+                                                  torch::Tensor occupied, int64_t grid_resolution, double grid_scale,
+                                                  double grid_bound, double step, double cone_angle, double max_step,
+                                                  int64_t max_samples, double bound, int64_t capacity);
 std::vector<torch::Tensor> composite_forward_cuda(torch::Tensor sigmas, torch::Tensor colors, torch::Tensor t_starts,
                                                   torch::Tensor t_ends, torch::Tensor offsets, double early_stop_eps);
 std::vector<torch::Tensor> composite_backward_cuda(torch::Tensor grad_color, torch::Tensor grad_opacity,

@@ -118,4 +118,15 @@ FD_HD int64_t march_one(int64_t ray, Vec3 o, Vec3 d_raw, float u, const MarchPar
   return n;
 }
 
+// Second pass for ray `ray`: writes its samples at out[offsets[ray]...offsets[ray + 1]). The range may be shorter
+// than the ray's count (a padded march cut at its capacity): the ray then keeps its first samples, front to back.
+FD_HD void march_fill_one(int64_t ray, Vec3 o, Vec3 d_raw, float u, const MarchParams& p, const int64_t* offsets,
+                          MarchOutput out) {
+  const int64_t first = offsets[ray], n = offsets[ray + 1] - first;
+  if (n <= 0) return;
+  MarchParams q = p;
+  q.max_samples = n < p.max_samples ? n : p.max_samples;
+  march_one<true>(ray, o, d_raw, u, q, out, first);
+}
+
 }  // namespace fastdream
