@@ -15,6 +15,9 @@
 # A/B runs of the SD settings in one call, e.g.:
 #   STAGES=steps STEP_LIST=builtin STEP_EXTRA="a:--model sd --cuda-graphs --steps 20 --warmup 5;b:--model sd \
 #     --cuda-graphs --steps 20 --warmup 5 --vae-groupnorm split --profile %OUT%/prof-b.txt" benchmarks/device_run.sh
+# The whole render in CUDA graphs (session 8, not yet run on a GPU), against the eager and field-only versions:
+#   STAGES=tests,steps,generate,memcheck TEST_ARGS="-k cuda or graphs" GEN_ARGS=--cuda-graphs \
+#     STEP_LIST=builtin,builtin-fgraphs,builtin-rgraphs,sd-graphs,sd-best benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -113,6 +116,10 @@ stage_steps() {
     if) step if --model if --steps 10 ;;
     builtin-prof) step builtin-prof --model builtin --steps 10 --warmup 5 --profile "$OUT/prof-builtin.txt" ;;
     sd-prof) step sd-prof --model sd --steps 10 --warmup 5 --profile "$OUT/prof-sd.txt" ;;
+    builtin-fgraphs) step builtin-fgraphs --model builtin --field-graphs --steps 30 --warmup 10 ;;
+    builtin-rgraphs) step builtin-rgraphs --model builtin --render-graphs --steps 30 --warmup 10 ;;
+    sd-best) step sd-best --model sd --cuda-graphs --render-graphs --steps 30 --warmup 10 ;;
+    sd-best-prof) step sd-best-prof --model sd --cuda-graphs --render-graphs --steps 10 --warmup 10 --profile "$OUT/prof-sd-best.txt" ;;
     sd-graphs-prof) step sd-graphs-prof --model sd --cuda-graphs --steps 10 --warmup 5 --profile "$OUT/prof-sd-graphs.txt" ;;
     esac
   done
@@ -138,7 +145,7 @@ stage_peers() {
   cat /tmp/peers.json >>"$OUT/peers.log" 2>/dev/null
 }
 
-# A default builtin run end to end on the GPU (--cuda-graphs: the field replayed from CUDA graphs), timed, then
+# A default builtin run end to end on the GPU (GEN_ARGS=--cuda-graphs: the renderer replayed from CUDA graphs), timed, then
 # scored by fastdream evaluate.
 stage_generate() {
   log "generate: a red cube, --model builtin --device cuda ${GEN_ARGS:-}"

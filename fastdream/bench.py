@@ -221,6 +221,9 @@ class BenchConfig:
         compile: ``torch.compile`` the UNet call. cuda_graphs: replay the UNet call from a CUDA graph, and the
             VAE encoder's forward and backward (SD) from two.
         field_graphs: replay the field's forward and backward from CUDA graphs (:mod:`fastdream.field_graphs`).
+        render_graphs: replay the whole render (rays, marching, field, normals, shading, environment map,
+            compositing), forward and backward, from CUDA graphs (:mod:`fastdream.render_graphs`, as
+            ``generate --cuda-graphs``). The "field" part then holds all of it.
         tiny: tiny field and tiny random models (CPU tests of every path).
         shading: "shaded" | "textureless" (both need normals) | "albedo".
         grid_update_every: the trainer's period, used to amortise the grid update in the step total.
@@ -241,6 +244,7 @@ class BenchConfig:
     compile: bool = False
     cuda_graphs: bool = False
     field_graphs: bool = False
+    render_graphs: bool = False
     tiny: bool = False
     shading: str = "shaded"
     grid_update_every: int = 16
@@ -289,6 +293,8 @@ class BenchResult:
             mode.append("CUDA graphs")
         if c.get("field_graphs"):
             mode.append("field in CUDA graphs")
+        if c.get("render_graphs"):
+            mode.append("renderer in CUDA graphs")
         if c["model"] != "builtin":
             mode.append(f"UNet {c['unet_layout']}")
         if c["model"] == "sd":
@@ -349,6 +355,10 @@ def validate(cfg: BenchConfig, device: torch.device) -> None:
         raise UserError("--cuda-graphs needs a CUDA device; drop it or use --device cuda")
     if cfg.field_graphs and device.type != "cuda":
         raise UserError("--field-graphs needs a CUDA device; drop it or use --device cuda")
+    if cfg.render_graphs and device.type != "cuda":
+        raise UserError("--render-graphs needs a CUDA device; drop it or use --device cuda")
+    if cfg.render_graphs and cfg.field_graphs:
+        raise UserError("--render-graphs already replays the field; use one of --render-graphs and --field-graphs")
     if cfg.field_graphs and cfg.shading == "albedo":
         raise UserError(
             "--field-graphs replays the field with its normals; use it with --shading shaded or textureless"
@@ -513,6 +523,11 @@ class StepRunner:
             from fastdream.field_graphs import GraphedDensityAndNormals
 
             self.density_and_normals = GraphedDensityAndNormals(self.field)
+        self.render_graphs = None
+        if cfg.render_graphs:
+            from fastdream.render_graphs import GraphedRender
+
+            self.render_graphs = GraphedRender(self.field, self.background, self.grid)
         self.optimizer = build_optimizer(self.run, self.field, self.background)
         self.amp = device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
@@ -537,6 +552,8 @@ class StepRunner:
     def render(self, cams: Any, clock: Any = None) -> dict[str, Any]:
         """fastdream.renderer.render written out in parts: returns image [B, 3, H, W] and the regulariser terms."""
         clock = clock or _NoClock()
+        if self.render_graphs is not None:
+            return self._render_graphed(cams, clock)
         h = w = self.resolution
         r, s = self.run.render, self.run.shading
         cams = cams.to(self.device)
@@ -590,6 +607,39 @@ class StepRunner:
                 reg = reg + self.run.optim.lambda_orient * orient
         self.n_samples = int(positions.shape[0])
         return {"image": image, "reg": reg, "opacity": comp.opacity}
+
+    def _render_graphed(self, cams: Any, clock: Any) -> dict[str, Any]:
+        """:meth:`render` through :class:`fastdream.render_graphs.GraphedRender`: its "field" part is rays,
+        marching, field, shading, background and compositing (the "rays + marching" part only moves the camera)."""
+        h = w = self.resolution
+        r, s = self.run.render, self.run.shading
+        cams = cams.to(self.device)
+        clock.mark("rays_march")
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+            out = self.render_graphs(
+                self.field,
+                self.background,
+                cams,
+                h,
+                w,
+                shading_mode=self.cfg.shading,
+                grid=self.grid,
+                samples_per_ray=r.samples_per_ray,
+                bound=r.bound,
+                ambient=s.ambient,
+                diffuse=s.diffuse,
+                jitter=r.jitter,
+                generator=self.noise_gen,
+            )
+            clock.mark("field")
+            reg = self.run.optim.lambda_opacity * opacity_loss(out["ray_opacity"])
+            if out["normals"] is not None:
+                orient = orientation_loss(
+                    out["weights"], out["normals"], out["directions"], out["ray_indices"], out["n_rays"]
+                )
+                reg = reg + self.run.optim.lambda_orient * orient
+        self.n_samples = out["n_samples"]
+        return {"image": out["image"], "reg": reg, "opacity": out["ray_opacity"]}
 
     def sds_loss(self, images: torch.Tensor, words: list[str], clock: Any = None) -> torch.Tensor:
         """The guidance's ``sds_loss`` with a mark between the encoder and the denoiser (diffusers backends);
@@ -742,6 +792,14 @@ def run_bench(cfg: BenchConfig, profile: Path | None = None) -> BenchResult:
         notes.append(
             f"field CUDA graphs: {fg.captures} captured (sample-count buckets, ~25 ms each), {fg.replays} replays; "
             "a bucket's first call runs eagerly"
+        )
+    if cfg.render_graphs:
+        rg = runner.render_graphs
+        notes.append(
+            f"renderer CUDA graphs: {rg.captures} captured, {rg.replays} replays, {rg.eager_calls} eager calls, "
+            f"{rg.overflows} rendered again with more rows; 'field forward' is the whole render (rays, marching, "
+            "field, shading, environment map, compositing)"
+            + (f"; graphs turned off: {rg.disabled}" if rg.disabled else "")
         )
     config = dataclasses.asdict(cfg) | {"resolution": resolution, "device": str(device)}
     return BenchResult(

@@ -143,9 +143,10 @@ class GuidanceConfig:
     # --model builtin only: width (degrees) of the conditional model's pose kernel around the render camera
     # (fastdream.guidance.builtin.DEFAULT_POSE_WIDTH says why); null: the view word only.
     builtin_pose_width: float | None = 10.0
-    # CUDA: replay the field's forward and backward with normals (fastdream.field_graphs) and, for diffusion models,
-    # the UNet call and SD's VAE encoder forward and backward (fastdream.guidance.graphs) from CUDA graphs. Both
-    # are launch-bound at 64x64 (the UNet call: 25 -> 9.8 ms a step on an H200).
+    # CUDA: replay the training render (rays, marching, field with normals, shading, environment map, compositing;
+    # forward and backward: fastdream.render_graphs) and, for diffusion models, the UNet call and SD's VAE encoder
+    # forward and backward (fastdream.guidance.graphs) from CUDA graphs. Both are launch-bound at 64x64 (the UNet
+    # call: 25 -> 9.8 ms a step on an H200).
     cuda_graphs: bool = False
 
 

@@ -42,6 +42,77 @@ def _background_colors(
     return background(rays_d)
 
 
+def render_samples(
+    field: NeuralField,
+    background: Background | torch.Tensor | None,
+    samples: Any,
+    rays_d: torch.Tensor,
+    lights: torch.Tensor,
+    *,
+    pixels_per_camera: int,
+    mode: ShadeMode,
+    ambient: torch.Tensor,
+    diffuse: torch.Tensor,
+    need_normals: bool,
+    normals_method: str | None = None,
+    density_and_normals: Any = None,
+) -> dict[str, torch.Tensor | None]:
+    """Everything :func:`render` does after marching: the field (and its normals), shading, the background and
+    compositing, per ray (not yet images).
+
+    Args:
+        samples: packed samples (``positions``, ``ray_indices``, ``t_starts``, ``t_ends``, ``offsets``) of the
+            rays of ``B`` cameras, ``pixels_per_camera`` rays each, camera after camera.
+        rays_d: [R, 3] ray directions (the environment map's input).
+        lights: [B, 3] light positions, one per camera.
+        ambient, diffuse: [3] light colours.
+        need_normals: compute normals (the shaded and textureless modes need them).
+
+    Returns:
+        ``image_rays`` [R, 3], ``opacity`` [R], ``depth`` [R], ``weights`` [S], ``normals`` [S, 3] or None,
+        ``normals_rays`` [R, 3] (composited normals) or None.
+    """
+    positions = samples.positions
+    n_rays = rays_d.shape[0]
+    n_cams = lights.shape[0]
+    if need_normals:
+        fn = density_and_normals or field.density_and_normals
+        sigma, albedo, normals = fn(positions, method=normals_method)
+    else:
+        sigma, albedo = field(positions)
+        normals = None
+
+    if mode == ShadeMode.ALBEDO:
+        colors = albedo
+    elif n_cams == 1:  # no host read of the camera's sample range (CUDA graphs)
+        colors = shade(albedo, normals, positions, lights[0].float(), ambient, diffuse, mode)
+    else:
+        # Samples are packed ray by ray and rays camera by camera: each camera's samples are one slice.
+        cam_starts = torch.arange(0, n_cams + 1, device=positions.device) * pixels_per_camera
+        bounds = samples.offsets[cam_starts].tolist()
+        parts = []
+        for i in range(n_cams):
+            s0, s1 = bounds[i], bounds[i + 1]
+            parts.append(
+                shade(albedo[s0:s1], normals[s0:s1], positions[s0:s1], lights[i].float(), ambient, diffuse, mode)
+            )
+        colors = torch.cat(parts) if parts else albedo
+    bg = _background_colors(background, rays_d, n_cams)
+    comp = composite(sigma, colors.float(), samples, n_rays, background=bg)
+    normals_rays = None
+    if normals is not None:
+        nimg = torch.zeros(n_rays, 3, device=positions.device, dtype=torch.float32)
+        normals_rays = nimg.index_add(0, samples.ray_indices, comp.weights[:, None] * normals.float())
+    return {
+        "image_rays": comp.image,
+        "opacity": comp.opacity,
+        "depth": comp.depth,
+        "weights": comp.weights,
+        "normals": normals,
+        "normals_rays": normals_rays,
+    }
+
+
 def render(
     field: NeuralField,
     background: Background | torch.Tensor | None,
@@ -102,56 +173,39 @@ def render(
     if prune and samples.n_samples > 0:
         with torch.no_grad():
             samples = prune_occluded(samples, field.density(samples.positions))
-    positions = samples.positions
     need_normals = bool(need_normals) or mode != ShadeMode.ALBEDO
-    if need_normals:
-        fn = density_and_normals or field.density_and_normals
-        sigma, albedo, normals = fn(positions, method=normals_method)
-    else:
-        sigma, albedo = field(positions)
-        normals = None
-
-    if mode == ShadeMode.ALBEDO:
-        colors = albedo
-    else:
-        amb = torch.as_tensor(ambient, dtype=torch.float32, device=device)
-        dif = torch.as_tensor(diffuse, dtype=torch.float32, device=device)
-        # Samples are packed ray by ray and rays camera by camera: each camera's samples are one slice.
-        pix = height * width
-        bounds = samples.offsets[torch.arange(0, b + 1, device=device) * pix].tolist()
-        parts = []
-        for i in range(b):
-            s0, s1 = bounds[i], bounds[i + 1]
-            parts.append(
-                shade(
-                    albedo[s0:s1],
-                    normals[s0:s1],
-                    positions[s0:s1],
-                    cameras.light[i].float(),
-                    amb,
-                    dif,
-                    mode,
-                )
-            )
-        colors = torch.cat(parts) if parts else albedo
-    bg = _background_colors(background, rays_d, b)
-    comp = composite(sigma, colors.float(), samples, n_rays, background=bg)
+    amb = torch.as_tensor(ambient, dtype=torch.float32, device=device)
+    dif = torch.as_tensor(diffuse, dtype=torch.float32, device=device)
+    res = render_samples(
+        field,
+        background,
+        samples,
+        rays_d,
+        cameras.light,
+        pixels_per_camera=height * width,
+        mode=mode,
+        ambient=amb,
+        diffuse=dif,
+        need_normals=need_normals,
+        normals_method=normals_method,
+        density_and_normals=density_and_normals,
+    )
     normals_image = None
-    if normals is not None:
-        nimg = torch.zeros(n_rays, 3, device=device, dtype=torch.float32)
-        nimg = nimg.index_add(0, samples.ray_indices, comp.weights[:, None] * normals.float())
-        normals_image = _to_image(nimg, b, height, width)
+    if res["normals_rays"] is not None:
+        normals_image = _to_image(res["normals_rays"], b, height, width)
+    normals = res["normals"]
+    positions = samples.positions
 
     return {
-        "image": _to_image(comp.image, b, height, width),
-        "opacity": _to_image(comp.opacity[:, None], b, height, width),
-        "depth": _to_image(comp.depth[:, None], b, height, width),
+        "image": _to_image(res["image_rays"], b, height, width),
+        "opacity": _to_image(res["opacity"][:, None], b, height, width),
+        "depth": _to_image(res["depth"][:, None], b, height, width),
         "normals_image": normals_image,
-        "weights": comp.weights,
+        "weights": res["weights"],
         "normals": normals,
         "directions": samples.directions,
         "ray_indices": samples.ray_indices,
-        "ray_opacity": comp.opacity,
+        "ray_opacity": res["opacity"],
         "n_rays": n_rays,
         "samples": samples,
         "n_samples": int(positions.shape[0]),

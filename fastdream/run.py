@@ -232,6 +232,13 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
     outputs, notes = [], []
     if result.skipped:
         notes.append(f"{result.skipped} step(s) had a NaN/inf loss or gradient and were skipped")
+    rg = trainer.render_graphs
+    if rg is not None:  # --cuda-graphs: say what the graphs did (a bucket's first calls run eagerly)
+        off = f"; turned off after a failed capture ({rg.disabled})" if rg.disabled else ""
+        notes.append(
+            f"renderer CUDA graphs: {rg.captures} captured, {rg.replays} steps replayed, {rg.eager_calls} eager, "
+            f"{rg.overflows} rendered again with more rows{off}"
+        )
     if export and not result.interrupted:
         outputs, note = export_all(trainer.field, trainer.background, trainer.grid, cfg, plan.run_dir)
         if note:

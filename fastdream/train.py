@@ -128,11 +128,13 @@ class Trainer:
         self.field, self.background, self.grid = build_models(cfg, self.device)
         o = cfg.optim
         self.optimizer = build_optimizer(cfg, self.field, self.background)
-        self.density_and_normals = None  # the field's own, unless replayed from CUDA graphs
+        # The training render (rays, marching, field, normals, shading, environment map, compositing) replayed from
+        # CUDA graphs with --cuda-graphs (fastdream.render_graphs); None: the eager renderer.
+        self.render_graphs = None
         if cfg.guidance.cuda_graphs and self.device.type == "cuda":
-            from fastdream.field_graphs import GraphedDensityAndNormals
+            from fastdream.render_graphs import GraphedRender
 
-            self.density_and_normals = GraphedDensityAndNormals(self.field)
+            self.render_graphs = GraphedRender(self.field, self.background, self.grid)
         self.amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         # Separate streams: the view/mode schedule (CPU) and the noise of SDS, jitter and grid updates.
@@ -241,7 +243,7 @@ class Trainer:
         background = self._background_for_step()
         res = cfg.render.resolution
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-            out = render(
+            out = (self.render_graphs or render)(
                 self.field,
                 background,
                 cams,
@@ -254,7 +256,6 @@ class Trainer:
                 diffuse=cfg.shading.diffuse,
                 jitter=cfg.render.jitter,
                 prune=cfg.render.prune_occluded,
-                density_and_normals=self.density_and_normals,
                 generator=self.noise_gen,
             )
         words = [view_word(float(cams.elevation[0]), float(cams.azimuth[0]))]

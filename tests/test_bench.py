@@ -49,6 +49,37 @@ def test_render_in_parts_matches_the_renderer():
     assert runner.n_samples == ref["n_samples"] > 0
 
 
+@pytest.mark.parametrize("shading", ["shaded", "albedo"])
+def test_render_graphs_path_matches_the_renderer(shading):
+    """--render-graphs' step path (fastdream.render_graphs, here with the capture replaced by the eager module so
+    that the padded path runs on the CPU) renders what the renderer does, with the parted path's regularisers."""
+    from fastdream.render_graphs import GraphedRender
+
+    runner = _runner("builtin", render_graphs=True, shading=shading)
+    runner.run.render.jitter = False
+    runner.warm_grid()
+    runner.render_graphs = GraphedRender(
+        runner.field, runner.background, runner.grid, min_sightings=1, capture=lambda module, args, warmup: module
+    )
+    t = torch.tensor
+    cams = make_cameras(t([20.0]), t([30.0]), t([2.2]), t([50.0]), t([[1.0, 2.0, 1.5]]))
+    h = runner.resolution
+    r, s = runner.run.render, runner.run.shading
+    ref = render(
+        runner.field, runner.background, cams, h, h, shading_mode=shading, grid=runner.grid,
+        samples_per_ray=r.samples_per_ray, ambient=s.ambient, diffuse=s.diffuse,
+    )  # fmt: skip
+    runner.render(cams)  # the first call learns the sample count (eager)
+    ours = runner.render(cams)
+    assert runner.render_graphs.replays == 1
+    torch.testing.assert_close(ours["image"], ref["image"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["opacity"], ref["ray_opacity"], rtol=1e-5, atol=1e-6)
+    runner.render_graphs = None
+    parted = runner.render(cams)
+    torch.testing.assert_close(ours["reg"], parted["reg"], rtol=1e-5, atol=1e-7)
+    assert runner.n_samples == ref["n_samples"] > 0
+
+
 @pytest.mark.parametrize("model", ["sd", "if"])
 def test_parted_sds_loss_is_the_guidance_sds_loss(model):
     pytest.importorskip("diffusers")
@@ -137,6 +168,7 @@ def test_cli_profile_writes_the_op_table_and_a_trace(tmp_path, capsys):
     [
         (["--model", "sd", "--tiny", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs"),
         (["--tiny", "--field-graphs", "--device", "cpu"], "--field-graphs"),
+        (["--tiny", "--render-graphs", "--device", "cpu"], "--render-graphs"),
         (["--compile", "--device", "cpu"], "--model sd"),
         (["--model", "sd", "--device", "cpu"], "--tiny"),
         (["--steps", "0", "--device", "cpu"], "--steps"),

@@ -4,6 +4,7 @@ Stable Diffusion pipeline written with save_pretrained and loaded by the same lo
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,12 +84,15 @@ def test_generate_writes_every_output_and_export_redoes_them(sd_model, tmp_path)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("model", ["sd", "builtin"])
 def test_generate_on_cuda_with_cuda_graphs(sd_model, tmp_path, model):
-    """The GPU path end to end: fp16 UNet, the UNet call, SD's VAE encoder and the field replayed from CUDA graphs
-    (the builtin prior: the field only), then every output."""
+    """The GPU path end to end: fp16 UNet, the UNet call, SD's VAE encoder and the renderer replayed from CUDA
+    graphs (the builtin prior: the renderer only), then every output."""
     out = tmp_path / "run"
     args = ["--model", sd_model if model == "sd" else "builtin", "--device", "cuda", "--cuda-graphs", "--steps", "6"]
     proc = fastdream("generate", "a red cube", *args, "--out", str(out), *TINY, check=0, gpu=True)
     assert "done: 6 steps" in proc.stdout
+    # Every step either replayed a graph or ran eagerly (a bucket's first sight); no capture failed.
+    graphs = re.search(r"renderer CUDA graphs: (\d+) captured, (\d+) steps replayed, (\d+) eager", proc.stderr)
+    assert graphs and int(graphs.group(2)) + int(graphs.group(3)) == 6 and "turned off" not in proc.stderr, proc.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["device"].startswith("cuda") and cfg["guidance"]["cuda_graphs"] is True
     state = torch.load(out / "checkpoints" / "step_000006.pt", weights_only=True)

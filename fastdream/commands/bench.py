@@ -50,6 +50,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="replay the field's forward and backward (hash grid, MLP, normals) from CUDA graphs, one per "
         "sample-count bucket (fastdream.field_graphs; CUDA only, any model)",
     )
+    p.add_argument(
+        "--render-graphs",
+        action="store_true",
+        help="replay the whole render (rays, marching, field, normals, shading, environment map, compositing), "
+        "forward and backward, from CUDA graphs, as generate --cuda-graphs does (fastdream.render_graphs; CUDA only)",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny field and tiny random models (a smoke run)")
     p.add_argument(
         "--shading", choices=("shaded", "textureless", "albedo"), default=d.shading, help="shading mode of the step"
@@ -102,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         cuda_graphs=args.cuda_graphs,
         field_graphs=args.field_graphs,
+        render_graphs=args.render_graphs,
         tiny=args.tiny,
         shading=args.shading,
         seed=args.seed,

@@ -162,9 +162,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--cuda-graphs",
         action=_Flag,
-        help="CUDA: replay the field's forward and backward (with normals) and, for diffusion models, the UNet "
-        "call and SD's VAE encoder (forward and backward) from CUDA graphs: fewer kernel launches per step (off "
-        "by default)",
+        help="CUDA: replay the training render (rays, marching, field with normals, shading, background, "
+        "compositing; forward and backward) and, for diffusion models, the UNet call and SD's VAE encoder "
+        "(forward and backward) from CUDA graphs: fewer kernel launches per step (off by default)",
     )
     p.add_argument("--no-export", action="store_true", help="skip the turntable and mesh export at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,0 +1,214 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The training render replayed from CUDA graphs (fastdream.render_graphs).
+
+On the CPU, with the capture replaced by the eager module (so the padded march, the fixed capacity, the overflow
+re-render, the buckets and the fallbacks all run here):
+
+- every output and every parameter's gradient equal the eager renderer's, in each shading mode, with each kind
+  of background, with jitter from the same generator and through an occupancy grid;
+- a step with more samples than its capacity is rendered again, larger, with the same result;
+- the buckets, the eviction and the eager fallbacks are the documented ones;
+- a failing capture warns once and renders eagerly from then on.
+
+On CUDA: the same comparison with real graphs, under autocast, across buckets, optimiser steps and grid updates.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fastdream.cameras import make_cameras, orbit_cameras
+from fastdream.config import FieldConfig
+from fastdream.field import Background, NeuralField
+from fastdream.ops import OccupancyGrid
+from fastdream.render_graphs import GraphedRender
+from fastdream.renderer import render
+
+KEYS = ("image", "opacity", "depth", "normals_image", "weights", "normals", "directions", "ray_indices", "ray_opacity")
+
+
+def _models(device: str = "cpu") -> tuple[NeuralField, Background, OccupancyGrid]:
+    cfg = FieldConfig(levels=4, features=2, log2_table_size=12, base_resolution=4, finest_resolution=32, hidden=16)
+    field = NeuralField(cfg, bound=1.0, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():  # a table of trained magnitude, so that the normals depend on it
+        field.table.uniform_(-0.05, 0.05, generator=torch.Generator(device=device).manual_seed(1))
+    grid = OccupancyGrid(resolution=16).to(device)
+    grid.update(lambda x: 50.0 * ((x - 0.1).norm(dim=-1) < 0.6).float(), warmup=True)  # skips some space
+    return field, Background(generator=torch.Generator().manual_seed(2)).to(device), grid
+
+
+def _stand_in(log: list[int] | None = None):
+    def capture(module, args, warmup_iters):
+        if log is not None:
+            log.append(module.capacity)
+        return module
+
+    return capture
+
+
+def _camera(step: int):
+    az = torch.tensor([-150.0 + 47.0 * step])
+    el, dist = torch.tensor([10.0 + 7.0 * step]), torch.tensor([2.0 + 0.15 * step])
+    return make_cameras(el, az, dist, torch.tensor([45.0]))
+
+
+def _step(renderer, models, bg, cams, size, mode, seed, amp=False):
+    """One training render through ``renderer`` and a loss on every output: (outputs, grads, n_samples)."""
+    field, background, grid = models
+    params = list(field.parameters()) + list(background.parameters())
+    for p in params:
+        p.grad = None
+    gen = torch.Generator(field.table.device).manual_seed(seed)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        out = renderer(
+            field, bg, cams, size, size, shading_mode=mode, grid=grid, samples_per_ray=64, jitter=True, generator=gen
+        )
+    dev = out["image"].device
+    view = torch.tensor([0.3, -0.5, 0.8], device=dev)
+    loss = (out["image"] * torch.linspace(0.5, 1.5, 3, device=dev)[None, :, None, None]).square().mean()
+    loss = loss + out["opacity"].mean() + 0.1 * out["depth"].mean() + out["weights"].square().sum()
+    if out["normals"] is not None:
+        loss = loss + (out["normals"] @ view).square().mean() + out["normals_image"].abs().mean()
+    loss.backward()
+    values = {k: out[k].detach().clone() for k in KEYS if out[k] is not None}
+    grads = {i: p.grad.clone() for i, p in enumerate(params) if p.grad is not None}
+    assert out["samples"].n_samples == out["n_samples"] == out["weights"].shape[0]
+    return values, grads, out["n_samples"]
+
+
+def _assert_same(got, want, atol=1e-6, rtol=1e-5, what=""):
+    assert got[2] == want[2] > 0, what
+    assert got[0].keys() == want[0].keys(), what
+    for k in want[0]:
+        a, b = got[0][k], want[0][k]
+        if a.dtype == torch.int64:
+            assert torch.equal(a, b), f"{what} {k}"
+        else:
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, k=k: f"{what} {k}: {m}")
+    assert got[1].keys() == want[1].keys(), what
+    for i in want[1]:
+        scale = want[1][i].abs().max().item() + 1e-12
+        torch.testing.assert_close(
+            got[1][i], want[1][i], atol=atol * max(1.0, scale), rtol=rtol, msg=lambda m, i=i: f"{what} param {i}: {m}"
+        )
+
+
+@pytest.mark.parametrize("mode", ["albedo", "shaded", "textureless"])
+@pytest.mark.parametrize("bg_kind", ["module", "color", "white"])
+def test_padded_graph_path_equals_the_eager_renderer(mode, bg_kind):
+    models = _models()
+    graphed = GraphedRender(*models, min_sightings=1, capture=_stand_in())
+    bg = {"module": models[1], "color": torch.tensor([0.2, 0.5, 0.9]), "white": None}[bg_kind]
+    for step in range(4):
+        cams = _camera(step)
+        got = _step(graphed, models, bg, cams, 13, mode, seed=step)
+        want = _step(render, models, bg, cams, 13, mode, seed=step)
+        _assert_same(got, want, what=f"{mode} {bg_kind} step {step}")
+    assert graphed.eager_calls == 1 and graphed.replays == 3  # the first call learns the sample count
+
+
+def test_overflow_renders_again_larger_with_the_same_result():
+    models = _models()
+    log: list[int] = []
+    graphed = GraphedRender(*models, min_sightings=1, headroom=1.0, capture=_stand_in(log))
+    far, near = _camera(0), make_cameras(*(torch.tensor([v]) for v in (20.0, 30.0, 1.6, 60.0)))
+    _step(graphed, models, None, far, 12, "shaded", seed=0)  # eager: learns a small count
+    got = _step(graphed, models, None, near, 12, "shaded", seed=1)  # the near camera has more samples
+    want = _step(render, models, None, near, 12, "shaded", seed=1)
+    _assert_same(got, want, what="overflow")
+    assert graphed.overflows == 1 and len(log) == 2 and log[0] < want[2] <= log[1]
+
+
+def test_buckets_second_sight_and_eviction():
+    models = _models()
+    log: list[int] = []
+    graphed = GraphedRender(*models, max_graphs=2, history=1, capture=_stand_in(log))
+    sizes = (12, 12, 12, 20, 20, 20, 12, 28, 28, 28, 12)  # 144, 400 and 784 rays: three buckets
+    for i, size in enumerate(sizes):
+        _step(graphed, models, models[1], orbit_cameras(1), size, "shaded", seed=i)
+    # History 1: a call's capacity comes from the previous call's count; a key is (capacity, resolution, ...).
+    # Call 1 learns the count (eager), call 2 sees (c12, 12) first (eager), call 3 captures it. Call 4 (20) overflows
+    # c12 and is rendered again at c20 (first sight, eager); call 5 captures (c20, 20), call 6 replays it. Call 7
+    # (12) gets c20 from call 6: a new key, eager. Call 8 (28) overflows; call 9 captures (c28, 28) and evicts
+    # (c12, 12), last used at call 3, rather than (c20, 20), used at call 6. Calls 10 and 11 replay or see new keys.
+    assert graphed.overflows == 2
+    assert graphed.captures == len(log) == 3 and log == sorted(log)
+    assert [k[1] for k in graphed._graphs][:2] == [20, 28]
+    assert graphed.replays + graphed.eager_calls == len(sizes)
+
+
+def test_ineligible_calls_render_eagerly():
+    models = _models()
+    field, background, grid = models
+    graphed = GraphedRender(*models, min_sightings=1, capture=_stand_in())
+    _step(graphed, models, background, orbit_cameras(1), 10, "shaded", seed=0)  # first call: eager
+    assert graphed.eager_calls == 1
+    cams2 = orbit_cameras(2)
+    got = _step(graphed, models, background, cams2, 10, "shaded", seed=1)  # two cameras
+    want = _step(render, models, background, cams2, 10, "shaded", seed=1)
+    _assert_same(got, want, atol=0, rtol=0)
+    other = Background(generator=torch.Generator().manual_seed(5))
+    _step(graphed, models, other, orbit_cameras(1), 10, "shaded", seed=2)  # another environment map
+    _step(graphed, (field, background, OccupancyGrid(resolution=8)), None, orbit_cameras(1), 10, "shaded", seed=3)
+    with torch.no_grad():
+        graphed(field, background, orbit_cameras(1), 10, 10, shading_mode="shaded", grid=grid)
+    field.eval()
+    graphed(field, background, orbit_cameras(1), 10, 10, shading_mode="shaded", grid=grid)
+    field.train()
+    graphed(field, None, orbit_cameras(1), 10, 10, shading_mode="shaded", grid=grid, prune=True)
+    graphed(field, None, orbit_cameras(1), 10, 10, shading_mode="shaded", grid=grid, normals_method="finite_difference")
+    assert graphed.eager_calls == 8 and graphed.replays == 0 and graphed.captures == 0
+    plain = GraphedRender(*models, min_sightings=1)  # no stand-in: CPU tensors never go to a graph
+    for i in range(3):
+        _step(plain, models, background, orbit_cameras(1), 10, "shaded", seed=i)
+    assert plain.eager_calls == 3 and plain.captures == 0
+    for kw, word in (({"max_graphs": 0}, "max_graphs"), ({"min_sightings": 0}, "min_sightings")):
+        with pytest.raises(ValueError, match=word):
+            GraphedRender(field, **kw)
+    with pytest.raises(ValueError, match="headroom"):
+        GraphedRender(field, headroom=0.5)
+    with pytest.raises(ValueError, match="history"):
+        GraphedRender(field, history=0)
+
+
+def test_a_failing_capture_warns_once_and_renders_eagerly():
+    models = _models()
+
+    def broken(module, args, warmup_iters):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    graphed = GraphedRender(*models, min_sightings=1, capture=broken)
+    _step(graphed, models, models[1], _camera(0), 12, "shaded", seed=0)  # eager: learns the count
+    want = _step(render, models, models[1], _camera(1), 12, "shaded", seed=1)
+    with pytest.warns(RuntimeWarning, match="rendering eagerly from now on"):
+        got = _step(graphed, models, models[1], _camera(1), 12, "shaded", seed=1)
+    _assert_same(got, want)
+    assert graphed.disabled and "more detail" not in graphed.disabled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _step(graphed, models, models[1], _camera(2), 12, "shaded", seed=2)
+    assert graphed.captures == 0 and graphed.eager_calls == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["albedo", "shaded", "textureless"])
+def test_cuda_graphs_match_the_eager_renderer_across_buckets_and_updates(mode):
+    models = _models("cuda")
+    field, background, grid = models
+    graphed = GraphedRender(*models, max_graphs=2, min_sightings=1)
+    opt = torch.optim.Adam(list(field.parameters()) + list(background.parameters()), lr=1e-2)
+    colour = torch.tensor([0.2, 0.5, 0.9], device="cuda")
+    sizes = [24, 24, 32, 24, 48, 24, 24]
+    for step, size in enumerate(sizes):
+        cams = _camera(step)
+        bg = background if step % 2 == 0 else colour
+        got = _step(graphed, models, bg, cams, size, mode, seed=step, amp=True)
+        want = _step(render, models, bg, cams, size, mode, seed=step, amp=True)
+        _assert_same(got, want, atol=5e-3, rtol=5e-3, what=f"{mode} step {step}")
+        opt.step()  # in place: the next replay must see the new parameters
+        if step == 3:  # and the new grid
+            grid.update(lambda x: 50.0 * ((x + 0.1).norm(dim=-1) < 0.5).float(), warmup=True)
+    assert graphed.disabled is None and graphed.captures >= 2 and graphed.replays >= 4
