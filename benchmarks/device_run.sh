@@ -15,9 +15,11 @@
 # A/B runs of the SD settings in one call, e.g.:
 #   STAGES=steps STEP_LIST=builtin STEP_EXTRA="a:--model sd --cuda-graphs --steps 20 --warmup 5;b:--model sd \
 #     --cuda-graphs --steps 20 --warmup 5 --vae-groupnorm split --profile %OUT%/prof-b.txt" benchmarks/device_run.sh
-# The whole render in CUDA graphs (session 8, not yet run on a GPU), against the eager and field-only versions:
+# Session 8's additions, not yet run on a GPU: the whole render in CUDA graphs (against the eager and field-only
+# versions) and the SD VAE encoder compiled by inductor (sd-cvae*, sd-compiled: compile time ~1-2 min each, so
+# give them STEP_CAP=200):
 #   STAGES=tests,steps,generate,memcheck TEST_ARGS="-k cuda or graphs" GEN_ARGS=--cuda-graphs \
-#     STEP_LIST=builtin,builtin-fgraphs,builtin-rgraphs,sd-graphs,sd-best benchmarks/device_run.sh
+#     STEP_LIST=builtin,builtin-fgraphs,builtin-rgraphs,sd-graphs,sd-best,sd-cvae benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -119,6 +121,9 @@ stage_steps() {
     builtin-fgraphs) step builtin-fgraphs --model builtin --field-graphs --steps 30 --warmup 10 ;;
     builtin-rgraphs) step builtin-rgraphs --model builtin --render-graphs --steps 30 --warmup 10 ;;
     sd-best) step sd-best --model sd --cuda-graphs --render-graphs --steps 30 --warmup 10 ;;
+    sd-cvae) step sd-cvae --model sd --cuda-graphs --render-graphs --compile-vae --steps 20 --warmup 10 ;;
+    sd-cvae-native) step sd-cvae-native --model sd --cuda-graphs --render-graphs --compile-vae --vae-groupnorm native --steps 20 --warmup 10 ;;
+    sd-compiled) step sd-compiled --model sd --compile --cuda-graphs --render-graphs --compile-vae --vae-groupnorm native --steps 20 --warmup 10 ;;
     sd-best-prof) step sd-best-prof --model sd --cuda-graphs --render-graphs --steps 10 --warmup 10 --profile "$OUT/prof-sd-best.txt" ;;
     sd-graphs-prof) step sd-graphs-prof --model sd --cuda-graphs --steps 10 --warmup 5 --profile "$OUT/prof-sd-graphs.txt" ;;
     esac

@@ -218,8 +218,9 @@ class BenchConfig:
         resolution: render size; None: the guidance's (64; 16 with ``tiny``).
         batch: cameras per step (the trainer uses 1).
         ops: "fused" (the dispatcher's fastest implementations) | "reference" (pure PyTorch everywhere).
-        compile: ``torch.compile`` the UNet call. cuda_graphs: replay the UNet call from a CUDA graph, and the
-            VAE encoder's forward and backward (SD) from two.
+        compile: ``torch.compile`` the UNet call. compile_vae: ``torch.compile`` the SD VAE encoder's forward and
+            backward (:func:`fastdream.guidance.graphs.accelerate`). cuda_graphs: replay the UNet call from a CUDA
+            graph, and the VAE encoder's forward and backward (SD) from two.
         field_graphs: replay the field's forward and backward from CUDA graphs (:mod:`fastdream.field_graphs`).
         render_graphs: replay the whole render (rays, marching, field, normals, shading, environment map,
             compositing), forward and backward, from CUDA graphs (:mod:`fastdream.render_graphs`, as
@@ -242,6 +243,7 @@ class BenchConfig:
     batch: int = 1
     ops: str = "fused"
     compile: bool = False
+    compile_vae: bool = False
     cuda_graphs: bool = False
     field_graphs: bool = False
     render_graphs: bool = False
@@ -289,6 +291,8 @@ class BenchResult:
         mode = [c["model"] + (" (tiny)" if c["tiny"] else ""), f"ops={c['ops']}"]
         if c["compile"]:
             mode.append("torch.compile")
+        if c.get("compile_vae"):
+            mode.append("VAE torch.compile")
         if c["cuda_graphs"]:
             mode.append("CUDA graphs")
         if c.get("field_graphs"):
@@ -351,6 +355,8 @@ def validate(cfg: BenchConfig, device: torch.device) -> None:
         raise UserError(f"--shading must be shaded, textureless or albedo, got {cfg.shading!r}")
     if (cfg.compile or cfg.cuda_graphs) and cfg.model == "builtin":
         raise UserError("--compile and --cuda-graphs speed up the UNet call; use them with --model sd or --model if")
+    if cfg.compile_vae and cfg.model != "sd":
+        raise UserError("--compile-vae compiles Stable Diffusion's VAE encoder; use it with --model sd")
     if cfg.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device; drop it or use --device cuda")
     if cfg.field_graphs and device.type != "cuda":
@@ -459,8 +465,8 @@ def build_guidance(cfg: BenchConfig, device: torch.device) -> Any:
     cond = torch.randn(len(VIEW_WORDS), length, dim, generator=gen)
     uncond = torch.randn(1, length, dim, generator=gen)
     g.set_text_embeddings(cond, uncond, PROMPT)
-    if cfg.compile or cfg.cuda_graphs:
-        accelerate(g, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
+    if cfg.compile or cfg.cuda_graphs or cfg.compile_vae:
+        accelerate(g, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, compile_vae=cfg.compile_vae)
     return g
 
 
@@ -669,7 +675,7 @@ class StepRunner:
     def step(self, clock: Any = None) -> torch.Tensor:
         """One trainer step; returns the (detached) loss."""
         clock = clock or _NoClock()
-        if self.cfg.cuda_graphs and self.cfg.compile:
+        if self.cfg.cuda_graphs and (self.cfg.compile or self.cfg.compile_vae):
             torch.compiler.cudagraph_mark_step_begin()
         cams = sample_cameras(self.run.camera, self.cfg.batch, self.camera_gen)
         words = [view_word(float(e), float(a)) for e, a in zip(cams.elevation, cams.azimuth)]

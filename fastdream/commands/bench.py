@@ -40,6 +40,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.set_defaults(ops=d.ops)
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet call")
     p.add_argument(
+        "--compile-vae",
+        action="store_true",
+        help="torch.compile the SD VAE encoder's forward and backward (--model sd; with --cuda-graphs, inductor's "
+        "reduce-overhead mode instead of the VAE's own CUDA graphs)",
+    )
+    p.add_argument(
         "--cuda-graphs",
         action="store_true",
         help="replay the UNet call, and the VAE encoder's forward and backward (sd), from CUDA graphs (CUDA only)",
@@ -106,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch,
         ops=args.ops,
         compile=args.compile,
+        compile_vae=args.compile_vae,
         cuda_graphs=args.cuda_graphs,
         field_graphs=args.field_graphs,
         render_graphs=args.render_graphs,

@@ -14,12 +14,17 @@ from typing import Any
 import torch
 
 
-def accelerate(guidance: Any, *, compile: bool = False, cuda_graphs: bool = False) -> None:
+def accelerate(guidance: Any, *, compile: bool = False, cuda_graphs: bool = False, compile_vae: bool = False) -> None:
     """Replace ``guidance.unet`` by a compiled and/or CUDA-graph-replayed version of itself, and with
     ``cuda_graphs`` a Stable Diffusion guidance's ``vae_mean`` by :class:`GraphedVAEMean`.
 
     compile alone: ``torch.compile`` (inductor, default mode); cuda_graphs alone: :class:`CUDAGraphUNet`;
     both: ``torch.compile(mode="reduce-overhead")`` (inductor's CUDA graphs around the compiled kernels).
+
+    compile_vae: ``torch.compile`` the SD VAE encoder's forward and backward too (``vae_mean``; with
+    ``cuda_graphs`` in "reduce-overhead" mode, instead of :class:`GraphedVAEMean`). Inductor fuses the
+    GroupNorms with their SiLUs and picks the convolutions' memory layout itself. Not timed on a GPU yet
+    (``fastdream bench --compile-vae``).
     """
     unet = guidance.unet
     if compile:
@@ -28,7 +33,10 @@ def accelerate(guidance: Any, *, compile: bool = False, cuda_graphs: bool = Fals
         guidance.unet = torch.compile(unet, mode=mode, dynamic=False)
     elif cuda_graphs:
         guidance.unet = CUDAGraphUNet(unet)
-    if cuda_graphs and hasattr(guidance, "vae_mean"):
+    if compile_vae and hasattr(guidance, "vae_mean"):
+        mode = "reduce-overhead" if cuda_graphs else None
+        guidance.vae_mean = torch.compile(guidance.vae_mean, mode=mode, dynamic=False)
+    elif cuda_graphs and hasattr(guidance, "vae_mean"):
         guidance.vae_mean = GraphedVAEMean(guidance.vae_mean)
 
 
