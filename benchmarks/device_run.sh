@@ -25,9 +25,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
 DEADLINE=${DEADLINE:-540}
 WHEELS=${WHEELS:-.whl}
-# STAGES: which of tests,steps,hash,generate,micro,peers,memcheck,compile to run, in that order (default all but
-# hash, which is the hash-grid part of micro alone, and generate, a default builtin run timed end to end with
-# GEN_ARGS); TEST_ARGS: extra pytest arguments (e.g. "-k cuda": only the CUDA parametrisations, the CPU ones run
+# STAGES: which of tests,steps,hash,generate,sdgen,micro,peers,memcheck,compile to run, in that order (default
+# all but hash, which is the hash-grid part of micro alone, generate, a default builtin run timed end to end with
+# GEN_ARGS, and sdgen, an SD-shaped random-weight run of generate timed end to end); TEST_ARGS: extra pytest arguments (e.g. "-k cuda": only the CUDA parametrisations, the CPU ones run
 # in CI).
 STAGES=${STAGES:-steps,tests,micro,peers,memcheck,compile}
 TEST_ARGS=${TEST_ARGS:-}
@@ -168,6 +168,21 @@ stage_generate() {
   echo | tee -a "$OUT/summary.txt"
 }
 
+# SD end to end: an SD-2.1-base-shaped folder with random weights (benchmarks/make_sd_shaped.py), then
+# SDGEN_STEPS steps (default 1000) of fastdream generate through the real loader, with previews, checkpoints and
+# grid updates, timed by the trainer ("done: N steps in S s"), for the "10,000 steps in 5 minutes" target.
+stage_sdgen() {
+  local n=${SDGEN_STEPS:-1000} args=${SDGEN_ARGS:---cuda-graphs}
+  log "sdgen: SD-shaped random weights, generate $n steps $args"
+  timeout "$(cap 120)" $PY benchmarks/make_sd_shaped.py /tmp/sd-shaped --device cuda >"$OUT/sdgen.log" 2>&1
+  echo "make_sd_shaped rc=$?" | tee -a "$OUT/summary.txt"
+  # shellcheck disable=SC2086  # the args are words
+  timeout "$(cap 300)" $PY -m fastdream generate "a red cube" --model /tmp/sd-shaped --device cuda --steps "$n" \
+    --no-export --quiet --overwrite --out /tmp/sdgen-run $args >>"$OUT/sdgen.log" 2>&1
+  echo "sdgen rc=$?" | tee -a "$OUT/summary.txt"
+  grep -E "^done:|CUDA graphs|skipped|Error|error:" "$OUT/sdgen.log" | tail -5 | tee -a "$OUT/summary.txt"
+}
+
 stage_memcheck() {
   command -v compute-sanitizer >/dev/null 2>&1 && (($(left) > 60)) || return 0
   log "compute-sanitizer memcheck over the CUDA kernel tests"
@@ -179,7 +194,7 @@ stage_memcheck() {
   grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$OUT/summary.txt"
 }
 
-for s in tests steps hash generate micro peers memcheck compile; do
+for s in tests steps hash generate sdgen micro peers memcheck compile; do
   has "$s" || continue
   if (($(left) < 20)); then
     log "out of time before stage $s"
@@ -190,6 +205,7 @@ for s in tests steps hash generate micro peers memcheck compile; do
   tests) stage_tests ;;
   hash) micro hash 120 benchmarks/bench_hash_grid.py ;;
   generate) stage_generate ;;
+  sdgen) stage_sdgen ;;
   micro) micro all 150 benchmarks/ --ignore=benchmarks/bench_peers.py --ignore=benchmarks/bench_builtin_quality.py ;;
   peers) stage_peers ;;
   memcheck) stage_memcheck ;;

@@ -213,7 +213,10 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
 
     cfg = plan.cfg
     if guidance is None:
-        guidance = load_prepared_guidance(cfg, plan.device)
+        from fastdream.guidance.loading import library_progress_bars
+
+        with library_progress_bars(progress):
+            guidance = load_prepared_guidance(cfg, plan.device)
     if cfg.guidance.guidance_scale is None:  # the model's own default, recorded in config.json
         cfg.guidance.guidance_scale = float(getattr(guidance, "default_guidance_scale", 100.0))
     trainer = Trainer(cfg, guidance, plan.run_dir, plan.device)

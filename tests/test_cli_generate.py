@@ -57,6 +57,9 @@ def test_generate_writes_every_output_and_export_redoes_them(sd_model, tmp_path)
     out = tmp_path / "run"
     proc = fastdream("generate", "a red cube", "--model", sd_model, "--out", str(out), "--steps", "4", *TINY, check=0)
     assert "done: 4 steps" in proc.stdout
+    # --quiet (in TINY): no progress bars, and none of the libraries' load-time advice, on the terminal
+    for noise in ("Loading weights", "it/s]", "low_cpu_mem_usage", "Casting directly"):
+        assert noise not in proc.stderr, proc.stderr[-2000:]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["prompt"] == "a red cube" and cfg["optim"]["steps"] == 4 and cfg["device"] == "cpu"
     assert cfg["guidance"]["guidance_scale"] == 100.0  # SD's default, recorded

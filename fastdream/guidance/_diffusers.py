@@ -20,7 +20,11 @@ def freeze(
     """eval, requires_grad off, on ``device`` in ``dtype``; channels_last on CUDA (faster fp16 convolutions)
     unless ``channels_last`` is False."""
     module.eval().requires_grad_(False)
-    module.to(device=device, dtype=dtype)
+    # Cast only what is not in ``dtype`` yet: loaded with torch_dtype, nothing is, and diffusers' warning about
+    # casting with .to() (printed even when it has nothing to say) stays out of the user's terminal.
+    if any(t.dtype != dtype for t in module.parameters() if t.is_floating_point()):
+        module.to(dtype=dtype)
+    module.to(device=device)
     if device.type == "cuda" and channels_last:
         module.to(memory_format=torch.channels_last)
     return module

@@ -11,6 +11,7 @@ safetensors files where a folder has them.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -175,10 +176,51 @@ def _hub_file(repo_id: str, filename: str, offline: bool) -> str:
         ) from err
 
 
+@contextlib.contextmanager
+def _library_warnings_off() -> Iterator[None]:
+    """diffusers' and transformers' loggers at ERROR while loading: their load-time advice (e.g. "install
+    accelerate for low_cpu_mem_usage", once per component) is not for fastdream's users. Errors still raise."""
+    loggers = []
+    for lib in ("diffusers", "transformers"):
+        try:
+            module = importlib.import_module(f"{lib}.utils.logging")
+        except ImportError:
+            continue
+        loggers.append((module, module.get_verbosity()))
+        module.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for module, level in loggers:
+            module.set_verbosity(level)
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """diffusers' and transformers' progress bars ("Loading weights") off while ``enabled`` is False
+    (``generate --quiet``), restored afterwards."""
+    turned_off = []
+    if not enabled:
+        for lib in ("diffusers", "transformers"):
+            try:
+                module = importlib.import_module(f"{lib}.utils.logging")
+            except ImportError:
+                continue
+            if module.is_progress_bar_enabled():
+                module.disable_progress_bar()
+                turned_off.append(module)
+    try:
+        yield
+    finally:
+        for module in turned_off:
+            module.enable_progress_bar()
+
+
 def load_component(source: ModelSource, name: str, cls: Any, **kw: Any) -> Any:
     """``cls.from_pretrained(source, subfolder=name, ...)`` with errors turned into one-line UserErrors."""
     try:
-        return cls.from_pretrained(source.path, subfolder=name, local_files_only=source.local_files_only, **kw)
+        with _library_warnings_off():
+            return cls.from_pretrained(source.path, subfolder=name, local_files_only=source.local_files_only, **kw)
     except UserError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError) as err:
