@@ -16,9 +16,9 @@ capacity, the step is rendered again with the same inputs at a large enough buck
 Padding is exact. The padding rows belong to no ray, compositing gives them weight 0 and zero gradient, and
 their field values and normals (at the origin) are finite.
 
-**Inputs.** Per-step values are graph inputs, copied in at each replay: the camera, the light, the jitter (drawn
-from the caller's generator exactly as :func:`fastdream.renderer.render` draws it), the background colour and the
-light colours. The shading mode, the background's kind (environment map, colour or white), the resolution, the
+**Inputs.** Per-step values are graph inputs, copied in at each replay. The camera, the light, the background
+colour and the light colours are packed into one tensor (one host-to-device copy a step). The jitter is drawn from
+the caller's generator exactly as :func:`fastdream.renderer.render` draws it. The shading mode, the background's kind (environment map, colour or white), the resolution, the
 march step and autocast are part of a bucket's key. The parameters and the occupancy grid are read by address.
 Optimiser steps and grid updates work in place, so every replay sees them.
 
@@ -82,7 +82,10 @@ class _StepRender(torch.nn.Module):
         self.height, self.width = height, width
         self.capacity, self.step, self.bound = capacity, step, bound
 
-    def forward(self, c2w, fov, light, jitter, bg_color, ambient, diffuse):
+    def forward(self, step_values: torch.Tensor, jitter: torch.Tensor):
+        # step_values [29]: c2w (16), fov, light (3), background colour, ambient, diffuse (3 each): one copy a step
+        c2w, fov, light = step_values[:16].view(1, 4, 4), step_values[16:17], step_values[17:20].view(1, 3)
+        bg_color, ambient, diffuse = step_values[20:23], step_values[23:26], step_values[26:29]
         cams = Cameras(c2w, fov, fov, fov, fov, light)  # get_rays reads c2w and fov only
         rays_o, rays_d = get_rays(cams, self.height, self.width)
         samples, total = march_rays_padded(
@@ -278,21 +281,16 @@ class GraphedRender:
             return out
 
         dev = self.field.table.device
-        f32 = dict(device=dev, dtype=torch.float32)
         bound = self.field.bound if bound is None else float(bound)
         n_rays = height * width
-        cameras = cameras.to(dev)
+        # The step's values in one tensor, built where the cameras are (the CPU in training) and copied once.
+        host = cameras.c2w.device
+        bg = background.reshape(3) if kind == "color" else torch.ones(3)
+        parts = [cameras.c2w, cameras.fov, cameras.light, bg, torch.as_tensor(ambient), torch.as_tensor(diffuse)]
+        step_values = torch.cat([t.to(host, torch.float32).reshape(-1) for t in parts]).to(dev)
         # The jitter is drawn here as march_rays draws it, so the random stream is the eager renderer's.
         u = torch.rand(n_rays, device=dev, generator=generator) if jitter else torch.zeros(n_rays, device=dev)
-        args = (
-            cameras.c2w.to(**f32),
-            cameras.fov.to(**f32),
-            cameras.light.to(**f32),
-            u,
-            background.reshape(3).to(**f32) if kind == "color" else torch.ones(3, **f32),
-            torch.as_tensor(ambient, **f32),
-            torch.as_tensor(diffuse, **f32),
-        )
+        args = (step_values, u)
         amp = torch.is_autocast_enabled("cuda") if dev.type == "cuda" else False
         step = 2.0 * bound / samples_per_ray
         fixed = (height, width, int(mode), need_normals, kind, step, bound, amp, torch.get_autocast_dtype("cuda"))
