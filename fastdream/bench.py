@@ -616,11 +616,10 @@ class StepRunner:
 
     def _render_graphed(self, cams: Any, clock: Any) -> dict[str, Any]:
         """:meth:`render` through :class:`fastdream.render_graphs.GraphedRender`: its "field" part is rays,
-        marching, field, shading, background and compositing (the "rays + marching" part only moves the camera)."""
+        marching, field, shading, background and compositing (the "rays + marching" part is empty)."""
         h = w = self.resolution
         r, s = self.run.render, self.run.shading
-        cams = cams.to(self.device)
-        clock.mark("rays_march")
+        clock.mark("rays_march")  # the cameras stay on the host, as the trainer's: one packed copy in the graph call
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             out = self.render_graphs(
                 self.field,

@@ -18,9 +18,10 @@ their field values and normals (at the origin) are finite.
 
 **Inputs.** Per-step values are graph inputs, copied in at each replay. The camera, the light, the background
 colour and the light colours are packed into one tensor (one host-to-device copy a step). The jitter is drawn from
-the caller's generator exactly as :func:`fastdream.renderer.render` draws it. The shading mode, the background's kind (environment map, colour or white), the resolution, the
-march step and autocast are part of a bucket's key. The parameters and the occupancy grid are read by address.
-Optimiser steps and grid updates work in place, so every replay sees them.
+the caller's generator exactly as :func:`fastdream.renderer.render` draws it. The shading mode, the background's
+kind (environment map, colour or white), the resolution, the march step and autocast are part of a bucket's key.
+The parameters and the occupancy grid are read by address. Optimiser steps and grid updates work in place, so
+every replay sees them.
 
 **Buckets** are captured on their ``min_sightings``-th call; earlier calls run the same padded module eagerly. At
 most ``max_graphs`` buckets are kept, the least recently used evicted.
