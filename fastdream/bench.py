@@ -637,12 +637,9 @@ class StepRunner:
                 generator=self.noise_gen,
             )
             clock.mark("field")
-            reg = self.run.optim.lambda_opacity * opacity_loss(out["ray_opacity"])
-            if out["normals"] is not None:
-                orient = orientation_loss(
-                    out["weights"], out["normals"], out["directions"], out["ray_indices"], out["n_rays"]
-                )
-                reg = reg + self.run.optim.lambda_orient * orient
+            reg = self.run.optim.lambda_opacity * out["opacity_loss"]  # the regularisers come from the graph
+            if out["orientation_loss"] is not None:
+                reg = reg + self.run.optim.lambda_orient * out["orientation_loss"]
         self.n_samples = out["n_samples"]
         return {"image": out["image"], "reg": reg, "opacity": out["ray_opacity"]}
 

@@ -54,6 +54,7 @@ import torch
 from fastdream.cameras import Cameras, get_rays
 from fastdream.field import Background, NeuralField
 from fastdream.field_graphs import capacity
+from fastdream.losses import opacity_loss, orientation_loss
 from fastdream.ops import OccupancyGrid, RaySamples, ShadeMode, march_rays_padded
 from fastdream.renderer import DEFAULT_AMBIENT, DEFAULT_DIFFUSE, _to_image, render, render_samples
 
@@ -105,11 +106,17 @@ class _StepRender(torch.nn.Module):
             need_normals=self.need_normals,
             normals_method="analytic",
         )
+        # DreamFusion's regularisers too (fastdream.losses): the padding rows have weight 0, so they add nothing.
+        regs = [opacity_loss(out["opacity"])]
         outs = [out["image_rays"], out["opacity"], out["depth"], out["weights"]]
         if self.need_normals:
             outs += [out["normals"], out["normals_rays"]]
+            n_rays = self.height * self.width
+            regs.append(
+                orientation_loss(out["weights"], out["normals"], samples.directions, samples.ray_indices, n_rays)
+            )
         rows = [samples.ray_indices, samples.t_starts, samples.t_ends, samples.positions, samples.directions]
-        return (*outs, *rows, samples.offsets, total)
+        return (*outs, *regs, *rows, samples.offsets, total)
 
 
 def _make_graphed(module: torch.nn.Module, args: tuple[torch.Tensor, ...], warmup_iters: int) -> Callable:
@@ -123,7 +130,9 @@ def _make_graphed(module: torch.nn.Module, args: tuple[torch.Tensor, ...], warmu
 class GraphedRender:
     """:func:`fastdream.renderer.render` for training steps, replayed from CUDA graphs (see the module doc).
 
-    Call it like ``render`` (same arguments, same result).
+    Call it like ``render`` (same arguments, same result). The result also holds the regularisers of
+    :mod:`fastdream.losses` on its outputs, ``opacity_loss`` and ``orientation_loss`` (None without normals):
+    computed in the graph when the step is replayed.
 
     Args:
         field: the field (its parameters are captured by address).
@@ -279,6 +288,11 @@ class GraphedRender:
             self.eager_calls += 1
             if torch.is_grad_enabled() and field is self.field and field.training:
                 self._counts.append(out["n_samples"])
+            out["opacity_loss"] = opacity_loss(out["ray_opacity"])
+            out["orientation_loss"] = None
+            if out["normals"] is not None:
+                args = (out["weights"], out["normals"], out["directions"], out["ray_indices"], out["n_rays"])
+                out["orientation_loss"] = orientation_loss(*args)
             return out
 
         dev = self.field.table.device
@@ -315,9 +329,13 @@ class GraphedRender:
         self.eager_calls += (cap, *fixed) not in self._graphs
         image, opacity, depth, weights = outs[:4]
         normals, normals_rays = (outs[4][:total], outs[5]) if need_normals else (None, None)
+        regs = outs[6:8] if need_normals else outs[4:5]
         rows = [x[:total] for x in outs[-7:-2]]
         samples = RaySamples(*rows, outs[-2])
         return {
+            # computed in the graph; the same values as fastdream.losses on the outputs below
+            "opacity_loss": regs[0],
+            "orientation_loss": regs[1] if need_normals else None,
             "image": _to_image(image, 1, height, width),
             "opacity": _to_image(opacity[:, None], 1, height, width),
             "depth": _to_image(depth[:, None], 1, height, width),

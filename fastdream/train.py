@@ -264,12 +264,17 @@ class Trainer:
         )
         loss = sds
         o = cfg.optim
+        # GraphedRender computes the regularisers in its graph (out["orientation_loss"], out["opacity_loss"]).
         if o.lambda_orient > 0 and out["normals"] is not None:
-            loss = loss + o.lambda_orient * orientation_loss(
-                out["weights"], out["normals"], out["directions"], out["ray_indices"], out["n_rays"]
-            )
+            orient = out.get("orientation_loss")
+            if orient is None:
+                orient = orientation_loss(
+                    out["weights"], out["normals"], out["directions"], out["ray_indices"], out["n_rays"]
+                )
+            loss = loss + o.lambda_orient * orient
         if o.lambda_opacity > 0:
-            loss = loss + o.lambda_opacity * opacity_loss(out["ray_opacity"])
+            opac = out.get("opacity_loss")
+            loss = loss + o.lambda_opacity * (opacity_loss(out["ray_opacity"]) if opac is None else opac)
         info = dict(info)
         info.update(mode=mode, view=words[0], samples=out["n_samples"])
         return loss, info

@@ -23,6 +23,7 @@ import torch
 from fastdream.cameras import make_cameras, orbit_cameras
 from fastdream.config import FieldConfig
 from fastdream.field import Background, NeuralField
+from fastdream.losses import opacity_loss, orientation_loss
 from fastdream.ops import OccupancyGrid
 from fastdream.render_graphs import GraphedRender
 from fastdream.renderer import render
@@ -72,8 +73,17 @@ def _step(renderer, models, bg, cams, size, mode, seed, amp=False):
     loss = loss + out["opacity"].mean() + 0.1 * out["depth"].mean() + out["weights"].square().sum()
     if out["normals"] is not None:
         loss = loss + (out["normals"] @ view).square().mean() + out["normals_image"].abs().mean()
+    # The regularisers: GraphedRender's own (computed in the graph), the renderer's from fastdream.losses.
+    regs = [out.get("opacity_loss"), out.get("orientation_loss")]
+    if regs[0] is None:
+        regs[0] = opacity_loss(out["ray_opacity"])
+    if regs[1] is None and out["normals"] is not None:
+        regs[1] = orientation_loss(out["weights"], out["normals"], out["directions"], out["ray_indices"], out["n_rays"])
+    regs = [r for r in regs if r is not None]
+    loss = loss + 2.0 * regs[0] + sum(10.0 * r for r in regs[1:])
     loss.backward()
     values = {k: out[k].detach().clone() for k in KEYS if out[k] is not None}
+    values["regularisers"] = torch.stack(regs).detach()
     grads = {i: p.grad.clone() for i, p in enumerate(params) if p.grad is not None}
     assert out["samples"].n_samples == out["n_samples"] == out["weights"].shape[0]
     return values, grads, out["n_samples"]
