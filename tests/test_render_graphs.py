@@ -15,6 +15,7 @@ On CUDA: the same comparison with real graphs, under autocast, across buckets, o
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -118,6 +119,50 @@ def test_padded_graph_path_equals_the_eager_renderer(mode, bg_kind):
         want = _step(render, models, bg, cams, 13, mode, seed=step)
         _assert_same(got, want, what=f"{mode} {bg_kind} step {step}")
     assert graphed.eager_calls == 1 and graphed.replays == 3  # the first call learns the sample count
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    """Any read of a tensor's values on the host raises: on CUDA such a read would break the graph capture."""
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(name):
+        def f(self, *args, **kwargs):
+            raise AssertionError(f"a host read in the captured render: Tensor.{name}")
+
+        return f
+
+    for n in names:
+        setattr(torch.Tensor, n, refuse(n))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("mode", ["albedo", "shaded", "textureless"])
+def test_the_captured_render_reads_nothing_on_the_host(mode):
+    """What a CUDA graph captures (forward and backward of the padded render) must not read tensor values on the
+    host. Checked here on the CPU path, like make_graphed_callables' warm-up: forward, then gradients of every
+    output that has one, with every host read of a tensor refused."""
+    models = _models()
+    checked = []
+
+    def capture(module, args, warmup_iters):
+        with _no_host_reads():
+            outs = [o for o in module(*args) if o.requires_grad]
+            params = [p for p in module.parameters() if p.requires_grad]
+            torch.autograd.grad(outs, params, [torch.ones_like(o) for o in outs], allow_unused=True)
+        checked.append(module.capacity)
+        return module
+
+    for bg in (models[1], torch.tensor([0.1, 0.2, 0.3]), None):
+        graphed = GraphedRender(*models, min_sightings=1, capture=capture)
+        for step in range(2):
+            _step(graphed, models, bg, _camera(step), 12, mode, seed=step)
+    assert len(checked) == 3
 
 
 def test_overflow_renders_again_larger_with_the_same_result():
