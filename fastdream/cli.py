@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from fastdream._capture import hide_expected_warnings
+
+    hide_expected_warnings()
     try:
         return int(args._run(args) or 0)
     except UserError as e:

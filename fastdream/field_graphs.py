@@ -33,6 +33,7 @@ from collections import Counter, OrderedDict
 import torch
 import torch.nn.functional as F
 
+from fastdream import _capture
 from fastdream.field import NeuralField
 
 MIN_CAPACITY = 1024
@@ -109,12 +110,14 @@ class GraphedDensityAndNormals:
         self._seen[key] += 1
         if self._seen[key] < self.min_sightings:
             return None
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)
+        if len(self._graphs) >= self.max_graphs:
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)
+            _capture.collect()  # the evicted graphs are destroyed now, not during a capture
         sample = torch.zeros(cap, 3, device=device)
         # make_graphed_callables needs autocast's weight-cast cache off: the casts are then part of the graph
         # and see each optimiser update.
-        with torch.autocast("cuda", dtype=dtype, enabled=amp, cache_enabled=False):
+        with torch.autocast("cuda", dtype=dtype, enabled=amp, cache_enabled=False), _capture.capturing():
             g = torch.cuda.make_graphed_callables(
                 _DensityAndNormals(self.field), (sample,), num_warmup_iters=self.warmup_iters
             )

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from fastdream import _capture
 from fastdream.cameras import Cameras, get_rays
 from fastdream.field import Background, NeuralField
 from fastdream.field_graphs import capacity
@@ -218,10 +219,13 @@ class GraphedRender:
         if g is None:
             self._seen[key] += 1
             if self._seen[key] >= self.min_sightings:
-                while len(self._graphs) >= self.max_graphs:
-                    self._graphs.popitem(last=False)
+                if len(self._graphs) >= self.max_graphs:
+                    while len(self._graphs) >= self.max_graphs:
+                        self._graphs.popitem(last=False)
+                    _capture.collect()  # the evicted graphs are destroyed now, not during a capture
                 try:
-                    g = self._capture(make(), args, self.warmup_iters)
+                    with _capture.capturing():
+                        g = self._capture(make(), args, self.warmup_iters)
                 except Exception as e:  # noqa: BLE001 - any capture failure: report once, then render eagerly
                     first = str(e).splitlines()[0] if str(e) else ""
                     self.disabled = f"{type(e).__name__}: {first}"[:200]

@@ -8,7 +8,9 @@ re-render, the buckets and the fallbacks all run here):
   of background, with jitter from the same generator and through an occupancy grid;
 - a step with more samples than its capacity is rendered again, larger, with the same result;
 - the buckets, the eviction and the eager fallbacks are the documented ones;
-- a failing capture warns once and renders eagerly from then on.
+- a failing capture warns once and renders eagerly from then on;
+- no graph is destroyed during a capture: the garbage collector is off while one runs, and an evicted bucket's
+  graph is destroyed before the next capture begins.
 
 On CUDA: the same comparison with real graphs, under autocast, across buckets, optimiser steps and grid updates.
 """
@@ -16,11 +18,13 @@ On CUDA: the same comparison with real graphs, under autocast, across buckets, o
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 
 import pytest
 import torch
 
+from fastdream import _capture
 from fastdream.cameras import make_cameras, orbit_cameras
 from fastdream.config import FieldConfig
 from fastdream.field import Background, NeuralField
@@ -246,6 +250,73 @@ def test_a_failing_capture_warns_once_and_renders_eagerly():
         warnings.simplefilter("error")
         _step(graphed, models, models[1], _camera(2), 12, "shaded", seed=2)
     assert graphed.captures == 0 and graphed.eager_calls == 3
+
+
+def test_no_graph_is_destroyed_during_a_capture():
+    """On an H100 a capture failed ("operation failed due to a previous error during capture") when Python's
+    cyclic garbage collector, running in the middle of it, destroyed graphs of evicted buckets (which only it
+    can free). Here a stand-in graph that, like make_graphed_callables' result, sits in a reference cycle logs
+    its capture and its destruction."""
+    models = _models()
+    events = []
+
+    class Replay:
+        def __init__(self, module):
+            self.module, self.cycle = module, self
+            events.append("captured")
+
+        def __call__(self, *args):
+            return self.module(*args)
+
+        def __del__(self):
+            events.append("destroyed")
+
+    def capture(module, args, warmup_iters):
+        events.append("capturing, collector " + ("on" if gc.isenabled() else "off"))
+        return Replay(module)
+
+    graphed = GraphedRender(*models, max_graphs=1, min_sightings=1, capture=capture)
+    for i, size in enumerate([12, 12, 16, 12]):  # eager, capture 12, evict 12 + capture 16, evict 16 + capture 12
+        _step(graphed, models, models[1], _camera(i), size, "shaded", seed=i)
+    # One graph kept: each capture after the first evicts the previous graph, destroyed before it begins (an
+    # overflow's larger re-render is a capture too).
+    one = ["capturing, collector off", "captured"]
+    assert graphed.captures >= 3 and events == (one + ["destroyed"]) * (graphed.captures - 1) + one, events
+    assert gc.isenabled() and graphed.replays == 3
+
+
+def test_capturing_restores_the_collector():
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="boom"), _capture.capturing():
+        assert not gc.isenabled()
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()
+    try:  # off before: still off after
+        with _capture.capturing():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_cli_hides_only_the_expected_stream_warning():
+    """PyTorch's AccumulateGrad stream advice (printed on every --cuda-graphs GPU run, H100) is filtered; any other
+    warning still shows."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _capture.hide_expected_warnings()
+        warnings.warn(
+            "The AccumulateGrad node's stream does not match the stream of the node that produced the incoming "
+            "gradient. This may incur unnecessary synchronization",
+            UserWarning,
+            stacklevel=2,
+        )
+        warnings.warn("something else", UserWarning, stacklevel=2)
+        warnings.warn(
+            "The AccumulateGrad node's stream does not match the stream of the node", RuntimeWarning, stacklevel=2
+        )
+    assert [str(w.message) for w in seen][0] == "something else" and len(seen) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from fastdream import _capture
+
 
 def accelerate(guidance: Any, *, compile: bool = False, cuda_graphs: bool = False, compile_vae: bool = False) -> None:
     """Replace ``guidance.unet`` by a compiled and/or CUDA-graph-replayed version of itself, and with
@@ -56,10 +58,14 @@ class GraphedVAEMean:
             return self.fn(x)
         key = (x.shape, x.dtype, x.stride(), x.device)
         if key != self._key:
+            if self._graphed is not None:  # the old graphs are destroyed now, not during a capture
+                self._graphed = self._key = None
+                _capture.collect()
             sample = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).uniform_(-1, 1)
-            self._graphed = torch.cuda.make_graphed_callables(
-                self.fn, (sample.requires_grad_(True),), num_warmup_iters=self.warmup_iters
-            )
+            with _capture.capturing():
+                self._graphed = torch.cuda.make_graphed_callables(
+                    self.fn, (sample.requires_grad_(True),), num_warmup_iters=self.warmup_iters
+                )
             self._key = key
         return self._graphed(x)
 
@@ -99,8 +105,9 @@ class CUDAGraphUNet(torch.nn.Module):
             for _ in range(self.warmup_calls):
                 call()
         torch.cuda.current_stream(sample.device).wait_stream(side)
+        self._graph = self._static_out = None  # the old graph is destroyed now (no cycle holds it)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with _capture.capturing(), torch.cuda.graph(graph):
             out = call()
         self._graph, self._static_in, self._static_out = graph, static, out
 
