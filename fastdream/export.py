@@ -145,7 +145,8 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int) -> TurntableResu
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            imageio.mimwrite(tmp, frames, fps=fps, codec="libx264", quality=8, macro_block_size=1)
+            # format named: without the ffmpeg plugin imageio would try another writer and fail obscurely
+            imageio.mimwrite(tmp, frames, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1)
         data = tmp.read_bytes()
         atomic_write(path, data)
         return TurntableResult(path, "")

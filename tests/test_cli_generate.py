@@ -100,7 +100,30 @@ def test_generate_on_cuda_with_cuda_graphs(sd_model, tmp_path, model):
     assert cfg["device"].startswith("cuda") and cfg["guidance"]["cuda_graphs"] is True
     state = torch.load(out / "checkpoints" / "step_000006.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["field"].values())
-    assert (out / "turntable.mp4").stat().st_size > 0 and (out / "mesh.glb").stat().st_size > 0
+    assert _turntable(out).stat().st_size > 0 and (out / "mesh.glb").stat().st_size > 0
+
+
+def _turntable(out: Path) -> Path:
+    """turntable.mp4, or where no ffmpeg plugin is installed (a machine with fastdream installed without its
+    dependencies) the GIF written instead."""
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return out / "turntable.gif"
+    return out / "turntable.mp4"
+
+
+def test_turntable_without_ffmpeg_is_a_gif_with_the_reason(tmp_path, monkeypatch):
+    import numpy as np
+
+    from fastdream.export import write_video
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # the plugin missing
+    frames = [np.full((8, 8, 3), 40 * i, np.uint8) for i in range(3)]
+    res = write_video(frames, tmp_path / "turntable.mp4", fps=10)
+    assert res.path == tmp_path / "turntable.gif" and res.path.stat().st_size > 0
+    assert not (tmp_path / "turntable.mp4").exists() and list(tmp_path.iterdir()) == [res.path]
+    assert "could not write mp4" in res.note and "ffmpeg" in res.note.lower(), res.note
 
 
 def test_resume_ends_like_an_uninterrupted_run(sd_model, tmp_path):
