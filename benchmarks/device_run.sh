@@ -18,7 +18,7 @@
 # Session 8's additions, not yet run on a GPU: the whole render in CUDA graphs (against the eager and field-only
 # versions) and the SD VAE encoder compiled by inductor (sd-cvae*, sd-compiled: compile time ~1-2 min each, so
 # give them STEP_CAP=200):
-#   STAGES=tests,steps,generate,memcheck TEST_ARGS="-k cuda or graphs" GEN_ARGS=--cuda-graphs \
+#   STAGES=tests,steps,generate,memcheck TEST_K="cuda or graphs" GEN_ARGS=--cuda-graphs \
 #     STEP_LIST=builtin,builtin-fgraphs,builtin-rgraphs,sd-graphs,sd-best,sd-cvae benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,10 +27,13 @@ DEADLINE=${DEADLINE:-540}
 WHEELS=${WHEELS:-.whl}
 # STAGES: which of tests,steps,hash,generate,sdgen,micro,peers,memcheck,compile to run, in that order (default
 # all but hash, which is the hash-grid part of micro alone, generate, a default builtin run timed end to end with
-# GEN_ARGS, and sdgen, an SD-shaped random-weight run of generate timed end to end); TEST_ARGS: extra pytest arguments (e.g. "-k cuda": only the CUDA parametrisations, the CPU ones run
-# in CI).
+# GEN_ARGS, and sdgen, an SD-shaped random-weight run of generate timed end to end); TEST_K: a pytest -k
+# expression (e.g. "cuda": only the CUDA parametrisations, the CPU ones run in CI; spaces allowed); TEST_ARGS: other
+# pytest arguments, split at spaces (no quoting: session 9's TEST_ARGS="-k 'cuda or graphs'" selected nothing).
+# The tests stage fails loudly when no test ran (pytest's exit status 5).
 STAGES=${STAGES:-steps,tests,micro,peers,memcheck,compile}
 TEST_ARGS=${TEST_ARGS:-}
+TEST_K=${TEST_K:-}
 TEST_CAP=${TEST_CAP:-200}
 STEP_CAP=${STEP_CAP:-90}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
@@ -70,12 +73,13 @@ if has peers && $PY -c "import nerfacc" 2>/dev/null; then
 fi
 
 stage_tests() {
-  log "tests $TEST_ARGS"
+  log "tests ${TEST_K:+-k \"$TEST_K\" }$TEST_ARGS"
   local xdist=""
   $PY -c "import xdist" 2>/dev/null && xdist="-n ${TEST_WORKERS:-15}"
   FASTDREAM_FAILURE_LOG="$OUT/failures.log" timeout "$(cap "$TEST_CAP")" $PY -m pytest -v -p no:cacheprovider $xdist \
-    --tb=short -rfEs --durations=15 $TEST_ARGS tests >"$OUT/tests.log" 2>&1
-  echo "tests rc=$?" | tee -a "$OUT/summary.txt"
+    --tb=short -rfEs --durations=15 ${TEST_K:+-k "$TEST_K"} $TEST_ARGS tests >"$OUT/tests.log" 2>&1
+  local rc=$?
+  echo "tests rc=$rc$( ((rc == 5)) && echo ' (NO TESTS RAN: check TEST_K/TEST_ARGS)')" | tee -a "$OUT/summary.txt"
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 | tee -a "$OUT/summary.txt"
   grep -E "^(FAILED|ERROR)|\] (FAILED|ERROR)" "$OUT/tests.log" | head -40 | tee -a "$OUT/summary.txt"
 }
