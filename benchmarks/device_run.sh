@@ -8,6 +8,9 @@
 #
 #   WHEELS=.whl DEADLINE=540 benchmarks/device_run.sh
 #
+# WHEELS: a folder of wheels the machine lacks, installed without dependencies (no registry there): diffusers,
+# trimesh, nerfacc (the peer), imageio-ffmpeg (else the turntable is a GIF and two CUDA tests check for that).
+#
 # Seen on an H200 (2026-11-26): the machine starts in ~30 s, wheels 5 s, build 115-125 s (16 jobs, sm_90a), the
 # CUDA tests (TEST_ARGS="-k cuda", 15 workers) 31 s, the microbenchmarks 50 s, each step benchmark 15-30 s
 # (model setup dominates), memcheck 50-60 s. A 15-minute device budget holds one full call (~400 s) and a
