@@ -18,8 +18,10 @@ their field values and normals (at the origin) are finite.
 
 **Inputs.** Per-step values are graph inputs, copied in at each replay. The camera, the light, the background
 colour and the light colours are packed into one tensor (one host-to-device copy a step). The jitter is drawn from
-the caller's generator exactly as :func:`fastdream.renderer.render` draws it. The shading mode, the background's
-kind (environment map, colour or white), the resolution, the march step and autocast are part of a bucket's key.
+the caller's generator exactly as :func:`fastdream.renderer.render` draws it. The shaded and textureless modes
+share a graph: which one is an input, 0 or 1, that blends the albedo towards white before shading
+(:func:`fastdream.renderer.render_samples`'s ``textureless``). Whether the mode is albedo, the background's kind
+(environment map, colour or white), the resolution, the march step and autocast are part of a bucket's key.
 The parameters and the occupancy grid are read by address. Optimiser steps and grid updates work in place, so
 every replay sees them.
 
@@ -86,9 +88,11 @@ class _StepRender(torch.nn.Module):
         self.capacity, self.step, self.bound = capacity, step, bound
 
     def forward(self, step_values: torch.Tensor, jitter: torch.Tensor):
-        # step_values [29]: c2w (16), fov, light (3), background colour, ambient, diffuse (3 each): one copy a step
+        # step_values [30]: c2w (16), fov, light (3), background colour, ambient, diffuse (3 each), textureless (1):
+        # one copy a step
         c2w, fov, light = step_values[:16].view(1, 4, 4), step_values[16:17], step_values[17:20].view(1, 3)
         bg_color, ambient, diffuse = step_values[20:23], step_values[23:26], step_values[26:29]
+        textureless = step_values[29:30] if self.mode == ShadeMode.SHADED else None
         cams = Cameras(c2w, fov, fov, fov, fov, light)  # get_rays reads c2w and fov only
         rays_o, rays_d = get_rays(cams, self.height, self.width)
         samples, total = march_rays_padded(
@@ -106,6 +110,7 @@ class _StepRender(torch.nn.Module):
             diffuse=diffuse,
             need_normals=self.need_normals,
             normals_method="analytic",
+            textureless=textureless,
         )
         # DreamFusion's regularisers too (fastdream.losses): the padding rows have weight 0, so they add nothing.
         regs = [opacity_loss(out["opacity"])]
@@ -305,19 +310,23 @@ class GraphedRender:
         # The step's values in one tensor, built where the cameras are (the CPU in training) and copied once.
         host = cameras.c2w.device
         bg = background.reshape(3) if kind == "color" else torch.ones(3)
+        # The shaded and textureless modes: one graph (the shaded one) and a 0/1 input.
+        textureless = torch.tensor([1.0 if mode == ShadeMode.TEXTURELESS else 0.0])
+        graph_mode = ShadeMode.SHADED if mode == ShadeMode.TEXTURELESS else mode
         parts = [cameras.c2w, cameras.fov, cameras.light, bg, torch.as_tensor(ambient), torch.as_tensor(diffuse)]
+        parts.append(textureless)
         step_values = torch.cat([t.to(host, torch.float32).reshape(-1) for t in parts]).to(dev)
         # The jitter is drawn here as march_rays draws it, so the random stream is the eager renderer's.
         u = torch.rand(n_rays, device=dev, generator=generator) if jitter else torch.zeros(n_rays, device=dev)
         args = (step_values, u)
         amp = torch.is_autocast_enabled("cuda") if dev.type == "cuda" else False
         step = 2.0 * bound / samples_per_ray
-        fixed = (height, width, int(mode), need_normals, kind, step, bound, amp, torch.get_autocast_dtype("cuda"))
+        fixed = (height, width, int(graph_mode), need_normals, kind, step, bound, amp, torch.get_autocast_dtype("cuda"))
 
         def run(cap: int) -> tuple:
             def make() -> torch.nn.Module:
                 bg = self.background if kind == "module" else None
-                return _StepRender(self.field, bg, self.grid, mode, need_normals, height, width, cap, step, bound)
+                return _StepRender(self.field, bg, self.grid, graph_mode, need_normals, height, width, cap, step, bound)
 
             return self._run((cap, *fixed), make, args)
 

@@ -56,6 +56,7 @@ def render_samples(
     need_normals: bool,
     normals_method: str | None = None,
     density_and_normals: Any = None,
+    textureless: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Everything :func:`render` does after marching: the field (and its normals), shading, the background and
     compositing, per ray (not yet images).
@@ -67,6 +68,9 @@ def render_samples(
         lights: [B, 3] light positions, one per camera.
         ambient, diffuse: [3] light colours.
         need_normals: compute normals (the shaded and textureless modes need them).
+        textureless: with ``mode`` shaded, a [1] tensor holding 0 (shaded) or 1 (textureless): the albedo is
+            blended towards white by it before shading. Exactly the two modes' values and gradients, with the
+            mode a tensor rather than a constant (one CUDA graph serves both, :mod:`fastdream.render_graphs`).
 
     Returns:
         ``image_rays`` [R, 3], ``opacity`` [R], ``depth`` [R], ``weights`` [S], ``normals`` [S, 3] or None,
@@ -82,6 +86,12 @@ def render_samples(
         sigma, albedo = field(positions)
         normals = None
 
+    if textureless is not None:
+        if mode != ShadeMode.SHADED:
+            raise ValueError(f"textureless: only with the shaded mode, got {mode.name.lower()}")
+        # 0: albedo * 1 + 0, the albedo exactly; 1: albedo * 0 + 1, white exactly, as the textureless mode has it
+        # (rho = 1 in the shading, no gradient to the albedo).
+        albedo = albedo * (1.0 - textureless) + textureless
     if mode == ShadeMode.ALBEDO:
         colors = albedo
     elif n_cams == 1:  # no host read of the camera's sample range (CUDA graphs)

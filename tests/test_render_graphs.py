@@ -25,13 +25,13 @@ import pytest
 import torch
 
 from fastdream import _capture
-from fastdream.cameras import make_cameras, orbit_cameras
+from fastdream.cameras import get_rays, make_cameras, orbit_cameras
 from fastdream.config import FieldConfig
 from fastdream.field import Background, NeuralField
 from fastdream.losses import opacity_loss, orientation_loss
-from fastdream.ops import OccupancyGrid
+from fastdream.ops import OccupancyGrid, ShadeMode, march_rays
 from fastdream.render_graphs import GraphedRender
-from fastdream.renderer import render
+from fastdream.renderer import render, render_samples
 
 KEYS = ("image", "opacity", "depth", "normals_image", "weights", "normals", "directions", "ray_indices", "ray_opacity")
 
@@ -167,6 +167,51 @@ def test_the_captured_render_reads_nothing_on_the_host(mode):
         for step in range(2):
             _step(graphed, models, bg, _camera(step), 12, mode, seed=step)
     assert len(checked) == 3
+
+
+def test_shaded_and_textureless_share_one_graph():
+    """The trainer alternates shaded and textureless renders at random: one graph serves both (the mode is an
+    input), with each mode's values and gradients, so the buckets are not doubled."""
+    models = _models()
+    log: list[int] = []
+    graphed = GraphedRender(*models, min_sightings=1, capture=_stand_in(log))
+    modes = ["shaded", "textureless", "textureless", "shaded", "textureless", "shaded"]
+    for step, mode in enumerate(modes):
+        got = _step(graphed, models, models[1], _camera(step % 2), 12, mode, seed=step)
+        want = _step(render, models, models[1], _camera(step % 2), 12, mode, seed=step)
+        _assert_same(got, want, what=f"{mode} step {step}")
+    # The first call learns the sample count; then one bucket (one capture, an overflow aside) serves both modes.
+    assert graphed.captures == len(log) == 1 + graphed.overflows and graphed.replays == len(modes) - 1
+    assert len(graphed._graphs) == 1 + graphed.overflows
+
+
+def test_the_textureless_blend_is_exactly_each_mode():
+    """render_samples' ``textureless`` input at 0 and 1 gives the shaded and textureless modes bit for bit, and
+    refuses any other mode."""
+    models = _models()
+    field, background, grid = models
+    rays_o, rays_d = get_rays(_camera(1), 10, 10)
+    samples = march_rays(rays_o, rays_d, grid, step=2 * field.bound / 64, bound=field.bound)
+    light, amb, dif = _camera(1).light, torch.full((3,), 0.1), torch.full((3,), 0.9)
+
+    def run(mode, t):
+        for p in field.parameters():
+            p.grad = None
+        out = render_samples(
+            field, background, samples, rays_d, light, pixels_per_camera=100, mode=mode, ambient=amb,
+            diffuse=dif, need_normals=True, textureless=t,
+        )  # fmt: skip
+        out["image_rays"].mul(torch.linspace(0.5, 1.5, 3)).square().sum().backward()
+        return out["image_rays"].detach(), [p.grad.clone() for p in field.parameters()]
+
+    for mode, t in ((ShadeMode.SHADED, 0.0), (ShadeMode.TEXTURELESS, 1.0)):
+        img, grads = run(ShadeMode.SHADED, torch.tensor([t]))
+        img_want, grads_want = run(mode, None)
+        assert torch.equal(img, img_want), mode
+        for g, w in zip(grads, grads_want):
+            torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-6)
+    with pytest.raises(ValueError, match="only with the shaded mode"):
+        run(ShadeMode.TEXTURELESS, torch.tensor([1.0]))
 
 
 def test_overflow_renders_again_larger_with_the_same_result():
