@@ -26,7 +26,10 @@ The parameters and the occupancy grid are read by address. Optimiser steps and g
 every replay sees them.
 
 **Buckets** are captured on their ``min_sightings``-th call; earlier calls run the same padded module eagerly. At
-most ``max_graphs`` buckets are kept, the least recently used evicted.
+most ``max_graphs`` buckets are kept, the least recently used evicted. A step whose bucket is not captured but a
+larger one (up to ``reuse`` times the rows) is, replays the larger one: at these sizes padding rows cost little,
+and a capture (warm-up passes, then the capture itself) costs many steps' worth. So the sample count shrinking and
+growing over training does not capture a bucket for every size it passes.
 
 **Eager fallback.** :func:`fastdream.renderer.render` runs instead when a graph cannot help or cannot express
 the call:
@@ -149,6 +152,7 @@ class GraphedRender:
         min_sightings: a bucket is captured on its ``min_sightings``-th call (earlier calls run eagerly).
         headroom: the capacity is the bucket of ``headroom`` times the largest sample count of the last ``history``
             steps.
+        reuse: a captured bucket with up to ``reuse`` times that capacity is replayed instead (1: never).
         capture: how a module becomes its replay, ``(module, sample_args, warmup_iters) -> callable``. The default
             captures CUDA graphs. Tests pass one that returns the module itself: the padded path then runs eagerly
             on any device.
@@ -165,6 +169,7 @@ class GraphedRender:
         min_sightings: int = 2,
         headroom: float = 1.15,
         history: int = 8,
+        reuse: float = 2.0,
         capture: Callable | None = None,
     ) -> None:
         if max_graphs < 1:
@@ -175,11 +180,14 @@ class GraphedRender:
             raise ValueError(f"headroom: expected a number >= 1, got {headroom}")
         if history < 1:
             raise ValueError(f"history: expected >= 1, got {history}")
+        if not (math.isfinite(reuse) and reuse >= 1.0):
+            raise ValueError(f"reuse: expected a number >= 1, got {reuse}")
         self.field, self.background, self.grid = field, background, grid
         self.max_graphs = max_graphs
         self.warmup_iters = warmup_iters
         self.min_sightings = min_sightings
         self.headroom = headroom
+        self.reuse = reuse
         self._capture = capture or _make_graphed
         self._any_device = capture is not None
         self._graphs: OrderedDict[tuple, Callable] = OrderedDict()
@@ -217,6 +225,13 @@ class GraphedRender:
             and (not need_normals or method == "analytic")
             and len(self._counts) > 0
         )
+
+    def _rows(self, n: int, fixed: tuple) -> int:
+        """The capacity for ``n`` samples: the bucket of ``n``, or the smallest captured bucket of the same kind
+        that holds it with at most ``reuse`` times the bucket's rows."""
+        cap = capacity(n)
+        held = [k[0] for k in self._graphs if k[1:] == fixed and cap <= k[0] <= self.reuse * cap]
+        return min(held) if held else cap
 
     def _run(self, key: tuple, make: Callable[[], torch.nn.Module], args: tuple[torch.Tensor, ...]) -> tuple:
         """The outputs of bucket ``key`` on ``args``: replayed, captured now, or run eagerly."""
@@ -330,12 +345,12 @@ class GraphedRender:
 
             return self._run((cap, *fixed), make, args)
 
-        cap = capacity(math.ceil(max(self._counts) * self.headroom))
+        cap = self._rows(math.ceil(max(self._counts) * self.headroom), fixed)
         outs = run(cap)
         total = int(outs[-1])  # the step's one host round-trip
         if total > cap:  # more samples than rows: render again, large enough (same inputs, same samples)
             self.overflows += 1
-            cap = capacity(total)
+            cap = self._rows(total, fixed)
             outs = run(cap)
         self._counts.append(total)
         self.replays += (cap, *fixed) in self._graphs

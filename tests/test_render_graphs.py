@@ -244,6 +244,26 @@ def test_buckets_second_sight_and_eviction():
     assert graphed.replays + graphed.eager_calls == len(sizes)
 
 
+@pytest.mark.parametrize("reuse", [2.0, 1.0])
+def test_a_larger_captured_bucket_is_reused_when_the_count_shrinks(reuse):
+    """The near camera's samples get a graph; the far camera's fewer samples then need a smaller bucket. With
+    ``reuse`` 2 the larger graph serves them (no capture); with 1 the smaller bucket is captured. Either way the
+    result is the eager renderer's."""
+    models = _models()
+    log: list[int] = []
+    graphed = GraphedRender(*models, min_sightings=1, history=1, reuse=reuse, capture=_stand_in(log))
+    near, far = make_cameras(*(torch.tensor([v]) for v in (20.0, 30.0, 1.6, 60.0))), _camera(3)
+    for step, cams in enumerate([near, near, far, far, far]):
+        got = _step(graphed, models, None, cams, 12, "shaded", seed=step)
+        want = _step(render, models, None, cams, 12, "shaded", seed=step)
+        _assert_same(got, want, what=f"step {step}")
+    assert graphed.overflows == 0 and graphed.replays == 4
+    if reuse == 2.0:
+        assert len(log) == 1
+    else:  # the far camera's own, smaller bucket, within 2x of the near one's (so reuse 2 applied above)
+        assert len(log) == 2 and log[1] < log[0] <= 2 * log[1]
+
+
 def test_ineligible_calls_render_eagerly():
     models = _models()
     field, background, grid = models
@@ -276,6 +296,8 @@ def test_ineligible_calls_render_eagerly():
         GraphedRender(field, headroom=0.5)
     with pytest.raises(ValueError, match="history"):
         GraphedRender(field, history=0)
+    with pytest.raises(ValueError, match="reuse"):
+        GraphedRender(field, reuse=0.5)
 
 
 def test_a_failing_capture_warns_once_and_renders_eagerly():
