@@ -105,7 +105,8 @@ class CUDAGraphUNet(torch.nn.Module):
             for _ in range(self.warmup_calls):
                 call()
         torch.cuda.current_stream(sample.device).wait_stream(side)
-        self._graph = self._static_out = None  # the old graph is destroyed now (no cycle holds it)
+        # The old graph is destroyed now (no cycle holds it); a failed capture leaves nothing to replay.
+        self._graph = self._static_out = self._key = None
         graph = torch.cuda.CUDAGraph()
         with _capture.capturing(), torch.cuda.graph(graph):
             out = call()
