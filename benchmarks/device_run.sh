@@ -18,11 +18,13 @@
 # A/B runs of the SD settings in one call, e.g.:
 #   STAGES=steps STEP_LIST=builtin STEP_EXTRA="a:--model sd --cuda-graphs --steps 20 --warmup 5;b:--model sd \
 #     --cuda-graphs --steps 20 --warmup 5 --vae-groupnorm split --profile %OUT%/prof-b.txt" benchmarks/device_run.sh
-# Session 8's additions, not yet run on a GPU: the whole render in CUDA graphs (against the eager and field-only
-# versions) and the SD VAE encoder compiled by inductor (sd-cvae*, sd-compiled: compile time ~1-2 min each, so
-# give them STEP_CAP=200):
-#   STAGES=tests,steps,generate,memcheck TEST_K="cuda or graphs" GEN_ARGS=--cuda-graphs \
-#     STEP_LIST=builtin,builtin-fgraphs,builtin-rgraphs,sd-graphs,sd-best,sd-cvae benchmarks/device_run.sh
+# Session 9 (H100): the CUDA tests (-k cuda, 15 workers) 76 s, memcheck of two test files 57 s, sdgen of 1000
+# steps ~75 s with the model folder; a second call on the still-warm machine built the extension in full again
+# (125 s; why the first build was not reused is not known). Not yet run on a GPU: the SD VAE encoder compiled by inductor
+# (sd-cvae*, sd-compiled: compile ~1-2 min each, so STEP_CAP=200), and session 9's fixes (no graph destroyed
+# during a capture; shaded/textureless in one render graph; reuse of a larger bucket). The next call to make:
+#   STAGES=tests,steps,sdgen,memcheck TEST_K="cuda or graphs" STEP_CAP=200 \
+#     STEP_LIST=builtin-rgraphs,sd-best,sd-cvae,sd-cvae-cl SDGEN_STEPS=2000 benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
