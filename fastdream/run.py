@@ -206,6 +206,18 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
     return guidance
 
 
+def skipped_note(skipped: int, skipped_loss: int, fp16: bool) -> str:
+    """What the skipped steps were. Under fp16 a step whose scaled gradients overflow is skipped and the gradient
+    scaler lowers its scale: from PyTorch's start of 2**16, a few such steps early in a run are usual."""
+    parts = []
+    if skipped_loss:
+        parts.append(f"{skipped_loss} with a NaN/inf loss")
+    if skipped > skipped_loss:
+        why = " (fp16: the gradient scaler lowered its scale after each, usual in the first steps)" if fp16 else ""
+        parts.append(f"{skipped - skipped_loss} with NaN/inf gradients{why}")
+    return f"{skipped} step(s) skipped: " + ", ".join(parts)
+
+
 def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=None) -> RunResult:
     """Load the guidance, then (only then) write into the folder, train, and export."""
     from fastdream.export import export_all
@@ -234,7 +246,7 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
     result = trainer.train(progress=progress)
     outputs, notes = [], []
     if result.skipped:
-        notes.append(f"{result.skipped} step(s) had a NaN/inf loss or gradient and were skipped")
+        notes.append(skipped_note(result.skipped, result.skipped_loss, trainer.scaler is not None))
     rg = trainer.render_graphs
     if rg is not None:  # --cuda-graphs: say what the graphs did (a bucket's first calls run eagerly)
         off = f"; turned off after a failed capture ({rg.disabled})" if rg.disabled else ""

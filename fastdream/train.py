@@ -45,6 +45,7 @@ class TrainResult:
     checkpoint: Path | None
     seconds: float
     last_loss: float
+    skipped_loss: int = 0  # of ``skipped``: those whose loss was non-finite (the rest: their gradients)
 
 
 def build_models(cfg: RunConfig, device: torch.device) -> tuple[NeuralField, Background | None, OccupancyGrid]:
@@ -147,6 +148,7 @@ class Trainer:
         )
         self.step = 0
         self.skipped = 0
+        self.skipped_loss = 0  # of those, with a non-finite loss (the others had non-finite gradients)
         self.bad_in_a_row = 0
         self.last_loss = float("nan")
         self._stop = False
@@ -167,7 +169,7 @@ class Trainer:
                 "noise": self.noise_gen.get_state().cpu(),
                 "torch": torch.get_rng_state(),
             },
-            "stats": {"skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row},
+            "stats": {"skipped": self.skipped, "skipped_loss": self.skipped_loss, "bad_in_a_row": self.bad_in_a_row},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -185,6 +187,7 @@ class Trainer:
             torch.set_rng_state(state["rng"]["torch"].cpu())
             self.step = int(state["step"])
             self.skipped = int(state["stats"]["skipped"])
+            self.skipped_loss = int(state["stats"].get("skipped_loss", 0))  # absent before 2026-11-26
             self.bad_in_a_row = int(state["stats"]["bad_in_a_row"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise UserError(
@@ -296,13 +299,15 @@ class Trainer:
             self._update_grid()
         self.optimizer.zero_grad(set_to_none=True)
         loss, info = self.compute_loss()
-        ok = scaled_backward(loss, self.scaler) and apply_step(self.optimizer, self.scaler)
+        finite_loss = scaled_backward(loss, self.scaler)
+        ok = finite_loss and apply_step(self.optimizer, self.scaler)
         if ok:
             self.bad_in_a_row = 0
             self.last_loss = float(loss.detach())
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
+            self.skipped_loss += not finite_loss
             self.bad_in_a_row += 1
         self.last_info = info
         self.step += 1
@@ -374,7 +379,8 @@ class Trainer:
                 bar.close()
         if last_ckpt is None:  # nothing to do (already at the end): the latest one
             last_ckpt = ckpt.latest_checkpoint(self.run_dir)
-        return TrainResult(self.step, self.skipped, self._stop, last_ckpt, time.perf_counter() - start, self.last_loss)
+        seconds = time.perf_counter() - start
+        return TrainResult(self.step, self.skipped, self._stop, last_ckpt, seconds, self.last_loss, self.skipped_loss)
 
 
 def display_background(background: Background | None, cfg: RunConfig) -> Background | torch.Tensor:

@@ -84,9 +84,10 @@ def test_nonfinite_loss_step_is_skipped_and_counted(tmp_path: Path, guidance, va
         assert torch.equal(adam_before[k], v["exp_avg"]), "a skipped step changed Adam's moments"
     assert tr.skipped == 1 and tr.step == 3
     res = tr.train(progress=False)
-    assert res.step == 6 and res.skipped == 1
+    assert res.step == 6 and res.skipped == 1 and res.skipped_loss == 1
     state = ckpt.load_checkpoint(res.checkpoint)
-    assert state["stats"]["skipped"] == 1 and state["stats"]["bad_in_a_row"] == 0
+    assert state["stats"]["skipped"] == 1 and state["stats"]["skipped_loss"] == 1
+    assert state["stats"]["bad_in_a_row"] == 0
     assert_all_finite(state)
 
 
@@ -102,7 +103,7 @@ def test_nonfinite_gradient_step_is_skipped(tmp_path: Path, guidance) -> None:
 
     table.register_hook(hook)
     res = tr.train(progress=False)
-    assert calls["n"] == 4 and res.skipped == 1 and res.step == 4
+    assert calls["n"] == 4 and res.skipped == 1 and res.skipped_loss == 0 and res.step == 4
     assert_all_finite(ckpt.load_checkpoint(res.checkpoint))
 
 

@@ -100,11 +100,21 @@ def test_nan_step_is_skipped_and_checkpoint_is_clean(tmp_path):
     cfg = tiny_config(steps=6)
     tr = Trainer(cfg, ColourGuidance(nan_at={2}), tmp_path, "cpu")
     res = tr.train(progress=False)
-    assert res.skipped == 1 and res.step == 6
+    assert res.skipped == 1 and res.skipped_loss == 1 and res.step == 6
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
-    assert state["stats"]["skipped"] == 1
+    assert state["stats"]["skipped"] == 1 and state["stats"]["skipped_loss"] == 1
     assert ckpt._non_finite(state) is None
     assert all(torch.isfinite(p).all() for p in tr.field.parameters())
+
+
+def test_the_note_tells_skipped_steps_apart_by_cause():
+    """The end-of-run note (counts from tests/test_reliability.py's NaN-loss and NaN-gradient runs)."""
+    from fastdream.run import skipped_note
+
+    assert skipped_note(2, 0, fp16=False) == "2 step(s) skipped: 2 with NaN/inf gradients"
+    note = skipped_note(11, 1, fp16=True)
+    assert note.startswith("11 step(s) skipped: 1 with a NaN/inf loss, 10 with NaN/inf gradients (fp16: the gradient")
+    assert skipped_note(1, 1, fp16=True) == "1 step(s) skipped: 1 with a NaN/inf loss"
 
 
 def test_many_nan_steps_in_a_row_stop_with_a_user_error(tmp_path):
