@@ -10,9 +10,10 @@ Two point sets: ``uniform`` (independent uniform points in the cube: every gathe
 case) and, on CUDA, ``rays`` (what the renderer feeds the grid: N / 256 rays of a pinhole camera at distance
 2.5 looking at the origin, 256 evenly spaced samples each in [1.5, 3.5], ray after ray; for 2^20 points a 64x64
 image). On CUDA the ``cuda`` backend runs three times: ``cuda`` (its default, fp16 table reads), ``cuda-fp32``
-(``CUDA_FP16_TABLE_READS = False``: fp32 reads) and ``cuda-plain`` (``FASTDREAM_HASH_BACKWARD=plain``: one
-thread per point and level with paired float4 atomics, instead of the default warp-aggregated table gradient;
-csrc/cuda/hash_grid.cu).
+(``CUDA_FP16_TABLE_READS = False``: fp32 reads), ``cuda-plain`` (``FASTDREAM_HASH_BACKWARD=plain``: one
+thread per point and level with paired float4 atomics, instead of the default warp-aggregated table gradient)
+and ``cuda-hybrid`` (``FASTDREAM_HASH_BACKWARD=hybrid``: aggregation where a warp has runs, paired atomics
+everywhere; csrc/cuda/hash_grid.cu).
 """
 
 from __future__ import annotations
@@ -37,17 +38,18 @@ BACKENDS = [b for b in ("reference", "cpp", "cuda", "triton") if b in _dispatch.
 if DEVICE.type == "cpu":  # the Triton interpreter is a correctness tool, not a contender
     BACKENDS = [b for b in BACKENDS if b != "triton"]
 if "cuda" in BACKENDS:
-    BACKENDS += ["cuda-fp32", "cuda-plain"]
+    BACKENDS += ["cuda-fp32", "cuda-plain", "cuda-hybrid"]
 LAYOUTS = ["uniform", "rays"] if DEVICE.type == "cuda" else ["uniform"]
 
 
 @contextlib.contextmanager
 def _backend(name: str):
-    """``use_backend``, with ``cuda-fp32`` = the cuda backend reading the table in fp32."""
+    """``use_backend``, with ``cuda-fp32`` = the cuda backend reading the table in fp32, and ``cuda-plain`` /
+    ``cuda-hybrid`` = the cuda backend with another table-gradient kernel."""
     prev = hash_grid_module.CUDA_FP16_TABLE_READS, os.environ.get("FASTDREAM_HASH_BACKWARD")
     hash_grid_module.CUDA_FP16_TABLE_READS = name != "cuda-fp32"
-    if name == "cuda-plain":
-        os.environ["FASTDREAM_HASH_BACKWARD"] = "plain"
+    if name in ("cuda-plain", "cuda-hybrid"):
+        os.environ["FASTDREAM_HASH_BACKWARD"] = name.removeprefix("cuda-")
     try:
         with use_backend("cuda" if name.startswith("cuda") else name):
             yield

@@ -22,8 +22,10 @@
 # steps ~75 s with the model folder; a second call on the still-warm machine built the extension in full again
 # (125 s; why the first build was not reused is not known). Not yet run on a GPU: the SD VAE encoder compiled by inductor
 # (sd-cvae*, sd-compiled: compile ~1-2 min each, so STEP_CAP=200), and session 9's fixes (no graph destroyed
-# during a capture; shaded/textureless in one render graph; reuse of a larger bucket). The next call to make:
-#   STAGES=tests,steps,sdgen,memcheck TEST_K="cuda or graphs" STEP_CAP=200 \
+# during a capture; shaded/textureless in one render graph; reuse of a larger bucket), and session 10's hybrid
+# hash-grid table gradient (FASTDREAM_HASH_BACKWARD=hybrid). The next call to make:
+#   STAGES=tests,hash,steps,sdgen,memcheck TEST_K="cuda or graphs" STEP_CAP=200 \
+#     HASH_K="forward_backward and rays and not reference and not triton" HASH_HEADS=16,32 \
 #     STEP_LIST=builtin-rgraphs,sd-best,sd-cvae,sd-cvae-cl SDGEN_STEPS=2000 benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +41,8 @@ WHEELS=${WHEELS:-.whl}
 STAGES=${STAGES:-steps,tests,micro,peers,memcheck,compile}
 TEST_ARGS=${TEST_ARGS:-}
 TEST_K=${TEST_K:-}
+HASH_K=${HASH_K:-}
+HASH_HEADS=${HASH_HEADS:-}
 TEST_CAP=${TEST_CAP:-200}
 STEP_CAP=${STEP_CAP:-90}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
@@ -223,6 +227,17 @@ stage_memcheck() {
   grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$OUT/summary.txt"
 }
 
+# HASH_K: a pytest -k expression for the hash stage (e.g. "forward_backward and rays and not reference and not
+# triton": the table-gradient kernels alone, ~15 s); HASH_HEADS: FASTDREAM_HASH_MAX_HEADS values (commas) for
+# extra runs of the hybrid kernel alone, one JSON each (bench-cuda-hash-heads<N>.json).
+stage_hash() {
+  micro hash 120 benchmarks/bench_hash_grid.py ${HASH_K:+-k "$HASH_K"}
+  local h
+  for h in ${HASH_HEADS//,/ }; do
+    FASTDREAM_HASH_MAX_HEADS=$h micro "hash-heads$h" 60 benchmarks/bench_hash_grid.py -k "hybrid and (${HASH_K:-rays})"
+  done
+}
+
 for s in tests steps hash generate sdgen micro peers memcheck compile; do
   has "$s" || continue
   if (($(left) < 20)); then
@@ -232,7 +247,7 @@ for s in tests steps hash generate sdgen micro peers memcheck compile; do
   case $s in
   steps) stage_steps ;;
   tests) stage_tests ;;
-  hash) micro hash 120 benchmarks/bench_hash_grid.py ;;
+  hash) stage_hash ;;
   generate) stage_generate ;;
   sdgen) stage_sdgen ;;
   micro) micro all 150 benchmarks/ --ignore=benchmarks/bench_peers.py --ignore=benchmarks/bench_builtin_quality.py ;;

@@ -363,10 +363,12 @@ def test_cuda_table_reads_are_exact_on_the_table_they_read(fp16_reads, monkeypat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the warp-aggregated table gradient")
 @pytest.mark.parametrize("n", [1, 33, 1025])
 @pytest.mark.parametrize("order", ["rays", "shuffled"])
-def test_cuda_warp_aggregated_backward_matches_the_plain_one(n, order, monkeypatch):
-    """The default warp-aggregated table gradient against FASTDREAM_HASH_BACKWARD=plain: the same gradients
-    (encoding and Jacobian paths), for points along rays (long runs of shared vertices in a warp) and shuffled
-    (hardly any), at sizes that leave partial warps."""
+@pytest.mark.parametrize(("kind", "max_heads"), [("warp", None), ("hybrid", None), ("hybrid", "0"), ("hybrid", "32")])
+def test_cuda_aggregated_backwards_match_the_plain_one(n, order, kind, max_heads, monkeypatch):
+    """The warp-aggregated (default) and hybrid table gradients against FASTDREAM_HASH_BACKWARD=plain: the same
+    gradients (encoding and Jacobian paths), for points along rays (long runs of shared vertices in a warp) and
+    shuffled (hardly any), at sizes that leave partial warps. The hybrid kernel runs at its default threshold and
+    at both ends: FASTDREAM_HASH_MAX_HEADS=0 never aggregates, 32 always does."""
     if "cuda" not in _dispatch.usable_backends(OP, torch.device("cuda")):
         pytest.skip("the CUDA extension is not built")
     g = torch.Generator().manual_seed(n)
@@ -388,7 +390,9 @@ def test_cuda_warp_aggregated_backward_matches_the_plain_one(n, order, monkeypat
 
     monkeypatch.setenv("FASTDREAM_HASH_BACKWARD", "plain")
     plain = grads()
-    monkeypatch.delenv("FASTDREAM_HASH_BACKWARD")
+    monkeypatch.setenv("FASTDREAM_HASH_BACKWARD", kind)
+    if max_heads is not None:
+        monkeypatch.setenv("FASTDREAM_HASH_MAX_HEADS", max_heads)
     warp = grads()
     for name, a, b in zip(("encoding", "jacobian"), warp, plain):
         assert a.dtype == torch.float32
@@ -398,6 +402,20 @@ def test_cuda_warp_aggregated_backward_matches_the_plain_one(n, order, monkeypat
     tr = read.clone().requires_grad_(True)
     hash_encode_reference(x.double().cpu(), tr, SMALL).backward(g_enc.double().cpu())
     torch.testing.assert_close(warp[0].cpu().double(), tr.grad, atol=1e-6 * tr.grad.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the table-gradient kernel switch")
+@pytest.mark.parametrize(("var", "value"), [("FASTDREAM_HASH_BACKWARD", "fast"), ("FASTDREAM_HASH_MAX_HEADS", "33")])
+def test_cuda_backward_switches_reject_unknown_values(var, value, monkeypatch):
+    """A mistyped kernel switch is an error naming the variable, not a silent fallback to another kernel."""
+    if "cuda" not in _dispatch.usable_backends(OP, torch.device("cuda")):
+        pytest.skip("the CUDA extension is not built")
+    monkeypatch.setenv("FASTDREAM_HASH_BACKWARD", "hybrid")
+    monkeypatch.setenv(var, value)
+    x = (torch.rand(40, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1).cuda()
+    table = (_table(SMALL) * 1e-2).cuda().requires_grad_(True)
+    with use_backend("cuda"), pytest.raises(RuntimeError, match=var):
+        hash_encode(x, table, SMALL).sum().backward()
 
 
 def test_cpp_float64_gradcheck_and_gradgradcheck():

@@ -253,15 +253,133 @@ __global__ void backward_table_f2_warp_kernel(int64_t n, Levels levels, const fl
   }
 }
 
-bool warp_aggregate() {
-  const char* v = std::getenv("FASTDREAM_HASH_BACKWARD");
-  return v == nullptr || std::strcmp(v, "plain") != 0;
+// Adds one point's (or one run's) gradient of a corner pair c, c + 1 (keys k0, k1; v = {a_c, b_c, a_c+1, b_c+1}):
+// one float4 atomic when the two vertices are the halves of one 16-byte pair, else up to two float2 ones.
+__device__ __forceinline__ void add_corner_pair(float* grad_l, uint32_t k0, uint32_t k1, float4 v, bool pair16) {
+  if (k0 == 0xFFFFFFFFu) return;  // a lane past n
+  if (pair16 && (k0 ^ k1) == 1u) {
+    const float4 o = (k0 & 1u) == 0u ? v : make_float4(v.z, v.w, v.x, v.y);
+    if (o.x != 0.f || o.y != 0.f || o.z != 0.f || o.w != 0.f)
+      atomic_add_float4(grad_l + static_cast<int64_t>(k0 & ~1u) * 2, o);
+    return;
+  }
+  if (v.x != 0.f || v.y != 0.f) atomic_add_float2(grad_l + static_cast<int64_t>(k0) * 2, v.x, v.y);
+  if (v.z != 0.f || v.w != 0.f) atomic_add_float2(grad_l + static_cast<int64_t>(k1) * 2, v.z, v.w);
+}
+
+// FASTDREAM_HASH_BACKWARD=hybrid: the warp kernel's thread layout, deciding per warp and corner pair (c, c + 1:
+// the two vertices along x, which share runs since a run is one cell) whether aggregation pays. The ballot of run
+// heads is warp-uniform, so the choice costs no divergence: with more than `max_heads` runs of 32 lanes (the fine
+// levels along a ray, or unordered points) every lane adds its own pair; otherwise the runs are summed (one
+// segmented scan of four floats per pair instead of two of two per corner) and their first lanes add. Both
+// paths add a pair with one float4 atomic when its vertices share a 16-byte pair, as the plain kernel does,
+// which the warp kernel never does. Written without a GPU in session 10 and not yet timed: the default stays
+// the warp kernel until benchmarks/bench_hash_grid.py measures this one (``cuda-hybrid``).
+__global__ void backward_table_f2_hybrid_kernel(int64_t n, Levels levels, const float* __restrict__ x, int64_t S,
+                                                float bound, const float* __restrict__ grad_enc,
+                                                const float* __restrict__ grad_jac, float* __restrict__ grad_table,
+                                                bool pair16, int max_heads) {
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int L = levels.count;
+  const int64_t warp = t >> 5;
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int l = static_cast<int>(warp % L);
+  const int64_t i = (warp / L) * 32 + lane;
+  if ((warp / L) * 32 >= n) return;  // whole warps only: every lane below takes part in the shuffles
+  uint32_t idx[8];
+  float a[8], b[8];
+  if (i < n) {
+    f2_corner_grads(i, l, L, levels.lv[l], x, static_cast<uint32_t>(S - 1), bound, grad_enc, grad_jac, idx, a, b);
+  } else {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      idx[c] = 0xFFFFFFFFu;
+      a[c] = b[c] = 0.f;
+    }
+  }
+  float* grad_l = grad_table + l * S * 2;
+  constexpr unsigned kAll = 0xFFFFFFFFu;
+#pragma unroll
+  for (int c = 0; c < 8; c += 2) {
+    const uint32_t k0 = idx[c], k1 = idx[c + 1];
+    const uint32_t p0 = __shfl_up_sync(kAll, k0, 1), p1 = __shfl_up_sync(kAll, k1, 1);
+    const bool head = lane == 0 || p0 != k0 || p1 != k1;
+    const unsigned heads = __ballot_sync(kAll, head);
+    float4 v = make_float4(a[c], b[c], a[c + 1], b[c + 1]);
+    if (__popc(heads) > max_heads) {  // warp-uniform
+      add_corner_pair(grad_l, k0, k1, v, pair16);
+      continue;
+    }
+    const unsigned after = lane == 31 ? 0u : heads & (kAll << (lane + 1));
+    const int run_end = after ? __ffs(after) - 1 : 32;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const float nx = __shfl_down_sync(kAll, v.x, d), ny = __shfl_down_sync(kAll, v.y, d);
+      const float nz = __shfl_down_sync(kAll, v.z, d), nw = __shfl_down_sync(kAll, v.w, d);
+      if (lane + d < run_end) {
+        v.x += nx;
+        v.y += ny;
+        v.z += nz;
+        v.w += nw;
+      }
+    }
+    if (head) add_corner_pair(grad_l, k0, k1, v, pair16);
+  }
 }
 
 // Threads for the warp-aggregated kernel: L whole warps per 32 points.
 int64_t warp_threads(int64_t n, int L) { return ((n + 31) / 32) * 32 * L; }
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// FASTDREAM_HASH_BACKWARD: unset or "warp" (default), "plain" or "hybrid" (FASTDREAM_HASH_MAX_HEADS, default 24:
+// the most runs per warp and corner pair for which the hybrid kernel still aggregates). Anything else is an
+// error, raised before any launch.
+enum class TableBackward { kWarp, kPlain, kHybrid };
+
+TableBackward table_backward() {
+  const char* v = std::getenv("FASTDREAM_HASH_BACKWARD");
+  if (v == nullptr || std::strcmp(v, "") == 0 || std::strcmp(v, "warp") == 0) return TableBackward::kWarp;
+  if (std::strcmp(v, "plain") == 0) return TableBackward::kPlain;
+  if (std::strcmp(v, "hybrid") == 0) return TableBackward::kHybrid;
+  TORCH_CHECK(false, "FASTDREAM_HASH_BACKWARD must be warp, plain or hybrid, not '", v, "'");
+  return TableBackward::kWarp;  // not reached
+}
+
+int hybrid_max_heads() {
+  const char* v = std::getenv("FASTDREAM_HASH_MAX_HEADS");
+  if (v == nullptr || *v == '\0') return 24;
+  char* end = nullptr;
+  const long h = std::strtol(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && h >= 0 && h <= 32,
+              "FASTDREAM_HASH_MAX_HEADS must be an integer in 0..32, not '", v, "'");
+  return static_cast<int>(h);
+}
+
+// The table gradient for F = 2, fp32, by the kernel FASTDREAM_HASH_BACKWARD selects. grad_enc or grad_jac may be
+// nullptr.
+void launch_backward_table_f2(int64_t n, const Levels& lv, const float* x, int64_t S, float bound,
+                              const float* grad_enc, const float* grad_jac, torch::Tensor& grad_table,
+                              cudaStream_t stream) {
+  const TableBackward kind = table_backward();
+  const int max_heads = kind == TableBackward::kHybrid ? hybrid_max_heads() : 0;
+  float* g = grad_table.data_ptr<float>();
+  const bool pair16 = aligned(g, 16) && S % 2 == 0;  // every level's slice 16-byte aligned too
+  switch (kind) {
+    case TableBackward::kWarp:
+      backward_table_f2_warp_kernel<<<blocks_for(warp_threads(n, lv.count)), kThreads, 0, stream>>>(
+          n, lv, x, S, bound, grad_enc, grad_jac, g);
+      break;
+    case TableBackward::kHybrid:
+      backward_table_f2_hybrid_kernel<<<blocks_for(warp_threads(n, lv.count)), kThreads, 0, stream>>>(
+          n, lv, x, S, bound, grad_enc, grad_jac, g, pair16, max_heads);
+      break;
+    case TableBackward::kPlain:
+      backward_table_f2_kernel<<<blocks_for(n * lv.count), kThreads, 0, stream>>>(n, lv, x, S, bound, grad_enc,
+                                                                                  grad_jac, g, pair16);
+      break;
+  }
+}
 
 bool is_half_table(const torch::Tensor& x, const torch::Tensor& table, const char* fn) {
   const bool half = table.scalar_type() == torch::kHalf;
@@ -368,15 +486,8 @@ std::tuple<torch::Tensor, torch::Tensor> hash_encode_backward_cuda(torch::Tensor
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_backward_cuda", [&] {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (F == 2) {
-        if (warp_aggregate()) {
-          backward_table_f2_warp_kernel<<<blocks_for(warp_threads(n, lv.count)), kThreads, 0, stream>>>(
-              n, lv, x.data_ptr<float>(), S, static_cast<float>(bound), grad.data_ptr<float>(), nullptr,
-              grad_table.data_ptr<float>());
-        } else {
-          backward_table_f2_kernel<<<blocks_for(n * lv.count), kThreads, 0, stream>>>(
-              n, lv, x.data_ptr<float>(), S, static_cast<float>(bound), grad.data_ptr<float>(), nullptr,
-              grad_table.data_ptr<float>(), aligned(grad_table.data_ptr(), 16));
-        }
+        launch_backward_table_f2(n, lv, x.data_ptr<float>(), S, static_cast<float>(bound), grad.data_ptr<float>(),
+                                 nullptr, grad_table, stream);
       }
     }
     if (!(std::is_same_v<scalar_t, float> && F == 2)) {
@@ -412,15 +523,8 @@ torch::Tensor hash_encode_jacobian_backward_cuda(torch::Tensor grad_enc, torch::
     auto stream = at::cuda::getCurrentCUDAStream();
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (F == 2) {
-        if (warp_aggregate()) {
-          backward_table_f2_warp_kernel<<<blocks_for(warp_threads(n, lv.count)), kThreads, 0, stream>>>(
-              n, lv, x.data_ptr<float>(), table_size, static_cast<float>(bound), grad_enc.data_ptr<float>(),
-              grad_jac.data_ptr<float>(), grad_table.data_ptr<float>());
-        } else {
-          backward_table_f2_kernel<<<blocks_for(n * lv.count), kThreads, 0, stream>>>(
-              n, lv, x.data_ptr<float>(), table_size, static_cast<float>(bound), grad_enc.data_ptr<float>(),
-              grad_jac.data_ptr<float>(), grad_table.data_ptr<float>(), aligned(grad_table.data_ptr(), 16));
-        }
+        launch_backward_table_f2(n, lv, x.data_ptr<float>(), table_size, static_cast<float>(bound),
+                                 grad_enc.data_ptr<float>(), grad_jac.data_ptr<float>(), grad_table, stream);
       }
     }
     if (!(std::is_same_v<scalar_t, float> && F == 2)) {

@@ -39,7 +39,8 @@ reference evaluated on the fp16-rounded table, to fp32 accuracy. ``CUDA_FP16_TAB
 "table" is a gradient direction that fp16 could underflow) read fp32. On CUDA the default backend is ``cuda``,
 measured faster than Triton on an H200 in every pass (benchmarks/RESULTS.md). Its table gradient (F = 2, fp32)
 sums the contributions of neighbouring points that share a vertex inside a warp before the atomic add
-(``FASTDREAM_HASH_BACKWARD=plain``: one atomic per point, level and vertex; see csrc/cuda/hash_grid.cu).
+(``FASTDREAM_HASH_BACKWARD=plain``: one atomic per point, level and vertex pair; ``=hybrid``: aggregation only
+where a warp has runs, paired atomics everywhere, not yet timed; see csrc/cuda/hash_grid.cu).
 
 Example:
     >>> import torch
