@@ -23,10 +23,11 @@
 # (125 s; why the first build was not reused is not known). Not yet run on a GPU: the SD VAE encoder compiled by inductor
 # (sd-cvae*, sd-compiled: compile ~1-2 min each, so STEP_CAP=200), and session 9's fixes (no graph destroyed
 # during a capture; shaded/textureless in one render graph; reuse of a larger bucket), and session 10's hybrid
-# hash-grid table gradient (FASTDREAM_HASH_BACKWARD=hybrid). The next call to make:
-#   STAGES=tests,hash,steps,sdgen,memcheck TEST_K="cuda or graphs" STEP_CAP=200 \
+# hash-grid table gradient (FASTDREAM_HASH_BACKWARD=hybrid) and cuDNN's autotuning (sd-cudnn: --cudnn-benchmark;
+# the convolutions ran on cuDNN's heuristic choice so far). The next call:
+#   STAGES=tests,steps,hash,sdgen TEST_K="cuda or graphs" STEP_CAP=200 \
 #     HASH_K="forward_backward and rays and not reference and not triton" HASH_HEADS=16,32 \
-#     STEP_LIST=builtin-rgraphs,sd-best,sd-cvae,sd-cvae-cl SDGEN_STEPS=2000 benchmarks/device_run.sh
+#     STEP_LIST=sd-best,sd-cudnn,sd-cvae,builtin-rgraphs SDGEN_STEPS=1000 benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -153,6 +154,7 @@ stage_steps() {
     builtin-fgraphs) step builtin-fgraphs --model builtin --field-graphs --steps 30 --warmup 10 ;;
     builtin-rgraphs) step builtin-rgraphs --model builtin --render-graphs --steps 30 --warmup 10 ;;
     sd-best) step sd-best --model sd --cuda-graphs --render-graphs --steps 30 --warmup 10 ;;
+    sd-cudnn) step sd-cudnn --model sd --cuda-graphs --render-graphs --cudnn-benchmark --steps 30 --warmup 10 ;;
     sd-cvae) step sd-cvae --model sd --cuda-graphs --render-graphs --compile-vae --steps 20 --warmup 10 ;;
     sd-cvae-native) step sd-cvae-native --model sd --cuda-graphs --render-graphs --compile-vae --vae-groupnorm native --steps 20 --warmup 10 ;;
     sd-cvae-cl) step sd-cvae-cl --model sd --cuda-graphs --render-graphs --compile-vae --vae-layout channels_last --vae-groupnorm native --steps 20 --warmup 10 ;;

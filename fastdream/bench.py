@@ -233,6 +233,10 @@ class BenchConfig:
         vae_attention: "sdpa" | "classic": the SD VAE's attention (fastdream.guidance.stable_diffusion).
         unet_layout: "channels_last" | "contiguous": memory format of the UNet on CUDA.
         vae_groupnorm: "native" | "split": the SD VAE encoder's GroupNorm (fastdream.guidance.groupnorm).
+        cudnn_benchmark: set ``torch.backends.cudnn.benchmark`` for the run (CUDA only): cuDNN times its
+            convolution algorithms on the first call of each shape and keeps the fastest, instead of its
+            heuristic choice. The UNet's and the VAE's shapes are fixed, so only the warm-up pays; the CUDA
+            graphs are captured after their own eager warm-up calls. Restored afterwards.
     """
 
     model: str = "builtin"
@@ -255,6 +259,7 @@ class BenchConfig:
     vae_attention: str = "classic"
     vae_groupnorm: str = "split"
     unet_layout: str = "channels_last"
+    cudnn_benchmark: bool = False
 
 
 @dataclass
@@ -295,6 +300,8 @@ class BenchResult:
             mode.append("VAE torch.compile")
         if c["cuda_graphs"]:
             mode.append("CUDA graphs")
+        if c.get("cudnn_benchmark"):
+            mode.append("cuDNN benchmark")
         if c.get("field_graphs"):
             mode.append("field in CUDA graphs")
         if c.get("render_graphs"):
@@ -361,6 +368,8 @@ def validate(cfg: BenchConfig, device: torch.device) -> None:
         raise UserError("--cuda-graphs needs a CUDA device; drop it or use --device cuda")
     if cfg.field_graphs and device.type != "cuda":
         raise UserError("--field-graphs needs a CUDA device; drop it or use --device cuda")
+    if cfg.cudnn_benchmark and device.type != "cuda":
+        raise UserError("--cudnn-benchmark tunes cuDNN's convolutions; use it with --device cuda")
     if cfg.render_graphs and device.type != "cuda":
         raise UserError("--render-graphs needs a CUDA device; drop it or use --device cuda")
     if cfg.render_graphs and cfg.field_graphs:
@@ -751,6 +760,16 @@ def run_bench(cfg: BenchConfig, profile: Path | None = None) -> BenchResult:
     device = resolve_device(cfg.device)
     validate(cfg, device)
     forced = "reference" if cfg.ops == "reference" else None
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if cfg.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    try:
+        return _run_validated(cfg, device, forced, profile)
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def _run_validated(cfg: BenchConfig, device: torch.device, forced: str | None, profile: Path | None) -> BenchResult:
     with use_backend(forced):
         guidance = build_guidance(cfg, device)
         resolution = cfg.resolution or int(guidance.resolution)

@@ -198,6 +198,7 @@ def test_cli_profile_writes_the_op_table_and_a_trace(tmp_path, capsys):
         (["--model", "sd", "--tiny", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs"),
         (["--tiny", "--field-graphs", "--device", "cpu"], "--field-graphs"),
         (["--tiny", "--render-graphs", "--device", "cpu"], "--render-graphs"),
+        (["--tiny", "--cudnn-benchmark", "--device", "cpu"], "--cudnn-benchmark"),
         (["--compile", "--device", "cpu"], "--model sd"),
         (["--compile-vae", "--model", "if", "--tiny", "--device", "cpu"], "--compile-vae"),
         (["--model", "sd", "--device", "cpu"], "--tiny"),
@@ -276,16 +277,43 @@ def test_graphed_vae_mean_matches_eager_forward_and_backward():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_cudnn_benchmark_is_set_for_the_run_and_restored(fails, monkeypatch):
+    """--cudnn-benchmark holds torch.backends.cudnn.benchmark on during the run only, failed runs included
+    (CUDA is faked: the CPU has no cuDNN, and validate() refuses the option there)."""
+    seen = []
+
+    def fake_run(cfg, device, forced, profile):
+        seen.append(torch.backends.cudnn.benchmark)
+        if fails:
+            raise RuntimeError("boom")
+        return "result"
+
+    monkeypatch.setattr(bench, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(bench, "validate", lambda cfg, device: None)
+    monkeypatch.setattr(bench, "_run_validated", fake_run)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = BenchConfig(model="sd", device="cuda", tiny=True, cudnn_benchmark=True)
+    if fails:
+        with pytest.raises(RuntimeError, match="boom"):
+            run_bench(cfg)
+    else:
+        assert run_bench(cfg) == "result"
+        assert run_bench(BenchConfig(model="sd", device="cuda", tiny=True)) == "result"  # off: left alone
+    assert seen == ([True] if fails else [True, False])
+    assert torch.backends.cudnn.benchmark is False
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("compile_vae", [False, True])
-def test_sd_step_with_every_graph_on_cuda(compile_vae):
+@pytest.mark.parametrize(("compile_vae", "cudnn_benchmark"), [(False, False), (True, False), (False, True)])
+def test_sd_step_with_every_graph_on_cuda(compile_vae, cudnn_benchmark):
     """The fastest SD configuration end to end on CUDA: UNet and VAE in CUDA graphs (or the VAE compiled), the
-    whole render in CUDA graphs; no capture fails and the steps replay."""
+    whole render in CUDA graphs, with or without cuDNN's autotuning; no capture fails and the steps replay."""
     pytest.importorskip("diffusers")
     torch._dynamo.reset()
     cfg = BenchConfig(
         model="sd", device="cuda", tiny=True, cuda_graphs=True, render_graphs=True, compile_vae=compile_vae,
-        steps=4, warmup=4,
+        cudnn_benchmark=cudnn_benchmark, steps=4, warmup=4,
     )  # fmt: skip
     result = run_bench(cfg)
     note = next(n for n in result.notes if n.startswith("renderer CUDA graphs"))

@@ -51,6 +51,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="replay the UNet call, and the VAE encoder's forward and backward (sd), from CUDA graphs (CUDA only)",
     )
     p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN time its convolution algorithms on each shape's first call and keep the fastest "
+        "(torch.backends.cudnn.benchmark; CUDA only; the UNet's and VAE's shapes are fixed, so only the warm-up pays)",
+    )
+    p.add_argument(
         "--field-graphs",
         action="store_true",
         help="replay the field's forward and backward (hash grid, MLP, normals) from CUDA graphs, one per "
@@ -123,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         vae_attention=args.vae_attention,
         unet_layout=args.unet_layout,
         vae_groupnorm=args.vae_groupnorm,
+        cudnn_benchmark=args.cudnn_benchmark,
     )
     out = Path(args.json) if args.json not in (None, "-") else None
     if out is not None and out.parent and not out.parent.is_dir():
