@@ -139,7 +139,14 @@ __device__ __forceinline__ void f2_corner_grads(int64_t i, int l, int L, const H
   float u[3], du[3];
   hash_point(x + 3 * i, bound, u, du);
   float w[8], dw[8][3];
-  hash_level_cell<float>(u, lv.res, lv.dense, mask, idx, w, grad_jac != nullptr ? dw : nullptr);
+  // Two calls, not one with `grad_jac != nullptr ? dw : nullptr`: a pointer that may be null keeps dw out of
+  // registers (a 96-byte stack frame and 22 local loads and stores per thread in all three F = 2 backward kernels,
+  // seen in their sm_90 code in session 10).
+  if (grad_jac != nullptr) {
+    hash_level_cell<float>(u, lv.res, lv.dense, mask, idx, w, dw);
+  } else {
+    hash_level_cell<float>(u, lv.res, lv.dense, mask, idx, w, nullptr);
+  }
   float g0 = 0.f, g1 = 0.f;
   if (grad_enc != nullptr) {
     g0 = grad_enc[(i * L + l) * 2 + 0];
@@ -271,7 +278,7 @@ __device__ __forceinline__ void add_corner_pair(float* grad_l, uint32_t k0, uint
 // the two vertices along x, which share runs since a run is one cell) whether aggregation pays. The ballot of run
 // heads is warp-uniform, so the choice costs no divergence: with more than `max_heads` runs of 32 lanes (the fine
 // levels along a ray, or unordered points) every lane adds its own pair; otherwise the runs are summed (one
-// segmented scan of four floats per pair instead of two of two per corner) and their first lanes add. Both
+// segmented scan of four floats per pair: the warp kernel's shuffles, half its ballots) and their first lanes add. Both
 // paths add a pair with one float4 atomic when its vertices share a 16-byte pair, as the plain kernel does,
 // which the warp kernel never does. Written without a GPU in session 10 and not yet timed: the default stays
 // the warp kernel until benchmarks/bench_hash_grid.py measures this one (``cuda-hybrid``).

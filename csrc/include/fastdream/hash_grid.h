@@ -98,7 +98,11 @@ FD_HD void hash_level_forward(const T u[3], const T du[3], HashLevel lv, const T
                               T* enc_l, T* jac_l) {
   uint32_t idx[8];
   T w[8], dw[8][3];
-  hash_level_cell<T>(u, lv.res, lv.dense, mask, idx, w, jac_l != nullptr ? dw : nullptr);
+  if (jac_l != nullptr) {  // two calls: a maybe-null pointer to dw would keep dw out of registers on the GPU
+    hash_level_cell<T>(u, lv.res, lv.dense, mask, idx, w, dw);
+  } else {
+    hash_level_cell<T>(u, lv.res, lv.dense, mask, idx, w, nullptr);
+  }
   const T r = static_cast<T>(lv.res);
   for (int f = 0; f < F; ++f) {
     T e = T(0), j0 = T(0), j1 = T(0), j2 = T(0);
@@ -160,7 +164,11 @@ FD_HD void hash_level_backward_table(const T u[3], const T du[3], HashLevel lv, 
                                      const T* grad_jac_l, T* grad_table_l) {
   uint32_t idx[8];
   T w[8], dw[8][3];
-  hash_level_cell<T>(u, lv.res, lv.dense, mask, idx, w, grad_jac_l != nullptr ? dw : nullptr);
+  if (grad_jac_l != nullptr) {  // two calls, as in hash_level_forward
+    hash_level_cell<T>(u, lv.res, lv.dense, mask, idx, w, dw);
+  } else {
+    hash_level_cell<T>(u, lv.res, lv.dense, mask, idx, w, nullptr);
+  }
   const T r = static_cast<T>(lv.res);
   const T s0 = r * du[0], s1 = r * du[1], s2 = r * du[2];
   for (int c = 0; c < 8; ++c) {
