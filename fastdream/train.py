@@ -368,7 +368,8 @@ class Trainer:
                         bar.set_postfix(
                             loss=f"{self.last_loss:.4g}", mode=self.last_info["mode"][:5], skipped=self.skipped
                         )
-                    if o.preview_every and self.step % o.preview_every == 0:
+                    # and the last step's, so a run shorter than preview_every has one too
+                    if o.preview_every and (self.step % o.preview_every == 0 or self.step == o.steps):
                         self.preview()
                     if self.step % o.save_every == 0 or self.step == o.steps:
                         last_ckpt = self.save()

@@ -63,6 +63,11 @@ def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
     names = [p.name for _, p in ckpt.list_checkpoints(tmp_path)]
     assert names == ["step_000009.pt", "step_000012.pt"]  # keep_checkpoints = 2
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["step_000006.png", "step_000012.png"]
+    # A run shorter than preview_every, or not a multiple of it, previews its last step too.
+    for steps, names in ((3, ["step_000003.png"]), (5, ["step_000004.png", "step_000005.png"])):
+        run = tmp_path / f"short{steps}"
+        Trainer(tiny_config(steps=steps, preview_every=4), ColourGuidance(), run, "cpu").train(progress=False)
+        assert sorted(p.name for p in (run / "previews").iterdir()) == names
     # Views cover several words; shading modes follow the schedule.
     assert set(tr.guidance.words) <= {"front", "side", "back", "overhead"}
 
