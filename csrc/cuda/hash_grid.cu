@@ -205,6 +205,24 @@ __global__ void backward_table_f2_kernel(int64_t n, Levels levels, const float* 
   }
 }
 
+// f2_corner_grads for one lane of the warp kernels below: a lane past n takes a vertex index no level has
+// (0xFFFFFFFF) and a zero gradient, so that it can still take part in the warp's shuffles.
+__device__ __forceinline__ void lane_corner_grads(int64_t i, int64_t n, int l, int L, const HashLevel lv,
+                                                  const float* x, uint32_t mask, float bound,
+                                                  const float* __restrict__ grad_enc,
+                                                  const float* __restrict__ grad_jac, uint32_t idx[8], float a[8],
+                                                  float b[8]) {
+  if (i < n) {
+    f2_corner_grads(i, l, L, lv, x, mask, bound, grad_enc, grad_jac, idx, a, b);
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    idx[c] = 0xFFFFFFFFu;
+    a[c] = b[c] = 0.f;
+  }
+}
+
 // The same gradient with warp aggregation, for points that come ray by ray (the renderer's order). A warp takes
 // 32 consecutive points at one level (warp w: level w % L, points 32 (w / L) ...), so along a ray neighbouring
 // lanes often share a vertex, at the coarse levels nearly always. Per corner, runs of lanes with the same vertex
@@ -226,15 +244,7 @@ __global__ void backward_table_f2_warp_kernel(int64_t n, Levels levels, const fl
   if ((warp / L) * 32 >= n) return;  // whole warps only: every lane below takes part in the shuffles
   uint32_t idx[8];
   float a[8], b[8];
-  if (i < n) {
-    f2_corner_grads(i, l, L, levels.lv[l], x, static_cast<uint32_t>(S - 1), bound, grad_enc, grad_jac, idx, a, b);
-  } else {
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      idx[c] = 0xFFFFFFFFu;
-      a[c] = b[c] = 0.f;
-    }
-  }
+  lane_corner_grads(i, n, l, L, levels.lv[l], x, static_cast<uint32_t>(S - 1), bound, grad_enc, grad_jac, idx, a, b);
   float* grad_l = grad_table + l * S * 2;
   constexpr unsigned kAll = 0xFFFFFFFFu;
 #pragma unroll
@@ -295,15 +305,7 @@ __global__ void backward_table_f2_hybrid_kernel(int64_t n, Levels levels, const 
   if ((warp / L) * 32 >= n) return;  // whole warps only: every lane below takes part in the shuffles
   uint32_t idx[8];
   float a[8], b[8];
-  if (i < n) {
-    f2_corner_grads(i, l, L, levels.lv[l], x, static_cast<uint32_t>(S - 1), bound, grad_enc, grad_jac, idx, a, b);
-  } else {
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      idx[c] = 0xFFFFFFFFu;
-      a[c] = b[c] = 0.f;
-    }
-  }
+  lane_corner_grads(i, n, l, L, levels.lv[l], x, static_cast<uint32_t>(S - 1), bound, grad_enc, grad_jac, idx, a, b);
   float* grad_l = grad_table + l * S * 2;
   constexpr unsigned kAll = 0xFFFFFFFFu;
 #pragma unroll
