@@ -75,6 +75,27 @@ def usable(backend: str, device: torch.device) -> bool:
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def why_unusable(backend: str, device: torch.device) -> str:
+    """Why ``backend`` cannot run ops on tensors of ``device`` ('' when it can): for one-line errors."""
+    if usable(backend, device):
+        return ""
+    gpu = torch.cuda.is_available()
+    if backend == "cpp":
+        if extension() is None:
+            return f"the extension fastdream._C did not load ({extension_error()})"
+        return f"it runs on CPU tensors only, and this command runs on {device.type}"
+    if backend == "cuda":
+        if extension() is None:
+            return f"the extension fastdream._C did not load ({extension_error()})"
+        if not cuda_compiled():
+            return "fastdream._C was built without its CUDA part (no nvcc at build time)"
+        return "no CUDA GPU is visible" if not gpu else "it runs on CUDA tensors only, and this command runs on cpu"
+    # triton
+    if not triton_available():
+        return "triton is not installed (pip install triton)"
+    return "no CUDA GPU is visible, and Triton runs on the CPU only under TRITON_INTERPRET=1, slowly, for tests"
+
+
 def status() -> list[BackendStatus]:
     """One line per backend for ``fastdream info``."""
     gpu = torch.cuda.is_available()

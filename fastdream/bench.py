@@ -356,6 +356,8 @@ def validate(cfg: BenchConfig, device: torch.device) -> None:
     for name, v, lo in (("--steps", cfg.steps, 1), ("--warmup", cfg.warmup, 0), ("--batch", cfg.batch, 1)):
         if not isinstance(v, int) or v < lo:
             raise UserError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if not isinstance(cfg.seed, int) or not 0 <= cfg.seed <= 2**63 - 1:  # generate's range
+        raise UserError(f"--seed must be an integer in [0, {2**63 - 1}], got {cfg.seed!r}")
     if cfg.resolution is not None and not (isinstance(cfg.resolution, int) and 8 <= cfg.resolution <= 1024):
         raise UserError(f"--resolution must be an integer in [8, 1024], got {cfg.resolution!r}")
     if cfg.shading not in ("shaded", "textureless", "albedo"):
@@ -748,8 +750,11 @@ def _profile(runner: StepRunner, device: torch.device, steps: int, path: Path) -
             torch.cuda.synchronize(device)
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     head = f"fastdream bench --profile: {steps} steps, {_device_name(device)}, sorted by {sort}\n"
-    path.write_text(head + prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90) + "\n")
-    prof.export_chrome_trace(str(path) + ".trace.json")
+    try:
+        path.write_text(head + prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90) + "\n")
+        prof.export_chrome_trace(str(path) + ".trace.json")
+    except OSError as e:  # the folder was checked before the run: a full disk, a mount gone away
+        raise UserError(f"--profile {path}: cannot write ({e.strerror or type(e).__name__}); pick another path") from e
 
 
 def run_bench(cfg: BenchConfig, profile: Path | None = None) -> BenchResult:

@@ -16,10 +16,12 @@ Layout of a run folder::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +64,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None] | bytes |
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        # a failed clean-up (a read-only folder) must not hide the reason of the failed write
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def unwritable_reason(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be created in ``folder`` (or, when it does not exist yet, in the folder that would hold
+    it), or None when they can. Creates a temporary file and removes it: ``os.access`` answers yes to root on a
+    read-only mount.
+
+    Example:
+        >>> unwritable_reason("/proc/no-such-folder") is not None
+        True
+    """
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".fastdream-probe-", dir=probe)
+    except OSError as e:
+        return f"{probe}: {e.strerror or type(e).__name__}"
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    return None
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
@@ -113,6 +141,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
 
     Raises:
         RuntimeError: ``state`` holds a NaN or inf (a checkpoint never does; the trainer skips such steps).
+        UserError: the file cannot be written (read-only folder, full disk); the earlier checkpoints are kept.
     """
     bad = _non_finite(state)
     if bad:
@@ -120,12 +149,23 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
     buf = io.BytesIO()
     torch.save(state, buf)
     path = checkpoint_path(run_dir, step)
-    atomic_write(path, buf.getvalue())
+    try:
+        atomic_write(path, buf.getvalue())
+    except OSError as e:
+        last = latest_checkpoint(run_dir)
+        kept = f"the last checkpoint {last.name} is kept" if last is not None else "no earlier checkpoint exists"
+        raise UserError(
+            f"cannot save checkpoint {path} ({e.strerror or type(e).__name__}); {kept}; free disk space or make "
+            f"{path.parent} writable, then continue with --resume"
+        ) from e
+    # Clean-up only: a folder that took the new checkpoint but refuses a deletion loses nothing.
     for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            old.unlink(missing_ok=True)
     # temporary files of writes cut short by a kill -9 (one writer per run folder: none is in flight now)
     for stale in path.parent.glob(".step_*.pt.tmp-*"):
-        stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            stale.unlink(missing_ok=True)
     return path
 
 
@@ -148,3 +188,58 @@ def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str = 
     if not isinstance(state, dict) or state.get("format") != 1 or "field" not in state:
         raise UserError(f"{path} is not a fastdream checkpoint; delete it or start over with --overwrite")
     return state
+
+
+def _shape(value: Any) -> str:
+    return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def state_mismatch(modules: Mapping[str, torch.nn.Module | None], state: Mapping[str, Any]) -> str | None:
+    """The first difference between the modules' parameters and buffers and a checkpoint's, one line, or None.
+
+    Args:
+        modules: the run's modules by checkpoint key (``{"field": field, "background": bg, "grid": grid}``);
+            None for one the run does not have (its entry in the checkpoint is then not compared).
+        state: the loaded checkpoint.
+
+    Returns:
+        e.g. ``"field.table: checkpoint [16, 524288, 2], config [16, 65536, 2]"``, ``"field.mlp.3.weight: in
+        the checkpoint, not in config"``, or None when every name and shape agrees.
+    """
+    for name, module in modules.items():
+        if module is None:
+            continue
+        saved = state.get(name)
+        if not isinstance(saved, Mapping):
+            return f"{name}: not in the checkpoint"
+        own = module.state_dict()
+        for key, value in own.items():
+            if key not in saved:
+                return f"{name}.{key}: in config, not in the checkpoint"
+            theirs = saved[key]
+            if isinstance(value, torch.Tensor) and (
+                not isinstance(theirs, torch.Tensor) or tuple(theirs.shape) != tuple(value.shape)
+            ):
+                return f"{name}.{key}: checkpoint {_shape(theirs)}, config {_shape(value)}"
+        extra = next((k for k in saved if k not in own), None)
+        if extra is not None:
+            return f"{name}.{extra}: in the checkpoint, not in config"
+    return None
+
+
+def check_state_matches(
+    path: str | os.PathLike, modules: Mapping[str, torch.nn.Module | None], state: Mapping[str, Any]
+) -> None:
+    """Refuse a checkpoint whose tensors do not fit the modules built from the run's config.json.
+
+    Raises:
+        UserError: one line naming the first mismatching tensor and both shapes.
+    """
+    diff = state_mismatch(modules, state)
+    if diff is not None:
+        path = Path(path)
+        config = path.parent.parent / "config.json" if path.parent.name == CHECKPOINT_DIR else "config.json"
+        raise UserError(
+            f"checkpoint {path} does not match {config} ({diff}); restore the config.json the run was made "
+            f"with, or start the run over with generate --overwrite"
+        )

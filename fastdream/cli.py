@@ -12,8 +12,12 @@ import argparse
 import importlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from fastdream.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 COMMANDS = ("generate", "export", "evaluate", "bench", "info")
 
@@ -40,6 +44,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_device(args: argparse.Namespace) -> torch.device | None:
+    """The device a command's ``--device`` names, for the backend check; None when it has none, or one the
+    command itself refuses (its own message is clearer)."""
+    import torch
+
+    name = str(getattr(args, "device", None) or "").strip().lower()
+    if not name:
+        return None
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        return None
+    if dev.type == "cpu" or (dev.type == "cuda" and torch.cuda.is_available()):
+        return dev
+    return None
+
+
+def check_environment(args: argparse.Namespace) -> None:
+    """Checks of the environment every command shares, before it runs: ``FASTDREAM_BACKEND*`` (``info``
+    reports them instead).
+
+    Raises:
+        UserError: one line naming the variable.
+    """
+    if args.command == "info":
+        return
+    from fastdream.ops import _dispatch
+
+    _dispatch.check_env(_command_device(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -51,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hide_expected_warnings()
     try:
+        check_environment(args)
         return int(args._run(args) or 0)
     except UserError as e:
         if args.debug:

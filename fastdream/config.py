@@ -225,7 +225,8 @@ def slugify(prompt: str, max_len: int = 48) -> str:
 
 
 def is_builtin(model: str) -> bool:
-    return model.strip().lower() == "builtin"
+    """``--model builtin``, in any case and with surrounding spaces (``Builtin``, `` BUILTIN``)."""
+    return isinstance(model, str) and model.strip().lower() == "builtin"
 
 
 def resolve(cfg: RunConfig, device_type: str | None = None) -> RunConfig:
@@ -235,6 +236,8 @@ def resolve(cfg: RunConfig, device_type: str | None = None) -> RunConfig:
         device_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
     gpu = device_type == "cuda"
     f, r, o, s = cfg.field, cfg.render, cfg.optim, cfg.shading
+    if is_builtin(cfg.guidance.model):  # one spelling in config.json and for the loader
+        cfg.guidance.model = "builtin"
     if f.log2_table_size is None:
         f.log2_table_size = 19 if gpu else 16
     if f.finest_resolution is None:
@@ -256,93 +259,216 @@ def resolve(cfg: RunConfig, device_type: str | None = None) -> RunConfig:
         c.fov_range = (BUILTIN_FOV,) * 2 if is_builtin(cfg.guidance.model) else DEFAULT_FOV_RANGE
     if o.steps is None:
         o.steps = 800 if is_builtin(cfg.guidance.model) else 5000
-    if s.albedo_warmup_steps is None:
+    if s.albedo_warmup_steps is None and isinstance(o.steps, int):
         s.albedo_warmup_steps = o.steps // 10
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
-    """Every check of a run's settings, in one place. Raises UserError naming the option and the fix."""
-    if not cfg.prompt or not cfg.prompt.strip():
-        raise UserError('the prompt is empty; give a text prompt, e.g. fastdream generate "a red cube"')
-    if not cfg.guidance.model or not cfg.guidance.model.strip():
-        raise UserError("--model is empty; give a hub id, a local diffusers folder, or 'builtin'")
-    o, r, f, s, g = cfg.optim, cfg.render, cfg.field, cfg.shading, cfg.guidance
+# Settings that have an option of their own on ``fastdream generate``; every other one is set with ``--set KEY=V``.
+# Error messages name a setting the way the user gives it (tests check these against the real parser).
+CLI_OPTIONS = {
+    "out": "--out",
+    "device": "--device",
+    "guidance.model": "--model",
+    "guidance.guidance_scale": "--guidance-scale",
+    "guidance.cuda_graphs": "--cuda-graphs",
+    "optim.steps": "--steps",
+    "optim.seed": "--seed",
+    "optim.save_every": "--save-every",
+    "optim.preview_every": "--preview-every",
+    "optim.lr": "--lr",
+    "optim.lambda_orient": "--lambda-orient",
+    "optim.lambda_opacity": "--lambda-opacity",
+    "render.resolution": "--resolution",
+    "render.samples_per_ray": "--samples-per-ray",
+    "render.background": "--background",
+    "shading.albedo_warmup_steps": "--albedo-warmup",
+    "shading.textureless_ratio": "--textureless-ratio",
+    "shading.ambient": "--ambient",
+    "shading.diffuse": "--diffuse",
+    "field.normals": "--normals",
+}
+# The limits ``fastdream export`` puts on its options (fastdream.commands.export): generate checks the same
+# settings before training, so a run never fails at its very end.
+EXPORT_MESH_RESOLUTION = (16, 1024)
+TURNTABLE_FRAMES = (1, 3600)
+TURNTABLE_RESOLUTION = (16, 2048)
 
-    def positive_int(name: str, v: Any, lo: int = 1, hi: int | None = None) -> None:
+
+def option_name(key: str) -> str:
+    """How the user sets config key ``key`` ("section.name"): its own option, else ``--set key``."""
+    return CLI_OPTIONS.get(key, f"--set {key}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every check of a run's settings, in one place: every field of the :class:`RunConfig` tree (``None``, "auto",
+    is accepted where :func:`resolve` fills it in). Raises UserError naming the option (``--set KEY`` for the
+    settings without one) and what it accepts."""
+    if not isinstance(cfg.prompt, str) or not cfg.prompt.strip():
+        raise UserError('the prompt is empty; give a text prompt, e.g. fastdream generate "a red cube"')
+    if not isinstance(cfg.guidance.model, str) or not cfg.guidance.model.strip():
+        raise UserError("--model is empty; give a hub id, a local diffusers folder, or 'builtin'")
+    for key in ("out", "device"):
+        if not isinstance(getattr(cfg, key), str):
+            raise UserError(f"{option_name(key)} must be a string, got {getattr(cfg, key)!r}")
+    o, r, f, s, g, c, e = cfg.optim, cfg.render, cfg.field, cfg.shading, cfg.guidance, cfg.camera, cfg.export
+
+    def integer(key: str, v: Any, lo: int = 1, hi: int | None = None) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
             rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise UserError(f"{name} must be an integer {rng}, got {v!r}")
+            raise UserError(f"{option_name(key)} must be an integer {rng}, got {v!r}")
 
-    def finite(name: str, v: Any, lo: float | None = None, lo_open: bool = False) -> None:
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise UserError(f"{name} must be a finite number, got {v!r}")
+    def number(key: str, v: Any, lo: float | None = None, lo_open: bool = False, hi: float | None = None) -> None:
+        if not _is_number(v):
+            raise UserError(f"{option_name(key)} must be a finite number, got {v!r}")
         if lo is not None and (v <= lo if lo_open else v < lo):
-            raise UserError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+            raise UserError(f"{option_name(key)} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+        if hi is not None and v > hi:
+            raise UserError(f"{option_name(key)} must be <= {hi}, got {v!r}")
 
+    def pair(key: str, v: Any, lo: float, hi: float, what: str, strict: bool = False) -> None:
+        """Two finite numbers a <= b (a < b if ``strict``) inside [lo, hi]."""
+        ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) for x in v)
+        ok = ok and lo <= v[0] and v[1] <= hi and (v[0] < v[1] if strict else v[0] <= v[1])
+        if not ok:
+            shown = list(v) if isinstance(v, tuple) else v
+            raise UserError(f"{option_name(key)} must be {what}, got {json.dumps(shown, default=repr)}")
+
+    def choice(key: str, v: Any, allowed: tuple[str, ...]) -> None:
+        if v not in allowed:
+            raise UserError(f"{option_name(key)} must be one of {', '.join(allowed)}, got {v!r}")
+
+    def flag(key: str, v: Any) -> None:
+        if not isinstance(v, bool):
+            raise UserError(f"{option_name(key)} must be true or false, got {v!r}")
+
+    # optim
     if o.steps is not None:
-        positive_int("--steps", o.steps)
-    positive_int("--save-every", o.save_every)
-    positive_int("--preview-every", o.preview_every, lo=0)
-    positive_int("--seed", o.seed, lo=0, hi=2**63 - 1)
-    positive_int("--resolution", r.resolution, lo=16, hi=1024)
-    positive_int("--samples-per-ray", r.samples_per_ray, lo=8, hi=1024)
-    positive_int("grid_update_every", o.grid_update_every)
-    positive_int("max_bad_steps", o.max_bad_steps)
-    if r.preview_resolution is not None:
-        positive_int("--preview-resolution", r.preview_resolution, lo=16, hi=2048)
-    if r.turntable_shading not in SHADING_MODES:
-        raise UserError(f"turntable_shading must be one of {', '.join(SHADING_MODES)}, got {r.turntable_shading!r}")
+        integer("optim.steps", o.steps)
+    number("optim.lr", o.lr, lo=0.0, lo_open=True)
+    number("optim.mlp_lr_scale", o.mlp_lr_scale, lo=0.0)
+    number("optim.background_lr", o.background_lr, lo=0.0)
+    b = o.betas
+    if not isinstance(b, (list, tuple)) or len(b) != 2 or not all(_is_number(x) and 0.0 <= x < 1.0 for x in b):
+        shown = list(b) if isinstance(b, tuple) else b
+        raise UserError(
+            f"{option_name('optim.betas')} must be two numbers in [0, 1) (Adam's beta1, beta2), got {shown}"
+        )
+    number("optim.eps", o.eps, lo=0.0, lo_open=True)
+    integer("optim.save_every", o.save_every)
+    integer("optim.preview_every", o.preview_every, lo=0)
+    integer("optim.grid_update_every", o.grid_update_every)
+    integer("optim.grid_warmup_steps", o.grid_warmup_steps, lo=0)
+    number("optim.lambda_orient", o.lambda_orient, lo=0.0)
+    number("optim.lambda_opacity", o.lambda_opacity, lo=0.0)
+    integer("optim.seed", o.seed, lo=0, hi=2**63 - 1)
+    integer("optim.max_bad_steps", o.max_bad_steps)
+    integer("optim.keep_checkpoints", o.keep_checkpoints, lo=0)  # 0: keep every checkpoint
+
+    # render
+    integer("render.resolution", r.resolution, lo=16, hi=1024)
+    integer("render.samples_per_ray", r.samples_per_ray, lo=8, hi=1024)
+    number("render.bound", r.bound, lo=0.0, lo_open=True)
+    if r.background is not None:
+        choice("render.background", r.background, BACKGROUNDS)
     if r.grid_resolution is not None:
-        positive_int("grid_resolution", r.grid_resolution, lo=8, hi=512)
-    finite("--lr", o.lr, lo=0.0, lo_open=True)
-    finite("background_lr", o.background_lr, lo=0.0)
-    finite("mlp_lr_scale", o.mlp_lr_scale, lo=0.0)
-    finite("--lambda-orient", o.lambda_orient, lo=0.0)
-    finite("--lambda-opacity", o.lambda_opacity, lo=0.0)
-    finite("bound", r.bound, lo=0.0, lo_open=True)
-    if g.guidance_scale is not None:
-        finite("--guidance-scale", g.guidance_scale, lo=0.0)
-    lo, hi = g.t_range
-    if not (0.0 <= lo < hi <= 1.0):
-        raise UserError(f"t_range must satisfy 0 <= lo < hi <= 1, got {g.t_range}")
-    if g.t_max_end is not None:
-        finite("t_max_end", g.t_max_end, lo=0.0)
-        if not lo <= g.t_max_end <= 1.0:
-            raise UserError(f"t_max_end must be in [t_range[0], 1] = [{lo}, 1], got {g.t_max_end}")
-    positive_int("builtin_cameras_per_view", g.builtin_cameras_per_view, lo=1, hi=4096)
-    if g.builtin_pose_width is not None:
-        finite("guidance.builtin_pose_width (degrees, or null)", g.builtin_pose_width, lo=0.0, lo_open=True)
-    if g.weighting not in WEIGHTINGS:
-        raise UserError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {g.weighting!r}")
-    if r.background is not None and r.background not in BACKGROUNDS:
-        raise UserError(f"--background must be one of {', '.join(BACKGROUNDS)}, got {r.background!r}")
-    if f.density_activation not in DENSITY_ACTIVATIONS:
-        raise UserError(f"density_activation must be one of {DENSITY_ACTIVATIONS}, got {f.density_activation!r}")
-    if f.normals not in NORMAL_METHODS:
-        raise UserError(f"--normals must be one of {', '.join(NORMAL_METHODS)}, got {f.normals!r}")
-    finite("--textureless-ratio", s.textureless_ratio, lo=0.0)
-    if s.textureless_ratio > 1.0:
-        raise UserError(f"--textureless-ratio must be in [0, 1], got {s.textureless_ratio}")
+        integer("render.grid_resolution", r.grid_resolution, lo=8, hi=512)
+    number("render.grid_threshold", r.grid_threshold, lo=0.0)
+    number("render.grid_decay", r.grid_decay, lo=0.0, hi=1.0)
+    flag("render.jitter", r.jitter)
+    flag("render.prune_occluded", r.prune_occluded)
+    if r.preview_resolution is not None:
+        integer("render.preview_resolution", r.preview_resolution, lo=16, hi=2048)
+    if r.turntable_resolution is not None:
+        integer("render.turntable_resolution", r.turntable_resolution, *TURNTABLE_RESOLUTION)
+    if r.turntable_frames is not None:
+        integer("render.turntable_frames", r.turntable_frames, *TURNTABLE_FRAMES)
+    choice("render.turntable_shading", r.turntable_shading, SHADING_MODES)
+    integer("render.turntable_fps", r.turntable_fps, lo=1, hi=240)
+
+    # shading
     if s.albedo_warmup_steps is not None:
-        positive_int("--albedo-warmup", s.albedo_warmup_steps, lo=0)
-    for name, col in (("--ambient", s.ambient), ("--diffuse", s.diffuse)):
-        if len(col) != 3 or any(not math.isfinite(c) or c < 0 for c in col):
-            raise UserError(f"{name} must be three non-negative numbers, got {col}")
-    c = cfg.camera
-    for name, rng, lo_ok, hi_ok in (
+        integer("shading.albedo_warmup_steps", s.albedo_warmup_steps, lo=0)
+    number("shading.textureless_ratio", s.textureless_ratio, lo=0.0, hi=1.0)
+    for key, col in (("shading.ambient", s.ambient), ("shading.diffuse", s.diffuse)):
+        if not isinstance(col, (list, tuple)) or len(col) != 3 or not all(_is_number(x) and x >= 0 for x in col):
+            shown = list(col) if isinstance(col, tuple) else col
+            raise UserError(f"{option_name(key)} must be three non-negative numbers, got {shown!r}")
+
+    # camera
+    pair("camera.elevation_range", c.elevation_range, -90.0, 90.0, "two angles lo <= hi in [-90, 90] (degrees)")
+    pair("camera.azimuth_range", c.azimuth_range, -360.0, 360.0, "two angles lo <= hi in [-360, 360] (degrees)")
+    if c.azimuth_range[1] - c.azimuth_range[0] > 360.0:
+        raise UserError(f"{option_name('camera.azimuth_range')} spans more than 360 degrees: {list(c.azimuth_range)}")
+    for key, rng, lo_ok, hi_ok in (
         ("camera.distance_range", c.distance_range, r.bound, math.inf),
         ("camera.fov_range", c.fov_range, 0.0, 180.0),
     ):
         if rng is None:
             continue
-        ok = isinstance(rng, (list, tuple)) and len(rng) == 2
-        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in rng)
+        ok = isinstance(rng, (list, tuple)) and len(rng) == 2 and all(_is_number(v) for v in rng)
         if not ok or not lo_ok < rng[0] <= rng[1] < hi_ok:
-            raise UserError(f"{name} must be two numbers lo <= hi in ({lo_ok}, {hi_ok}), got {rng!r}")
-    positive_int("levels", f.levels, hi=32)
+            raise UserError(f"{option_name(key)} must be two numbers lo <= hi in ({lo_ok}, {hi_ok}), got {rng!r}")
+    flag("camera.uniform_sphere_elevation", c.uniform_sphere_elevation)
+    pair("camera.light_distance_range", c.light_distance_range, 0.0, math.inf, "two numbers 0 <= lo <= hi")
+    number("camera.light_jitter", c.light_jitter, lo=0.0)
+
+    # field
+    integer("field.levels", f.levels, hi=32)
+    integer("field.features", f.features, hi=8)
     if f.log2_table_size is not None:
-        positive_int("log2_table_size", f.log2_table_size, lo=8, hi=24)
+        integer("field.log2_table_size", f.log2_table_size, lo=8, hi=24)
+    integer("field.base_resolution", f.base_resolution, hi=65536)
+    if f.finest_resolution is not None:
+        integer("field.finest_resolution", f.finest_resolution, hi=65536)
+        if f.finest_resolution < f.base_resolution:
+            raise UserError(
+                f"--set field.finest_resolution ({f.finest_resolution}) must be >= --set field.base_resolution "
+                f"({f.base_resolution})"
+            )
+    integer("field.hidden", f.hidden, hi=1024)
+    integer("field.hidden_layers", f.hidden_layers, lo=0, hi=16)
+    choice("field.density_activation", f.density_activation, DENSITY_ACTIVATIONS)
+    number("field.blob_density", f.blob_density, lo=0.0)
+    number("field.blob_radius", f.blob_radius, lo=0.0, lo_open=True)
+    number("field.density_shift", f.density_shift)
+    choice("field.normals", f.normals, NORMAL_METHODS)
+
+    # guidance
+    if g.guidance_scale is not None:
+        number("guidance.guidance_scale", g.guidance_scale, lo=0.0)
+    pair("guidance.t_range", g.t_range, 0.0, 1.0, "two numbers 0 <= lo < hi <= 1", strict=True)
+    if g.t_max_end is not None:
+        lo = g.t_range[0]
+        number("guidance.t_max_end", g.t_max_end, lo=lo, hi=1.0)
+    choice("guidance.weighting", g.weighting, WEIGHTINGS)
+    flag("guidance.builtin_gamut_clip", g.builtin_gamut_clip)
+    integer("guidance.builtin_cameras_per_view", g.builtin_cameras_per_view, lo=1, hi=4096)
+    if g.builtin_pose_width is not None and (not _is_number(g.builtin_pose_width) or g.builtin_pose_width <= 0):
+        raise UserError(
+            f"{option_name('guidance.builtin_pose_width')} must be a number > 0 (degrees) or null, "
+            f"got {g.builtin_pose_width!r}"
+        )
+    flag("guidance.cuda_graphs", g.cuda_graphs)
+
+    # export (the same limits as fastdream export's options)
+    integer("export.mesh_resolution", e.mesh_resolution, *EXPORT_MESH_RESOLUTION)
+    number("export.iso_level", e.iso_level, lo=0.0, lo_open=True)
+    number("export.min_component_ratio", e.min_component_ratio, lo=0.0, hi=1.0)
+
+
+def _as_floats_like(old: Any, value: Any) -> Any:
+    """``1`` -> ``1.0`` where the setting holds floats (``--set optim.betas=[0,0]``: Adam wants floats)."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if isinstance(old, float) and is_int(value):
+        return float(value)
+    if isinstance(old, (list, tuple)) and isinstance(value, list):
+        return [float(v) if isinstance(o, float) and is_int(v) else v for o, v in zip(old, value)]
+    return value
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
@@ -380,6 +506,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
                 raise UserError(f"--set {key}: expected a list of {len(old)} values, got {value!r}")
             if isinstance(old, str) and not isinstance(value, str):
                 value = text
+            value = _as_floats_like(old, value)
         node[parts[-1]] = value
     try:
         return RunConfig.from_dict(d)

@@ -16,7 +16,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +111,9 @@ def write_meshes(mesh, run_dir: str | Path) -> list[Path]:
     return paths
 
 
+_TMP_NAME = re.compile(r"^\.(.+)\.tmp-\d+$")
+
+
 @dataclass
 class TurntableResult:
     path: Path
@@ -145,8 +150,18 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int) -> TurntableResu
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # format named: without the ffmpeg plugin imageio would try another writer and fail obscurely
-            imageio.mimwrite(tmp, frames, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1)
+            # format named: without the ffmpeg plugin imageio would try another writer and fail obscurely.
+            # ffmpeg writes straight to our stderr: quiet, as a failure is reported in the note below.
+            imageio.mimwrite(
+                tmp,
+                frames,
+                format="FFMPEG",
+                fps=fps,
+                codec="libx264",
+                quality=8,
+                macro_block_size=1,
+                ffmpeg_log_level="quiet",
+            )
         data = tmp.read_bytes()
         atomic_write(path, data)
         return TurntableResult(path, "")
@@ -155,15 +170,30 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int) -> TurntableResu
         buf = io.BytesIO()
         imageio.mimwrite(buf, frames, format="GIF", duration=1.0 / fps, loop=0)
         atomic_write(gif, buf.getvalue())
-        return TurntableResult(gif, f"could not write mp4 ({type(e).__name__}: {str(e)[:100]}); wrote a GIF")
+        why = " ".join(str(e).split())[:100]
+        return TurntableResult(gif, f"could not write mp4 ({type(e).__name__}: {why}); wrote a GIF")
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder: the write's own error is the one to report
+            tmp.unlink(missing_ok=True)
 
 
 def export_all(
     field: NeuralField, background: Background | None, grid, cfg: RunConfig, run_dir: str | Path
 ) -> tuple[list[Path], str]:
-    """Turntable and meshes into ``run_dir``; returns (paths written, a note for the user or '')."""
-    tt = render_turntable(field, background, grid, cfg, run_dir)
-    mesh = extract_mesh(field, cfg)
-    return [tt.path, *write_meshes(mesh, run_dir)], tt.note
+    """Turntable and meshes into ``run_dir``; returns (paths written, a note for the user or '').
+
+    Raises:
+        UserError: the field is empty, or a file cannot be written (the earlier outputs are then kept: every
+            file is written beside its final name and renamed over it).
+    """
+    try:
+        tt = render_turntable(field, background, grid, cfg, run_dir)
+        mesh = extract_mesh(field, cfg)
+        return [tt.path, *write_meshes(mesh, run_dir)], tt.note
+    except OSError as e:
+        where = Path(e.filename2 or e.filename or run_dir)  # os.replace(tmp, final): filename2 is the final name
+        where = where.with_name(_TMP_NAME.sub(r"\1", where.name))  # atomic_write's temporary: its final name
+        raise UserError(
+            f"cannot write {where} ({e.strerror or type(e).__name__}); the earlier outputs are kept; fix the "
+            f"folder (permissions, disk space) and run fastdream export {run_dir} again"
+        ) from e

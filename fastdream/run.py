@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fastdream import checkpoint as ckpt
-from fastdream.config import RunConfig, is_builtin, resolve, slugify, validate
+from fastdream.config import RunConfig, is_builtin, option_name, resolve, slugify, validate
 from fastdream.errors import UserError
 
 CONFIG = "config.json"
@@ -31,6 +32,8 @@ RESUME_OVERRIDES = {"steps": ("optim", "steps"), "save_every": ("optim", "save_e
 
 def resolve_device(name: str) -> torch.device:
     """ "auto" | "cpu" | "cuda" | "cuda:N" -> a usable device, or UserError."""
+    if not isinstance(name, str):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     name = (name or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,17 +71,50 @@ class Plan:
 
 
 def _check_writable(run_dir: Path) -> None:
-    probe = run_dir
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"--out {run_dir}: {probe} is a file, not a folder; choose another --out")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"--out {run_dir} is not writable ({probe}); choose another --out or fix its permissions")
+    """A quick check of ``run_dir`` (or the folder that would hold it) before anything is read or loaded."""
+    reason = ckpt.unwritable_reason(run_dir)
+    if reason is not None:
+        raise UserError(f"--out {run_dir} is not writable ({reason}); choose another --out or fix its permissions")
+
+
+def _cannot_write(run_dir: Path, err: OSError) -> UserError:
+    why = err.strerror or type(err).__name__
+    return UserError(f"--out {run_dir}: cannot create or write the folder ({why}); choose another --out")
+
+
+def probe_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` and a file in it, then remove both: the only sure test that the folder can be written
+    (``os.access`` says yes to root under /proc and /sys, and on read-only mounts). Leaves the disk as it was.
+
+    Raises:
+        UserError: naming ``--out``, when the folder cannot be created or written.
+    """
+    created = []
+    try:
+        missing = run_dir
+        while not missing.exists() and missing != missing.parent:
+            created.append(missing)
+            missing = missing.parent
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".fastdream-probe-", dir=run_dir)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise _cannot_write(run_dir, e) from e
+    finally:
+        for d in created:  # deepest first; only folders this probe made, and only while empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite: bool) -> Plan:
-    """Check everything about a ``generate`` call without writing anything.
+    """Check everything about a ``generate`` call, leaving the disk as it was.
+
+    Every check that needs no model runs here (all the settings, the device, the builtin prior's vocabulary, the
+    output folder, which is created and written to once and then removed again), so that bad input is refused
+    before anything slow runs and before ``--overwrite`` deletes anything.
 
     Args:
         cfg: the settings from the command line (unresolved). ``cfg.out`` "" or "runs/<prompt slug>" means
@@ -86,10 +122,15 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
         explicit: names of the options given on the command line (``--resume`` applies only those of
             :data:`RESUME_OVERRIDES`, and refuses others that contradict the saved run).
     """
-    if not cfg.prompt or not cfg.prompt.strip():
+    if not isinstance(cfg.prompt, str) or not cfg.prompt.strip():
         raise UserError('the prompt is empty; give a text prompt, e.g. fastdream generate "a red cube"')
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one of them")
+    cfg = RunConfig.from_dict(cfg.to_dict())  # a copy
+    if is_builtin(cfg.guidance.model):
+        cfg.guidance.model = "builtin"
+    if not isinstance(cfg.out, str):
+        raise UserError(f"--out must be a folder name, got {cfg.out!r}")
     out = cfg.out if cfg.out and cfg.out != "runs/<prompt slug>" else os.path.join("runs", slugify(cfg.prompt))
     run_dir = Path(out).expanduser()
     if run_dir.exists() and not run_dir.is_dir():
@@ -107,7 +148,8 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
                 f"{run_dir} holds the run of prompt {saved.prompt!r}, not {cfg.prompt!r}; pass the same prompt "
                 f"to --resume, or choose another --out"
             )
-        if ckpt.latest_checkpoint(run_dir) is None:
+        found = ckpt.list_checkpoints(run_dir)
+        if not found:
             raise UserError(f"nothing to resume in {run_dir} (no checkpoint yet); start over with --overwrite")
         for name, (section, key) in RESUME_OVERRIDES.items():
             if name in explicit:
@@ -124,16 +166,28 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
             )
         saved.out = str(run_dir)
         saved.device = str(device)
+        validate(saved)  # a hand-edited config.json: refused in one line, before resolve() reads it
         cfg = resolve(saved, device.type)
         validate(cfg)
+        reached = found[-1][0]
+        if cfg.optim.steps < reached:  # the run cannot go back; config.json must keep saying what it holds
+            raise UserError(
+                f"--steps {cfg.optim.steps} is below the {reached} steps {run_dir} already did; pass --steps "
+                f"{reached} or more to continue it, or --overwrite (without --resume) to start over"
+            )
+        _check_cheap(cfg, device)
+        probe_run_dir(run_dir)
+        reason = ckpt.unwritable_reason(run_dir / ckpt.CHECKPOINT_DIR)  # else it fails at the first save
+        if reason is not None:
+            raise UserError(f"cannot resume {run_dir}: its checkpoints cannot be saved ({reason})")
         return Plan(cfg, run_dir, device, resume=True)
 
-    cfg = RunConfig.from_dict(cfg.to_dict())
     cfg.out = str(run_dir)
     cfg.device = str(device)
     validate(cfg)
     cfg = resolve(cfg, device.type)
     validate(cfg)
+    _check_cheap(cfg, device)
     clear = [run_dir / name for name in OUTPUTS if (run_dir / name).exists()]
     if clear and not overwrite:
         what = "a run" if has_config else "outputs of a run"
@@ -146,7 +200,18 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
             f"--out {run_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
             f"or choose another --out"
         )
+    probe_run_dir(run_dir)
     return Plan(cfg, run_dir, device, resume=False, clear=clear)
+
+
+def _check_cheap(cfg: RunConfig, device: torch.device) -> None:
+    """The checks of the model settings that need no model loaded."""
+    if cfg.guidance.cuda_graphs and device.type != "cuda":
+        raise UserError(f"{option_name('guidance.cuda_graphs')} needs a CUDA device; drop it or use --device cuda")
+    if is_builtin(cfg.guidance.model):
+        from fastdream.builtin.vocabulary import parse_prompt
+
+        parse_prompt(cfg.prompt)  # UserError: outside the vocabulary (the message lists it)
 
 
 _OPTION_FIELDS = {"model": ("guidance", "model"), "albedo_warmup": ("shading", "albedo_warmup_steps")}
@@ -194,7 +259,8 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
         kw["pose_width"] = cfg.guidance.builtin_pose_width
     if cfg.guidance.cuda_graphs and torch.device(device).type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device; drop it or use --device cuda")
-    guidance = load_guidance(cfg.guidance.model, device, **kw)
+    model = "builtin" if is_builtin(cfg.guidance.model) else cfg.guidance.model
+    guidance = load_guidance(model, device, **kw)
     try:
         guidance.prepare(cfg.prompt)
     except ValueError as e:  # e.g. a prompt outside the builtin vocabulary
@@ -239,11 +305,19 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
     else:
         for p in plan.clear:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    try:  # resumed: keep config.json in step with what the run does (steps may have grown)
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write(plan.run_dir / CONFIG, cfg.to_json() + "\n")
-    if plan.resume:  # keep config.json in step with what the resumed run does (steps may have grown)
-        ckpt.atomic_write(plan.run_dir / CONFIG, cfg.to_json() + "\n")
-    result = trainer.train(progress=progress)
+    except OSError as e:  # the folder passed probe_run_dir moments ago: a full disk, a mount gone away
+        raise _cannot_write(plan.run_dir, e) from e
+    try:
+        result = trainer.train(progress=progress)
+    except BaseException:
+        # A new run that failed before its first checkpoint leaves no config.json behind: one would make the next
+        # plain run refuse the folder ("already holds a run") with nothing in it to resume.
+        if not plan.resume and ckpt.latest_checkpoint(plan.run_dir) is None:
+            (plan.run_dir / CONFIG).unlink(missing_ok=True)
+        raise
     outputs, notes = [], []
     if result.skipped:
         notes.append(skipped_note(result.skipped, result.skipped_loss, trainer.scaler is not None))

@@ -202,7 +202,10 @@ class Trainer:
         path = Path(path) if path is not None else ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             raise UserError(f"nothing to resume in {self.run_dir} (no checkpoint); run without --resume")
-        self.load_state_dict(ckpt.load_checkpoint(path, map_location=self.device))
+        state = ckpt.load_checkpoint(path, map_location=self.device)
+        modules = {"field": self.field, "background": self.background, "grid": self.grid}
+        ckpt.check_state_matches(path, modules, state)  # one line naming the tensor, not load_state_dict's report
+        self.load_state_dict(state)
         return path
 
     # -- one step ---------------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Shared test helpers: which backends can run here, and comparisons against the reference."""
+"""Shared test helpers: which backends can run here, comparisons against the reference, and a finished tiny run
+for the CLI tests (``run_dir``)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from clitools import TINY, fastdream
 
 from fastdream.ops import _dispatch
 
@@ -38,3 +42,23 @@ def pytest_runtest_logreport(report):
     if path and report.failed:
         with open(path, "a", encoding="utf-8") as f:
             f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run of "a red cube": config.json and checkpoints at steps 2 and 4 (shared: copy it with
+    ``run_dir`` before changing anything)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = fastdream("generate", "a red cube", *TINY, "--out", out, "--steps", "4", "--save-every", "2")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002.pt", "step_000004.pt"]
+    return out
+
+
+@pytest.fixture
+def run_dir(reference_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the reference run, with a file of the user's beside the run's files."""
+    d = tmp_path / "run"
+    shutil.copytree(reference_run, d)
+    (d / "notes.txt").write_text("the user's own file\n")
+    return d

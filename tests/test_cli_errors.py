@@ -19,25 +19,6 @@ from clitools import TINY, assert_user_error, fastdream, tree_hash
 from fastdream import checkpoint as ckpt
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished tiny run of "a red cube": config.json and checkpoints at steps 2 and 4."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    res = fastdream("generate", "a red cube", *TINY, "--out", out, "--steps", "4", "--save-every", "2")
-    assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002.pt", "step_000004.pt"]
-    return out
-
-
-@pytest.fixture
-def run_dir(reference_run: Path, tmp_path: Path) -> Path:
-    """A private copy of the reference run, with a file of the user's beside the run's files."""
-    d = tmp_path / "run"
-    shutil.copytree(reference_run, d)
-    (d / "notes.txt").write_text("the user's own file\n")
-    return d
-
-
 def check(run_dir: Path, *args: str, needles: tuple[str, ...], env: dict[str, str] | None = None) -> str:
     before = tree_hash(run_dir)
     res = fastdream(*args, extra_env=env)

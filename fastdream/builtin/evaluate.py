@@ -124,14 +124,19 @@ def read_prompt(run_dir: Path) -> str:
     return prompt
 
 
+SEED_MAX = 2**32 - 1  # the seeds numpy's and torch's generators both take
+
+
 def evaluate_mesh(mesh, prompt: str, seed: int = 0) -> dict[str, Any]:
-    """Scores of ``mesh`` (a trimesh.Trimesh in world units) for the builtin ``prompt``."""
+    """Scores of ``mesh`` (a trimesh.Trimesh in world units) for the builtin ``prompt``; ``seed`` in
+    [0, SEED_MAX] picks the surface samples."""
     colour, shape = parse_prompt(prompt)
     g = torch.Generator().manual_seed(seed)
     mesh_pts = _sample_mesh(mesh, CHAMFER_SAMPLES, seed)
     distances = {s: chamfer(mesh_pts, sample_surface(s, CHAMFER_SAMPLES, g).numpy()) for s in SHAPES}
     cams = novel_cameras()
-    sil_mesh = splat_silhouettes(torch.from_numpy(_sample_mesh(mesh, SILHOUETTE_SAMPLES, seed + 1)), cams)
+    sil_seed = (seed + 1) % (SEED_MAX + 1)  # numpy takes seeds up to SEED_MAX
+    sil_mesh = splat_silhouettes(torch.from_numpy(_sample_mesh(mesh, SILHOUETTE_SAMPLES, sil_seed)), cams)
     sil_true = splat_silhouettes(sample_surface(shape, SILHOUETTE_SAMPLES, g), cams)
     mean_rgb = mean_vertex_colour(mesh)
     target = np.asarray(COLOURS[colour])

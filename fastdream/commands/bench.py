@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from fastdream.bench import MODELS, BenchConfig, run_bench
+from fastdream.checkpoint import unwritable_reason
 from fastdream.errors import UserError
 
 
@@ -108,6 +109,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def check_output_file(option: str, path: Path, *more: Path) -> None:
+    """Refuse an output file (and the files written beside it) that cannot be written, before anything runs.
+
+    Raises:
+        UserError: naming ``option``: a folder given as the file, a missing or read-only folder.
+    """
+    if path.is_dir():
+        example = path / ("bench.json" if option == "--json" else "profile.txt")
+        raise UserError(f"{option} {path} is a folder; give a file name, e.g. {example}")
+    for p in more:
+        if p.is_dir():
+            raise UserError(f"{option} {path}: {p}, written beside it, is a folder; pick another path")
+    if not path.parent.exists():
+        raise UserError(f"{option} {path}: folder {path.parent} does not exist; create it or pick another path")
+    reason = unwritable_reason(path.parent)
+    if reason is not None:
+        raise UserError(f"{option} {path}: cannot write there ({reason}); pick another path")
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         model=args.model,
@@ -131,12 +151,15 @@ def run(args: argparse.Namespace) -> int:
         vae_groupnorm=args.vae_groupnorm,
         cudnn_benchmark=args.cudnn_benchmark,
     )
+    # the output files are checked before the benchmark runs: a bad path must not cost a whole run
     out = Path(args.json) if args.json not in (None, "-") else None
-    if out is not None and out.parent and not out.parent.is_dir():
-        raise UserError(f"--json {args.json}: folder {out.parent} does not exist; create it or pick another path")
+    if out is not None:
+        check_output_file("--json", out)
     prof = Path(args.profile) if args.profile else None
-    if prof is not None and not prof.parent.is_dir():
-        raise UserError(f"--profile {args.profile}: folder {prof.parent} does not exist; create it or pick another")
+    if prof is not None:
+        check_output_file("--profile", prof, Path(f"{prof}.trace.json"))
+        if out is not None and out.resolve() == prof.resolve():
+            raise UserError(f"--json and --profile both name {out}; give them different files")
     result = run_bench(cfg, profile=prof)
     doc = json.dumps(result.to_dict(), indent=2)
     if args.json == "-":

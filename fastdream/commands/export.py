@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fastdream.config import ExportConfig
 
@@ -26,6 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastdream.checkpoint import unwritable_reason
     from fastdream.errors import UserError
     from fastdream.export import export_all
     from fastdream.run import load_run
@@ -38,6 +40,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--frames must be in [1, 3600], got {args.frames}")
     if args.turntable_resolution is not None and not 16 <= args.turntable_resolution <= 2048:
         raise UserError(f"--turntable-resolution must be in [16, 2048], got {args.turntable_resolution}")
+    if Path(args.run_dir).is_dir():  # else load_run says what is wrong with it
+        reason = unwritable_reason(args.run_dir)
+        if reason is not None:
+            raise UserError(
+                f"{args.run_dir} is not writable ({reason}); export writes turntable.mp4, mesh.glb and mesh.obj "
+                f"there: fix its permissions, or copy the run folder somewhere writable and export the copy"
+            )
     trainer = load_run(args.run_dir, args.device)
     cfg = trainer.cfg
     cfg.export.mesh_resolution, cfg.export.iso_level = args.mesh_resolution, args.iso_level

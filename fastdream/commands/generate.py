@@ -3,7 +3,7 @@
 
 The command is a thin layer over :class:`fastdream.config.RunConfig`, :mod:`fastdream.run` and
 :class:`fastdream.train.Trainer`; every check of the settings happens in :func:`fastdream.config.validate`
-and of the output folder in :func:`fastdream.run.prepare_run_dir`, before anything is written.
+and of the output folder in :func:`fastdream.run.plan_generate`, before anything is loaded or written.
 """
 
 from __future__ import annotations
@@ -172,8 +172,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The RunConfig the arguments describe (unresolved: device and auto fields not filled in yet)."""
-    from fastdream.config import GuidanceConfig, RunConfig, apply_overrides
+    """The RunConfig the arguments describe (unresolved: device and auto fields not filled in yet).
+
+    Raises:
+        UserError: ``--out ""`` (or ``--set out=``): an empty folder name is a mistake, not the default folder.
+    """
+    from fastdream.config import GuidanceConfig, RunConfig, apply_overrides, is_builtin
+    from fastdream.errors import UserError
 
     cfg = RunConfig(prompt=args.prompt, out=args.out, device=args.device)
     cfg.guidance = GuidanceConfig(
@@ -190,7 +195,12 @@ def config_from_args(args: argparse.Namespace):
     s.albedo_warmup_steps = None if args.albedo_warmup == "auto" else args.albedo_warmup
     s.textureless_ratio, s.ambient, s.diffuse = args.textureless_ratio, tuple(args.ambient), tuple(args.diffuse)
     f.normals = args.normals
-    return apply_overrides(cfg, args.set) if args.set else cfg
+    cfg = apply_overrides(cfg, args.set) if args.set else cfg
+    if not cfg.out.strip():
+        raise UserError("--out is empty; give a run folder, or leave --out out to use runs/<prompt slug>")
+    if is_builtin(cfg.guidance.model):  # "Builtin", " builtin": the builtin prior, spelt as config.json keeps it
+        cfg.guidance.model = "builtin"
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,6 +28,8 @@ def _version(pkg: str) -> str:
 
 
 def collect() -> dict:
+    from fastdream.ops import _dispatch
+
     devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
     return {
         "fastdream": fastdream.__version__,
@@ -41,6 +43,9 @@ def collect() -> dict:
         "backends": [
             {"name": b.name, "compiled": b.compiled, "usable": b.usable, "note": b.note} for b in backends.status()
         ],
+        # FASTDREAM_BACKEND*: what is set, and what the other commands would refuse about it
+        "backend_overrides": _dispatch.env_overrides(),
+        "backend_override_problems": _dispatch.env_problems(),
     }
 
 
@@ -56,4 +61,8 @@ def run(args: argparse.Namespace) -> int:
     for b in info["backends"]:
         flags = f"compiled={'yes' if b['compiled'] else 'no':<3} usable={'yes' if b['usable'] else 'no':<3}"
         print(f"  {b['name']:>11}  {flags}  {b['note']}")
+    overrides = info["backend_overrides"]
+    print(f"{'overrides':>13}: " + (", ".join(f"{k}={v}" for k, v in overrides.items()) or "none"))
+    for problem in info["backend_override_problems"]:
+        print(f"{'':>13}  error: {problem}")
     return 0

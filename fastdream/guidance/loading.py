@@ -177,9 +177,12 @@ def _hub_file(repo_id: str, filename: str, offline: bool) -> str:
 
 
 @contextlib.contextmanager
-def _library_warnings_off() -> Iterator[None]:
-    """diffusers' and transformers' loggers at ERROR while loading: their load-time advice (e.g. "install
-    accelerate for low_cpu_mem_usage", once per component) is not for fastdream's users. Errors still raise."""
+def _library_logs_off() -> Iterator[None]:
+    """diffusers' and transformers' log lines off while loading, their verbosity restored afterwards. Their
+    load-time advice ("install accelerate for low_cpu_mem_usage") is not for fastdream's users, and even their
+    ERROR lines are not errors of the load: diffusers logs "An error occurred while trying to fetch ..." for a
+    folder without safetensors weights before it falls back to the .bin file or raises. A failure raises, and
+    becomes fastdream's one UserError line."""
     loggers = []
     for lib in ("diffusers", "transformers"):
         try:
@@ -187,7 +190,7 @@ def _library_warnings_off() -> Iterator[None]:
         except ImportError:
             continue
         loggers.append((module, module.get_verbosity()))
-        module.set_verbosity_error()
+        module.set_verbosity(logging.CRITICAL + 1)
     try:
         yield
     finally:
@@ -219,7 +222,7 @@ def library_progress_bars(enabled: bool) -> Iterator[None]:
 def load_component(source: ModelSource, name: str, cls: Any, **kw: Any) -> Any:
     """``cls.from_pretrained(source, subfolder=name, ...)`` with errors turned into one-line UserErrors."""
     try:
-        with _library_warnings_off():
+        with _library_logs_off():
             return cls.from_pretrained(source.path, subfolder=name, local_files_only=source.local_files_only, **kw)
     except UserError:
         raise
@@ -230,7 +233,8 @@ def load_component(source: ModelSource, name: str, cls: Any, **kw: Any) -> Any:
 def load_component_config(source: ModelSource, name: str, cls: Any) -> dict[str, Any]:
     """The config.json of a diffusers component, without its weights."""
     try:
-        return dict(cls.load_config(source.path, subfolder=name, local_files_only=source.local_files_only))
+        with _library_logs_off():
+            return dict(cls.load_config(source.path, subfolder=name, local_files_only=source.local_files_only))
     except (OSError, ValueError, KeyError) as err:
         raise UserError(
             f"cannot read the {name} config of {source.model} ({one_line(err)}); {source.download_hint}"
@@ -257,21 +261,55 @@ def load_tokenizer(source: ModelSource) -> Any:
     """The pipeline's tokenizer through AutoTokenizer (fast tokenizer from tokenizer.json where present)."""
     from transformers import AutoTokenizer
 
-    if source.component("tokenizer") is None:
+    comp = source.component("tokenizer")
+    if comp is None:
         raise UserError(f"{source.model} has no tokenizer in model_index.json; {source.download_hint}")
     try:
-        return AutoTokenizer.from_pretrained(
-            source.path, subfolder="tokenizer", local_files_only=source.local_files_only, trust_remote_code=False
-        )
+        with _library_logs_off():
+            tokenizer = AutoTokenizer.from_pretrained(
+                source.path, subfolder="tokenizer", local_files_only=source.local_files_only, trust_remote_code=False
+            )
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError) as err:
-        hint = (
-            "; a sentencepiece-only T5 tokenizer needs `pip install sentencepiece`"
-            if "sentencepiece" in str(err).lower()
-            else ""
-        )
         raise UserError(
-            f"cannot load the tokenizer of {source.model} ({one_line(err)}){hint}; {source.download_hint}"
+            f"cannot load the tokenizer of {source.model}: {_tokenizer_problem(comp[1], err)}; {source.download_hint}"
         ) from err
+    # From a tokenizer_config.json without its vocabulary files transformers builds a tokenizer of the special
+    # tokens alone, which turns every word of a prompt into the same unknown token: refuse it.
+    probe = "a red cube"
+    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    if tokenizer.decode(ids, skip_special_tokens=True).split() != probe.split():
+        raise UserError(
+            f"the tokenizer of {source.model} has no vocabulary ({len(tokenizer)} tokens; it cannot spell "
+            f"{probe!r}): its tokenizer folder lacks "
+            f"{_TOKENIZER_FILES.get(_tokenizer_kind(comp[1]), 'its vocabulary files')}; {source.download_hint}"
+        )
+    return tokenizer
+
+
+# The files each tokenizer kind reads its vocabulary from (any one of the alternatives).
+_TOKENIZER_FILES = {
+    "clip": "tokenizer.json, or vocab.json and merges.txt",
+    "t5": "tokenizer.json, or spiece.model",
+}
+
+
+def _tokenizer_kind(cls_name: str) -> str:
+    name = cls_name.lower()
+    return "t5" if "t5" in name else "clip" if "clip" in name else ""
+
+
+def _tokenizer_problem(cls_name: str, err: BaseException) -> str:
+    """What to do about a tokenizer that failed to load, for the one-line error. transformers' message for
+    missing vocabulary files mentions sentencepiece whatever the tokenizer; only a T5 tokenizer without its
+    tokenizer.json needs it (to read spiece.model), so the hint depends on the pipeline's tokenizer class."""
+    import importlib.util
+
+    kind = _tokenizer_kind(cls_name)
+    if kind == "t5" and "sentencepiece" in str(err).lower() and importlib.util.find_spec("sentencepiece") is None:
+        return f"its {cls_name} has no tokenizer.json, and reading spiece.model needs `pip install sentencepiece`"
+    if kind in _TOKENIZER_FILES and "instantiate the backend tokenizer" in str(err):
+        return f"its tokenizer folder lacks {_TOKENIZER_FILES[kind]}"
+    return one_line(err)
 
 
 def default_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:

@@ -13,7 +13,9 @@ Overrides, strongest first:
 
 An override names a backend; where the op has no such implementation the default order applies (so
 ``FASTDREAM_BACKEND=triton`` speeds up the ops that have a Triton kernel and leaves the others alone). An
-override to an implementation that exists but cannot run on the tensors' device is an error.
+override to an implementation that exists but cannot run on the tensors' device is an error. The CLI checks
+the variables once, before any command runs (:func:`check_env`): an unknown backend or op, or a backend not
+usable here, is one line on stderr instead of a traceback deep inside a run.
 
 Example:
     >>> from fastdream.ops import _dispatch
@@ -31,6 +33,9 @@ from collections.abc import Callable, Iterator
 import torch
 
 from fastdream import backends
+from fastdream.errors import UserError
+
+ENV = "FASTDREAM_BACKEND"  # all ops; ENV + "_<OP>" for one op
 
 # Default preference per device type: the fastest first.
 DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
@@ -69,8 +74,58 @@ def _override(op: str) -> str | None:
     forced = getattr(_local, "forced", None)
     if forced:
         return forced
-    env = os.environ.get(f"FASTDREAM_BACKEND_{op.upper()}") or os.environ.get("FASTDREAM_BACKEND")
+    env = os.environ.get(f"{ENV}_{op.upper()}") or os.environ.get(ENV)
     return env.strip().lower() if env else None
+
+
+def env_overrides() -> dict[str, str]:
+    """The backend overrides set in the environment, ``{variable: value}`` (empty values mean unset)."""
+    return {k: v for k, v in sorted(os.environ.items()) if (k == ENV or k.startswith(ENV + "_")) and v.strip()}
+
+
+def env_problems(device: torch.device | None = None) -> list[str]:
+    """What is wrong with the ``FASTDREAM_BACKEND*`` variables: one line per bad variable, [] when none.
+
+    Args:
+        device: the device the ops will run on; None for any device visible here (the CPU, and CUDA with a GPU).
+    """
+    import fastdream.ops  # noqa: F401  (each op module registers its implementations on import)
+
+    devices = [device] if device is not None else [torch.device("cpu")]
+    if device is None and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    ops = sorted(op for op in _REGISTRY if not op.startswith("_"))  # "_...": ops registered by tests
+    problems = []
+    for var, raw in env_overrides().items():
+        value = raw.strip().lower()
+        op = var[len(ENV) + 1 :].lower() if var != ENV else None
+        if op is not None and op not in _REGISTRY:
+            problems.append(f"{var}={raw}: there is no op {op!r}; the ops are {', '.join(ops)}")
+            continue
+        if value not in backends.BACKENDS:
+            problems.append(f"{var}={raw}: unknown backend; use one of {', '.join(backends.BACKENDS)}, or unset it")
+            continue
+        if op is not None and value not in _REGISTRY[op]:
+            have = ", ".join(b for b in backends.BACKENDS if b in _REGISTRY[op])
+            problems.append(f"{var}={raw}: op {op} has no {value} implementation in this build; it has {have}")
+            continue
+        if not any(value in _REGISTRY[o] for o in ([op] if op else ops)):
+            continue  # the global override leaves ops without such an implementation alone
+        if not any(backends.usable(value, d) for d in devices):
+            why = backends.why_unusable(value, devices[0])
+            problems.append(f"{var}={raw}: the {value} backend is not usable here ({why}); unset it or pick another")
+    return problems
+
+
+def check_env(device: torch.device | None = None) -> None:
+    """Refuse bad ``FASTDREAM_BACKEND*`` variables up front (see :func:`env_problems`).
+
+    Raises:
+        UserError: the first problem, one line.
+    """
+    problems = env_problems(device)
+    if problems:
+        raise UserError(problems[0] + " (see `fastdream info`)")
 
 
 # Under torch.compile the choice is a constant of the trace (the environment and the extension do not change
