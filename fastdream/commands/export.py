@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastdream.config import ExportConfig
+from fastdream.config import EXPORT_MESH_RESOLUTION, TURNTABLE_FRAMES, TURNTABLE_RESOLUTION, ExportConfig
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -32,14 +32,16 @@ def run(args: argparse.Namespace) -> int:
     from fastdream.export import export_all
     from fastdream.run import load_run
 
-    if not 16 <= args.mesh_resolution <= 1024:
-        raise UserError(f"--mesh-resolution must be in [16, 1024], got {args.mesh_resolution}")
+    # The limits generate checks too, before training (fastdream.config.validate).
+    for name, v, (lo, hi) in (
+        ("--mesh-resolution", args.mesh_resolution, EXPORT_MESH_RESOLUTION),
+        ("--frames", args.frames, TURNTABLE_FRAMES),
+        ("--turntable-resolution", args.turntable_resolution, TURNTABLE_RESOLUTION),
+    ):
+        if v is not None and not lo <= v <= hi:
+            raise UserError(f"{name} must be in [{lo}, {hi}], got {v}")
     if not args.iso_level > 0:
         raise UserError(f"--iso-level must be > 0, got {args.iso_level}")
-    if args.frames is not None and not 1 <= args.frames <= 3600:
-        raise UserError(f"--frames must be in [1, 3600], got {args.frames}")
-    if args.turntable_resolution is not None and not 16 <= args.turntable_resolution <= 2048:
-        raise UserError(f"--turntable-resolution must be in [16, 2048], got {args.turntable_resolution}")
     if Path(args.run_dir).is_dir():  # else load_run says what is wrong with it
         reason = unwritable_reason(args.run_dir)
         if reason is not None:
