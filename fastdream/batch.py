@@ -424,6 +424,11 @@ def run_prompts_command(args: Any) -> int:
         )
     if args.out in ("", "runs/<prompt slug>"):
         raise UserError("--prompts needs --out FOLDER (one run folder per prompt is made inside it)")
+    for item in args.set or []:  # each prompt's folder and each rank's device are the batch's to choose
+        key = item.partition("=")[0].strip()
+        if key in ("out", "device", "prompt"):
+            what = {"out": "give the library folder with --out", "device": "use --device", "prompt": "list it"}
+            raise UserError(f"--set {key} does not go with --prompts ({what[key]} instead)")
     prompts = read_prompts(args.prompts)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():

@@ -154,6 +154,8 @@ def test_index_is_never_torn(tmp_path: Path) -> None:
         (["--prompts", "{good}", "--steps", "0"], "--steps"),
         (["--retry-failed"], "--prompts"),
         ([], "--prompts FILE"),
+        (["--prompts", "{good}", "--set", "out=/tmp/x"], "--set out does not go with --prompts"),
+        (["--prompts", "{good}", "--set", "device=cpu"], "--set device does not go with --prompts"),
     ],
 )
 def test_prompts_cli_bad_input(tmp_path: Path, extra: list[str], needle: str) -> None:
