@@ -212,6 +212,10 @@ def _check_cheap(cfg: RunConfig, device: torch.device) -> None:
         from fastdream.builtin.vocabulary import parse_prompt
 
         parse_prompt(cfg.prompt)  # UserError: outside the vocabulary (the message lists it)
+    else:
+        from fastdream.guidance.loading import check_model_name
+
+        check_model_name(cfg.guidance.model)  # a missing local folder, before --overwrite deletes anything
 
 
 _OPTION_FIELDS = {"model": ("guidance", "model"), "albedo_warmup": ("shading", "albedo_warmup_steps")}

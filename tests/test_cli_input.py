@@ -223,6 +223,23 @@ def test_builtin_prompt_outside_the_vocabulary_is_refused_before_loading(
     assert tree_hash(run_dir) == before
 
 
+@pytest.mark.parametrize("model", ["./no-such-model", "{tmp}/not-a-model"])
+def test_missing_model_folder_is_refused_before_loading(
+    capsys: pytest.CaptureFixture, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    """A --model folder that does not exist, or holds no model_index.json, is refused while planning."""
+    (tmp_path / "not-a-model").mkdir()
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded to refuse its folder")
+
+    monkeypatch.setattr(runs, "load_prepared_guidance", no_loading)
+    before = tree_hash(run_dir)
+    args = ("generate", PROMPT, *TINY, "--model", model.format(tmp=tmp_path), "--out", run_dir, "--overwrite")
+    cli_error(capsys, *args, needles=("model",))
+    assert tree_hash(run_dir) == before
+
+
 def test_resume_with_fewer_steps_than_done_is_refused(capsys: pytest.CaptureFixture, run_dir: Path) -> None:
     """The run is at step 4: --steps 2 cannot undo steps, and config.json must keep saying 4."""
     before = tree_hash(run_dir)

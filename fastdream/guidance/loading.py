@@ -105,31 +105,45 @@ class ModelSource:
         return str(entry[0]), str(entry[1])
 
 
-def resolve_model(model: str) -> ModelSource:
-    """Locate ``model`` (a local diffusers folder or a hub id) and read its ``model_index.json``.
+def check_model_name(model: str) -> Path | None:
+    """The checks of ``--model`` that need neither the hub nor any weights (``generate`` runs them before it
+    loads or deletes anything): the local diffusers folder (with its ``model_index.json``) it names, or None
+    for a hub id.
 
     Raises:
-        UserError: folder missing or not a diffusers folder; hub id unknown, gated, or not cached offline.
+        UserError: empty; a file; a folder without model_index.json; neither an existing folder nor a hub id.
     """
     if not isinstance(model, str) or not model.strip():
         raise UserError(f"--model must be a hub id (owner/name), a local diffusers folder or builtin; got {model!r}")
     model = model.strip()
-    offline = hub_offline()
     local = Path(model).expanduser()
     if local.is_dir():
-        index_file = local / "model_index.json"
-        if not index_file.is_file():
+        if not (local / "model_index.json").is_file():
             raise UserError(
                 f"{model} is not a diffusers model folder (no model_index.json); save one with "
                 f"`hf download <hub id> --local-dir {model}` {_BUILTIN_HINT}"
             )
-        return ModelSource(model, str(local), True, offline, _read_index(index_file, model))
+        return local
     if local.exists():
         raise UserError(f"{model} is a file, not a diffusers model folder; pass a folder or a hub id {_BUILTIN_HINT}")
     if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
         raise UserError(
             f"model folder {model} does not exist; pass a diffusers folder, a hub id (owner/name) {_BUILTIN_HINT}"
         )
+    return None
+
+
+def resolve_model(model: str) -> ModelSource:
+    """Locate ``model`` (a local diffusers folder or a hub id) and read its ``model_index.json``.
+
+    Raises:
+        UserError: folder missing or not a diffusers folder; hub id unknown, gated, or not cached offline.
+    """
+    local = check_model_name(model)
+    model = model.strip()
+    offline = hub_offline()
+    if local is not None:
+        return ModelSource(model, str(local), True, offline, _read_index(local / "model_index.json", model))
     if not offline and not hub_reachable():
         offline = True
     return ModelSource(model, model, False, offline, _read_index(_hub_file(model, "model_index.json", offline), model))
