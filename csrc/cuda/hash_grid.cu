@@ -205,6 +205,21 @@ __global__ void backward_table_f2_kernel(int64_t n, Levels levels, const float* 
   }
 }
 
+// The warp kernels' layout: warp w takes level w % L and points 32 (w / L) ... 32 (w / L) + 31. Warps wholly past
+// the last point are inactive (they return whole); lanes past n in an active warp still take part.
+struct WarpLane {
+  int64_t point;
+  int lane, level;
+  bool active;
+};
+
+__device__ __forceinline__ WarpLane warp_lane(int64_t n, int L) {
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t warp = t >> 5;
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  return WarpLane{(warp / L) * 32 + lane, lane, static_cast<int>(warp % L), (warp / L) * 32 < n};
+}
+
 // f2_corner_grads for one lane of the warp kernels below: a lane past n takes a vertex index no level has
 // (0xFFFFFFFF) and a zero gradient, so that it can still take part in the warp's shuffles.
 __device__ __forceinline__ void lane_corner_grads(int64_t i, int64_t n, int l, int L, const HashLevel lv,
@@ -235,16 +250,14 @@ __device__ __forceinline__ void lane_corner_grads(int64_t i, int64_t n, int l, i
 __global__ void backward_table_f2_warp_kernel(int64_t n, Levels levels, const float* __restrict__ x, int64_t S,
                                               float bound, const float* __restrict__ grad_enc,
                                               const float* __restrict__ grad_jac, float* __restrict__ grad_table) {
-  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int L = levels.count;
-  const int64_t warp = t >> 5;
-  const int lane = static_cast<int>(threadIdx.x & 31);
-  const int l = static_cast<int>(warp % L);
-  const int64_t i = (warp / L) * 32 + lane;
-  if ((warp / L) * 32 >= n) return;  // whole warps only: every lane below takes part in the shuffles
+  const WarpLane w = warp_lane(n, L);
+  if (!w.active) return;  // whole warps only: every lane below takes part in the shuffles
+  const int lane = w.lane, l = w.level;
   uint32_t idx[8];
   float a[8], b[8];
-  lane_corner_grads(i, n, l, L, levels.lv[l], x, static_cast<uint32_t>(S - 1), bound, grad_enc, grad_jac, idx, a, b);
+  lane_corner_grads(w.point, n, l, L, levels.lv[l], x, static_cast<uint32_t>(S - 1), bound, grad_enc, grad_jac, idx, a,
+                    b);
   float* grad_l = grad_table + l * S * 2;
   constexpr unsigned kAll = 0xFFFFFFFFu;
 #pragma unroll
@@ -296,16 +309,14 @@ __global__ void backward_table_f2_hybrid_kernel(int64_t n, Levels levels, const 
                                                 float bound, const float* __restrict__ grad_enc,
                                                 const float* __restrict__ grad_jac, float* __restrict__ grad_table,
                                                 bool pair16, int max_heads) {
-  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int L = levels.count;
-  const int64_t warp = t >> 5;
-  const int lane = static_cast<int>(threadIdx.x & 31);
-  const int l = static_cast<int>(warp % L);
-  const int64_t i = (warp / L) * 32 + lane;
-  if ((warp / L) * 32 >= n) return;  // whole warps only: every lane below takes part in the shuffles
+  const WarpLane w = warp_lane(n, L);
+  if (!w.active) return;  // whole warps only: every lane below takes part in the shuffles
+  const int lane = w.lane, l = w.level;
   uint32_t idx[8];
   float a[8], b[8];
-  lane_corner_grads(i, n, l, L, levels.lv[l], x, static_cast<uint32_t>(S - 1), bound, grad_enc, grad_jac, idx, a, b);
+  lane_corner_grads(w.point, n, l, L, levels.lv[l], x, static_cast<uint32_t>(S - 1), bound, grad_enc, grad_jac, idx, a,
+                    b);
   float* grad_l = grad_table + l * S * 2;
   constexpr unsigned kAll = 0xFFFFFFFFu;
 #pragma unroll
