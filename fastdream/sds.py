@@ -103,6 +103,9 @@ def guided_eps(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale:
     return eu + guidance_scale * (eps_cond.float() - eu)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' scheduler ``prediction_type`` values
+
+
 def eps_from_prediction(
     pred: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:

@@ -229,6 +229,92 @@ def test_gradient_is_sds_gradient_at_model_input(kind, sd_folder, if_folder):
     torch.testing.assert_close(z.grad, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def sd_v_folder(sd_folder, tmp_path_factory):
+    """The tiny SD pipeline with SD 2.1 (768)'s kind of scheduler: a PNDMScheduler config that says
+    ``prediction_type: v_prediction`` (the UNet's output is v = α_t ε − σ_t x₀, not ε)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-sd-v") / "sd"
+    shutil.copytree(sd_folder, folder)
+    shutil.rmtree(folder / "scheduler")
+    diffusers.PNDMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    ).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sds_gradient_against_diffusers_own_scheduler_maths(prediction_type, sd_folder, sd_v_folder):
+    """The SDS gradient at the latents, recomputed with diffusers' own forward process (``add_noise``), ᾱ of the
+    scheduler as diffusers loads it, and DDPM's x̂₀-from-v formula: the prediction type is read from the
+    checkpoint's scheduler config, and a v-prediction UNet's output is converted to ε̂ before guidance."""
+    folder = sd_v_folder if prediction_type == "v_prediction" else sd_folder
+    g = load_guidance(str(folder), "cpu")
+    assert g.prediction_type == prediction_type
+    sched = diffusers.DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    g.prepare("a red cube")
+    images = _images(b=2, seed=7)
+    words = ["front", "back"]
+    omega = 5.0
+    captured = {}
+    encode = g.encode_images
+
+    def spy(x):
+        captured["z"] = z = encode(x)
+        z.retain_grad()
+        return z
+
+    g.encode_images = spy
+    loss, info = g.sds_loss(images, words, SDSConfig(guidance_scale=omega), generator=torch.Generator().manual_seed(2))
+    loss.backward()
+    z = captured["z"]
+    gen = torch.Generator().manual_seed(2)  # the guidance draws t first, then ε
+    t = torch.randint(20, 981, (2,), generator=gen)
+    eps = torch.randn(z.shape, generator=gen)
+    assert torch.equal(t, info["t"])
+    with torch.no_grad():
+        z_t = sched.add_noise(z.detach(), eps, t)
+        ab = sched.alphas_cumprod[t].view(2, 1, 1, 1)
+        emb = torch.cat([g.uncond_embeddings.expand(2, -1, -1), g.cond_embeddings[[0, 2]]])
+        out_u, out_c = g.unet(torch.cat([z_t, z_t]), torch.cat([t, t]), encoder_hidden_states=emb).sample.chunk(2)
+        if prediction_type == "v_prediction":  # DDPMScheduler.step: x̂₀ = √ᾱ z_t − √(1−ᾱ) v, then ε̂ from x̂₀
+            out_u, out_c = ((z_t - ab.sqrt() * (ab.sqrt() * z_t - (1 - ab).sqrt() * v)) / (1 - ab).sqrt()
+                            for v in (out_u, out_c))  # fmt: skip
+        expected = (1 - ab) * (out_u + omega * (out_c - out_u) - eps)
+    torch.testing.assert_close(z.grad, expected, rtol=1e-4, atol=1e-5)
+    # The conversion matters: read as ε, the v-model's output would give another gradient.
+    if prediction_type == "v_prediction":
+        with torch.no_grad():
+            raw_u, raw_c = g.unet(torch.cat([z_t, z_t]), torch.cat([t, t]), encoder_hidden_states=emb).sample.chunk(2)
+        as_eps = (1 - ab) * (raw_u + omega * (raw_c - raw_u) - eps)
+        assert (as_eps - expected).abs().max() > 100 * 1e-4 * expected.abs().max()
+
+
+def test_unsupported_prediction_type_is_refused_when_the_model_loads(sd_folder, tmp_path):
+    """A scheduler config with a prediction type that fastdream cannot convert to ε̂ is one UserError at load time,
+    not a ValueError at the first SDS step."""
+    import shutil
+
+    folder = tmp_path / "sd-flow"
+    shutil.copytree(sd_folder, folder)
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["prediction_type"] = "flow_prediction"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="prediction_type 'flow_prediction' is not supported"):
+        load_guidance(str(folder), "cpu")
+
+
 @pytest.mark.parametrize("kind", ["sd", "if"])
 def test_low_precision_models_with_fp32_renders(kind, sd_folder, if_folder):
     """The CUDA fp16 path's casts, exercised on CPU in bf16: models in low precision, renders and the SDS
@@ -242,6 +328,14 @@ def test_low_precision_models_with_fp32_renders(kind, sd_folder, if_folder):
     assert loss.dtype == torch.float32 and info["grad_norm"].dtype == torch.float32
     loss.backward()
     assert images.grad.dtype == torch.float32 and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    # The same step in fp32 (same t and ε): bf16 rounding only (measured: 6% relative error for SD, 5% for IF).
+    ref = load_guidance(str(sd_folder if kind == "sd" else if_folder), "cpu", dtype=torch.float32)
+    ref.prepare("a green cone")
+    images32 = _images(b=1)
+    loss32, info32 = ref.sds_loss(images32, ["side"], SDSConfig(), generator=torch.Generator().manual_seed(0))
+    loss32.backward()
+    assert torch.equal(info["t"], info32["t"])
+    assert (images.grad - images32.grad).norm() < 0.15 * images32.grad.norm()
 
 
 def test_direct_construction_with_set_text_embeddings():

@@ -104,3 +104,23 @@ def test_pruning_occluded_samples_is_exact_in_image_and_gradients():
         assert torch.allclose(full[key], pruned[key], atol=1e-5), key
     for a, b in zip(g_full, g_pruned):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * a.abs().max().item())
+
+
+def test_orientation_loss_inputs_directions_point_from_camera_and_visible_normals_face_it():
+    """The regulariser's inputs as the renderer gives them: ``directions`` run from the camera to each sample, so
+    on an opaque sphere (visible normals facing the camera) DreamFusion's orientation loss is near zero, and it
+    is large for the same weights with the normals flipped (facing away)."""
+    from fastdream.losses import orientation_loss
+
+    f = make_field(blob_density=300.0, density_shift=-100.0)  # an opaque sphere
+    with torch.no_grad():
+        f.table.zero_()
+    cams = orbit_cameras(2)
+    out = render(f, torch.zeros(3), cams, S, S, shading_mode="shaded", samples_per_ray=64)
+    cam_pos = cams.position.repeat_interleave(S * S, dim=0)[out["ray_indices"]]
+    to_sample = torch.nn.functional.normalize(out["samples"].positions - cam_pos, dim=-1)
+    torch.testing.assert_close(out["directions"], to_sample, atol=1e-5, rtol=0)
+    args = (out["weights"], out["directions"], out["ray_indices"], out["n_rays"])
+    facing = orientation_loss(args[0], out["normals"], *args[1:])
+    away = orientation_loss(args[0], -out["normals"], *args[1:])
+    assert away > 0.01 and facing < 0.02 * away

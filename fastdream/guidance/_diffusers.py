@@ -10,8 +10,17 @@ from typing import Any
 
 import torch
 
+from fastdream.errors import UserError
 from fastdream.guidance.base import VIEW_WORDS, SDSConfig, check_images, view_indices, view_prompt
-from fastdream.sds import add_noise, eps_from_prediction, sample_timesteps, sds_grad, sds_loss_from_grad, sds_weight
+from fastdream.sds import (
+    PREDICTION_TYPES,
+    add_noise,
+    eps_from_prediction,
+    sample_timesteps,
+    sds_grad,
+    sds_loss_from_grad,
+    sds_weight,
+)
 
 
 def freeze(
@@ -66,6 +75,11 @@ class DiffusersGuidance:
         self.unet_channels_last = unet_channels_last and self.device.type == "cuda"
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.prediction_type = str(scheduler.config.get("prediction_type", "epsilon"))
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise UserError(
+                f"{name or 'the model'}: its scheduler's prediction_type {self.prediction_type!r} is not supported "
+                f"(fastdream reads {', '.join(PREDICTION_TYPES)})"
+            )
         self.alphas_cumprod = scheduler.alphas_cumprod.detach().to(self.device, torch.float32)
         self.text_encoder = freeze(text_encoder, self.device, dtype) if text_encoder is not None else None
         self.tokenizer = tokenizer
