@@ -94,7 +94,7 @@ def _shade_bwd_kernel(
             grx = gx * (dx * lam + tl.load(amb_ptr + 0))
             gry = gy * (dy * lam + tl.load(amb_ptr + 1))
             grz = gz * (dz * lam + tl.load(amb_ptr + 2))
-        g_lam = tl.where(cos > 0.0, gx * rx * dx + gy * ry * dy + gz * rz * dz, 0.0)
+        g_lam = tl.where(cos <= 0.0, 0.0, gx * rx * dx + gy * ry * dy + gz * rz * dz)  # NaN passes, like relu
         gnx, gny, gnz = lx * g_lam, ly * g_lam, lz * g_lam
     tl.store(g_rho_ptr + offs * 3 + 0, grx, mask=mask)
     tl.store(g_rho_ptr + offs * 3 + 1, gry, mask=mask)

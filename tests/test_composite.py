@@ -170,7 +170,9 @@ def test_early_stop_matches_reference(device, backend, eps):
     ref = _run("reference", *args, eps=eps)
     fast = _run(backend, *args, eps=eps)
     for name, a, b in zip(NAMES, fast, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=max(1e-4, 2 * eps), msg=name)
+        # The tolerance of the other tests, not one that scales with eps: a backend stopping one sample late or
+        # early differs by up to eps in a weight, and this test is there to see it.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
     if eps > 0:
         # after termination the weights are exactly zero (not merely small)
         assert int((fast[3] == 0).sum()) >= int((ref[3] == 0).sum()) * 0.95

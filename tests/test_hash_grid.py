@@ -197,9 +197,11 @@ def backend(request) -> str:
     return name
 
 
-def _tol(backend: str, device: torch.device) -> dict:
+def _tol(backend: str, device: torch.device, atol_scale: float = 1.0, rtol_scale: float = 1.0) -> dict:
+    """fp16 table reads (CUDA): errors grow with the Jacobian's scale (res / 2 bound) and with sums over points and
+    levels, hence the scales. fp32 on the CPU meets 1e-4 everywhere (measured: below 2e-5 against float64)."""
     if backend in ("cuda", "triton") and device.type == "cuda":  # fp16 table reads (values up to 1 here)
-        return {"atol": 3e-3, "rtol": 3e-3}
+        return {"atol": 3e-3 * atol_scale, "rtol": 3e-3 * rtol_scale}
     return {"atol": 1e-4, "rtol": 1e-4}
 
 
@@ -208,12 +210,12 @@ def _mixed_points(n: int, seed: int = 0) -> torch.Tensor:
     return _points(n, seed=seed, spread=1.2)
 
 
-SIZES = (0, 1, 97, 1025)
+SIZES = (0, 1, 97, 129, 1025)  # 129: two Triton programs of 128 points, the second with one (interpreted too)
 
 
 @pytest.mark.parametrize("n", SIZES)
 def test_backend_forward_and_jacobian_match_reference(backend, n):
-    if n > 100 and _interpreted(backend):
+    if n > 200 and _interpreted(backend):
         pytest.skip("the Triton interpreter is too slow for this size; it runs on CUDA")
     device = _device_for(backend)
     x = _mixed_points(n, seed=n)
@@ -227,12 +229,12 @@ def test_backend_forward_and_jacobian_match_reference(backend, n):
     tol = _tol(backend, device)
     torch.testing.assert_close(enc.cpu().double(), want_enc, **tol)
     torch.testing.assert_close(enc2.cpu().double(), want_enc, **tol)
-    torch.testing.assert_close(jac.cpu().double(), want_jac, atol=tol["atol"] * 20, rtol=tol["rtol"] * 20)
+    torch.testing.assert_close(jac.cpu().double(), want_jac, **_tol(backend, device, 20, 20))
 
 
 @pytest.mark.parametrize("n", SIZES)
 def test_backend_gradients_match_reference(backend, n):
-    if n > 100 and _interpreted(backend):
+    if n > 200 and _interpreted(backend):
         pytest.skip("the Triton interpreter is too slow for this size; it runs on CUDA")
     device = _device_for(backend)
     g = torch.Generator().manual_seed(7)
@@ -255,8 +257,7 @@ def test_backend_gradients_match_reference(backend, n):
     ref = grads((hash_encode_reference, hash_encode_with_jacobian_reference), x.double(), table.double())
     with use_backend(backend):
         got = grads((hash_encode, hash_encode_with_jacobian), x.to(device), table.to(device))
-    tol = _tol(backend, device)
-    scale = {"atol": tol["atol"] * 50, "rtol": tol["rtol"] * 10}  # sums over many points and levels
+    scale = _tol(backend, device, 50, 10)  # sums over many points and levels
     for name, a, b in zip(("x", "table", "table via jacobian"), got, ref):
         assert a is not None, name
         torch.testing.assert_close(a.cpu().double(), b, **scale, msg=lambda m, name=name: f"grad {name}: {m}")
@@ -274,11 +275,21 @@ def test_backend_nonfinite_inputs_are_defined(backend):
         enc = hash_encode(xd, td, SMALL)
         enc.square().sum().backward()
         _, jac = hash_encode_with_jacobian(xd.detach(), td, SMALL)
-    tol = _tol(backend, device)
-    torch.testing.assert_close(enc.detach().cpu(), want_enc, **tol)
-    torch.testing.assert_close(jac.detach().cpu(), want_jac, atol=tol["atol"] * 20, rtol=tol["rtol"] * 20)
+    torch.testing.assert_close(enc.detach().cpu(), want_enc, **_tol(backend, device))
+    torch.testing.assert_close(jac.detach().cpu(), want_jac, **_tol(backend, device, 20, 20))
     assert torch.isfinite(xd.grad).all() and torch.isfinite(td.grad).all()
     assert (xd.grad[1:3] == 0).all() and (xd.grad[0, 0] == 0) and (xd.grad[4, :2] == 0).all()
+
+
+def _assert_second_order_close(got, want, torch_fp32, backend, device) -> None:
+    """fp32 compute: the error against float64 at most twice PyTorch's own float32 error on the same path (through
+    sin of a gradient, values in the hundreds: no fixed tolerance fits both a tight check and PyTorch itself)."""
+    if backend in ("cuda", "triton") and device.type == "cuda":  # fp16 table reads
+        torch.testing.assert_close(got.cpu().double(), want, **_tol(backend, device, 100, 10))
+        return
+    err = (got.cpu().double() - want).abs().max().item()
+    torch_err = (torch_fp32.double() - want).abs().max().item()
+    assert err <= 2 * torch_err + 1e-6, f"error {err:.3g} > twice PyTorch's float32 error {torch_err:.3g}"
 
 
 def test_backend_second_order_through_table_matches_reference(backend):
@@ -298,8 +309,7 @@ def test_backend_second_order_through_table_matches_reference(backend):
     want = run(hash_encode_reference, x.double(), table.double())
     with use_backend(backend):
         got = run(hash_encode, x.to(device), table.to(device))
-    tol = _tol(backend, device)
-    torch.testing.assert_close(got.cpu().double(), want, atol=tol["atol"] * 100, rtol=tol["rtol"] * 10)
+    _assert_second_order_close(got, want, run(hash_encode_reference, x, table), backend, device)
 
 
 def test_backend_second_derivative_in_x_matches_reference(backend):
@@ -317,8 +327,7 @@ def test_backend_second_derivative_in_x_matches_reference(backend):
     want = run(hash_encode_reference, x.double(), table.double())
     with use_backend(backend):
         got = run(hash_encode, x.to(device), table.to(device))
-    tol = _tol(backend, device)
-    torch.testing.assert_close(got.cpu().double(), want, atol=tol["atol"] * 100, rtol=tol["rtol"] * 10)
+    _assert_second_order_close(got, want, run(hash_encode_reference, x, table), backend, device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the fp16-read path of the cuda backend")
@@ -484,8 +493,8 @@ def test_property_fast_backends_match_reference(levels, features, log2, base, gr
             enc.backward(g)
             _, jac = hash_encode_with_jacobian(x, table, cfg)
         torch.testing.assert_close(enc.double(), want_enc, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(jac.double(), want_jac, atol=5e-3, rtol=1e-3)
-        torch.testing.assert_close(t.grad.double(), tr.grad, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(jac.double(), want_jac, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(t.grad.double(), tr.grad, atol=1e-4, rtol=1e-4)
         checked += 1
     if checked == 0:
         pytest.skip("no fast backend usable on the CPU here")

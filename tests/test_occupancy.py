@@ -110,6 +110,19 @@ def test_bad_arguments_are_named():
         OccupancyGrid(bound=-1.0)
     with pytest.raises(ValueError, match="decay"):
         OccupancyGrid(decay=1.5)
+    with pytest.raises(ValueError, match="^resolution:"):
+        OccupancyGrid(resolution=True)
+    with pytest.raises(ValueError, match="^bound:"):
+        OccupancyGrid(bound=float("inf"))
+    with pytest.raises(ValueError, match="^bound:"):
+        OccupancyGrid(bound="1")
+    with pytest.raises(ValueError, match="^threshold:"):
+        OccupancyGrid(threshold=float("nan"))
+    for step in (0.0, -0.1, float("inf")):  # 0 or less: no cell is ever occupied, silently
+        with pytest.raises(ValueError, match="^step:"):
+            OccupancyGrid(step=step)
+    with pytest.raises(ValueError, match="^chunk_size:"):
+        OccupancyGrid(resolution=4).update(lambda x: torch.ones(x.shape[0]), warmup=True, chunk_size=0)
     with pytest.raises(ValueError, match="positions"):
         OccupancyGrid(resolution=4).occupied_at(torch.zeros(3))
 

@@ -233,6 +233,36 @@ def test_rays_that_miss_or_point_away(device, backend):
     assert s.offsets.tolist() == [0, 0, 0, 128]
 
 
+# An origin 3e5 from the sphere, aimed at it: float32 rounding of the ray-sphere test gives a spurious wide hit
+# along which t + step rounds back to t.
+FAR_O, FAR_D = [-118493.90625, 206870.015625, 182109.796875], [118494.0546875, -206869.671875, -182109.625]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("with_grid", [False, True])
+def test_far_away_ray_terminates_without_degenerate_samples(backend, with_grid):
+    """The march must stop where t stops moving (it looped forever with a grid) and emit no zero-length samples
+    outside the sphere (it emitted max_samples_per_ray of them without one). In a subprocess: a hang fails."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from fastdream.ops import OccupancyGrid, march_rays, use_backend
+grid = OccupancyGrid(resolution=8) if {with_grid} else None
+with use_backend({backend!r}):
+    s = march_rays(torch.tensor([{FAR_O}]), torch.tensor([{FAR_D}]), grid)
+assert (s.t_ends > s.t_starts).all(), "zero-length samples"
+assert (s.positions.norm(dim=-1) <= 1.0 + 1e-5).all(), "samples outside the sphere"
+print("ok", s.n_samples)
+"""
+    try:
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("march_rays did not terminate on a far-away ray")
+    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-2000:]
+
+
 # --- input checks -----------------------------------------------------------------------------------------------
 
 

@@ -67,18 +67,21 @@ def test_reference_values():
 
 
 @pytest.mark.parametrize("device,backend", backend_params("shade"))
-def test_light_on_sample_and_nan(device, backend):
+@pytest.mark.parametrize("mode", ["shaded", "textureless"])
+def test_light_on_sample_and_nan(device, backend, mode):
     # A light exactly on a sample gets ambient only (defined, finite); NaN normals propagate as NaN colour in
-    # every backend alike, never a crash.
-    rho, n, p, light, amb, dif = _inputs(5, device)
+    # every backend alike, never a crash, and their gradients are the reference's (relu passes a NaN's gradient).
+    args = _inputs(5, device)
+    rho, n, p, light, amb, dif = args
     p[2] = light
     n[3] = float("nan")
-    with use_backend(backend):
-        out = shade(rho, n, p, light, amb, dif, mode="shaded")
-    ref = shade_reference(rho, n, p, light, amb, dif, "shaded")
+    weight = torch.randn(5, 3, device=device)
+    out, g_rho, g_n = _run(backend, args, mode, weight)
+    ref, r_rho, r_n = _run("reference", args, mode, weight)
     assert torch.isfinite(out[[0, 1, 2, 4]]).all()
-    torch.testing.assert_close(out[2], rho[2] * amb)
-    torch.testing.assert_close(out, ref, equal_nan=True)
+    torch.testing.assert_close(out[2], (rho[2] if mode == "shaded" else 1.0) * amb)
+    for name, a, b in (("colour", out, ref), ("grad_albedo", g_rho, r_rho), ("grad_normals", g_n, r_n)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
 
 
 @settings(max_examples=25, deadline=None)
@@ -122,6 +125,10 @@ def test_input_errors_name_the_argument():
 def test_mode_parse():
     assert ShadeMode.parse("Textureless") is ShadeMode.TEXTURELESS
     assert ShadeMode.parse(1) is ShadeMode.SHADED
+    assert ShadeMode.parse(ShadeMode.ALBEDO) is ShadeMode.ALBEDO
+    for bad, exc in ((1.5, TypeError), (None, TypeError), (3, ValueError), (-1, ValueError)):
+        with pytest.raises(exc, match="^mode:"):
+            ShadeMode.parse(bad)
 
 
 def test_torch_compile_traces_the_custom_op():

@@ -25,11 +25,17 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
 
 from fastdream.ops._checks import check_tensor
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def default_step(bound: float) -> float:
@@ -84,12 +90,16 @@ class OccupancyGrid(torch.nn.Module):
         step: float | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(resolution, int) or not 1 <= resolution <= 1024:
+        if not isinstance(resolution, int) or isinstance(resolution, bool) or not 1 <= resolution <= 1024:
             raise ValueError(f"resolution: expected an int in [1, 1024], got {resolution!r}")
-        if not bound > 0:
-            raise ValueError(f"bound: expected > 0, got {bound!r}")
-        if not 0.0 <= decay <= 1.0:
+        if not (_is_number(bound) and math.isfinite(bound) and bound > 0):
+            raise ValueError(f"bound: expected a finite number > 0, got {bound!r}")
+        if not (_is_number(threshold) and math.isfinite(threshold) and threshold >= 0):
+            raise ValueError(f"threshold: expected a finite number >= 0, got {threshold!r}")
+        if not (_is_number(decay) and 0.0 <= decay <= 1.0):
             raise ValueError(f"decay: expected in [0, 1], got {decay!r}")
+        if step is not None and not (_is_number(step) and math.isfinite(step) and step > 0):
+            raise ValueError(f"step: expected a finite number > 0 (or None), got {step!r}")
         self.resolution = resolution
         self.bound = float(bound)
         self.threshold = float(threshold)
@@ -145,6 +155,8 @@ class OccupancyGrid(torch.nn.Module):
             generator: for the cell choice and the point inside each cell (on the grid's device).
             chunk_size: points per call of ``density_fn``.
         """
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
         device = self.density.device
         n = self.n_cells
         if warmup:

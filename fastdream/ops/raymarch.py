@@ -215,6 +215,9 @@ def _march_reference(a: _MarchArgs) -> RaySamples:
     while idx.numel() > 0:
         t0 = t[idx]
         t1 = torch.minimum(t0 + dt_at(t0), t_far[idx])
+        # Far from the origin t + dt can round back to t: such a ray stops (as in the compiled marcher).
+        moving = t1 > t0
+        idx, t0, t1 = idx[moving], t0[moving], t1[moving]
         mid = (t0 + t1) * 0.5
         pos = a.o[idx] + d[idx] * mid[:, None]
         if a.occupied.numel() > 0:

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import enum
+import operator
 
 import torch
 
@@ -45,7 +46,14 @@ class ShadeMode(enum.IntEnum):
                 return cls[mode.upper()]
             except KeyError:
                 raise ValueError(f"mode: expected one of albedo, shaded, textureless; got {mode!r}") from None
-        return cls(int(mode))
+        try:
+            value = operator.index(mode)  # ints (and numpy ints), not floats: 1.5 is no mode
+        except TypeError:
+            raise TypeError(f"mode: expected albedo, shaded, textureless or 0..2; got {type(mode).__name__}") from None
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"mode: expected one of albedo, shaded, textureless (0..2); got {mode!r}") from None
 
 
 def shade_reference(

@@ -100,6 +100,9 @@ FD_HD int64_t march_one(int64_t ray, Vec3 o, Vec3 d_raw, float u, const MarchPar
   int64_t n = 0;
   while (t < t_far) {
     float t1 = fminf(t + march_step_at(t, p), t_far);
+    // Far from the origin (|o| ~ 1e5 bound) t + dt can round back to t: stop rather than loop forever or emit
+    // zero-length samples (the reference does the same).
+    if (!(t1 > t)) break;
     float mid = (t + t1) * 0.5f;
     Vec3 x = o + d * mid;
     if (occupied_at(x, p)) {

@@ -45,8 +45,9 @@ FD_HD void shade_backward_one(Vec3 grad, Vec3 rho, Vec3 n, Vec3 p, Vec3 light, V
   Vec3 shade = diffuse * lam + ambient;
   Vec3 r = mode == kTextureless ? make_vec3(1.f, 1.f, 1.f) : rho;
   store_vec3(grad_rho, mode == kTextureless ? make_vec3(0.f, 0.f, 0.f) : grad * shade);
-  // d lam / d n = l where the surface faces the light, 0 elsewhere (subgradient 0 at the kink).
-  float g_lam = cos_theta > 0.0f ? dot(grad * r, diffuse) : 0.0f;
+  // d lam / d n = l where the surface faces the light, 0 elsewhere (subgradient 0 at the kink). A NaN cosine
+  // passes the gradient through, like torch.relu's backward in the reference.
+  float g_lam = cos_theta <= 0.0f ? 0.0f : dot(grad * r, diffuse);
   store_vec3(grad_n, l * g_lam);
 }
 
