@@ -260,3 +260,81 @@ def test_resume_with_fewer_steps_than_done_is_refused(capsys: pytest.CaptureFixt
     )
     assert tree_hash(run_dir) == before
     assert json.loads((run_dir / "config.json").read_text())["optim"]["steps"] == 4
+
+
+# ------------------------------------------------------------------------------- Ctrl-C: what the user is told
+
+
+def _continue_command(line: str) -> list[str]:
+    """The command after "Continue with: ", as a POSIX shell splits it."""
+    import shlex
+
+    assert "Continue with: " in line, line
+    return shlex.split(line.split("Continue with: ", 1)[1])
+
+
+@pytest.mark.parametrize("prompt", ["a red cube", 'it\'s a "$HOME" cube; `rm -rf x`'])
+def test_interrupted_run_prints_a_command_the_shell_gives_back_unchanged(
+    capsys: pytest.CaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prompt: str
+) -> None:
+    """The continue command used repr() and an unquoted --out: quotes, ``$`` and spaces broke it in the shell."""
+
+    def interrupted(plan: runs.Plan, **kw) -> runs.RunResult:
+        return runs.RunResult(7, 0, True, plan.run_dir / "checkpoints" / "step_000007.pt", 1.0, [], [])
+
+    monkeypatch.setattr(runs, "execute", interrupted)
+    out = tmp_path / "my runs" / "cube"
+    capsys.readouterr()
+    rc = main(["generate", prompt, *TINY, "--model", "someone/some-model", "--out", str(out)])
+    _, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 130 and len(lines) == 1, err
+    assert "interrupted at step 7" in lines[0]
+    assert _continue_command(lines[0]) == ["fastdream", "generate", prompt, "--out", str(out), "--resume"]
+
+
+def test_ctrl_c_during_the_export_points_to_resume_which_finishes_the_exports(
+    capsys: pytest.CaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training finished and its checkpoint is saved; the interrupted export said only "interrupted"."""
+    import fastdream.export
+
+    real_export = fastdream.export.export_all
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastdream.export, "export_all", ctrl_c)
+    out = tmp_path / "run"
+    tiny = [a for a in TINY if a != "--no-export"]
+    capsys.readouterr()
+    rc = main(["generate", PROMPT, *tiny, "--out", str(out), "--set", "render.turntable_frames=2"])
+    _, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 130 and len(lines) == 1, err
+    assert "step_000002.pt" in lines[0]
+    command = _continue_command(lines[0])
+    assert command[:2] == ["fastdream", "generate"] and command[-1] == "--resume"
+    assert not (out / "mesh.obj").exists()
+
+    monkeypatch.setattr(fastdream.export, "export_all", real_export)
+    assert main([*command[1:], "--quiet"]) == 0, capsys.readouterr().err
+    assert (out / "mesh.obj").is_file() and (out / "mesh.glb").is_file()
+
+
+def test_ctrl_c_before_this_run_saved_anything_gives_no_resume_hint(
+    capsys: pytest.CaptureFixture, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--overwrite, interrupted while the model loads: the folder still holds the old run, untouched, and
+    "continue with --resume" would continue that old run, not this one."""
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "load_prepared_guidance", ctrl_c)
+    before = tree_hash(run_dir)
+    capsys.readouterr()
+    rc = main(["generate", PROMPT, *TINY, "--out", str(run_dir), "--overwrite"])
+    _, err = capsys.readouterr()
+    assert rc == 130 and err.strip() == "fastdream generate: interrupted", err
+    assert tree_hash(run_dir) == before

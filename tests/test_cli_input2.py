@@ -389,3 +389,56 @@ def test_bench_output_files_checked_before_running(
 def test_bench_seed_out_of_range(capsys: pytest.CaptureFixture, no_backend_env: None) -> None:
     assert main(["bench", "--tiny", "--device", "cpu", "--seed", "99999999999999999999"]) == 2
     assert "--seed" in _one_line(capsys.readouterr().err)
+
+
+# ----------------------------------------------------------------- 7. export and evaluate on unusual run folders
+
+
+def test_export_of_an_interrupted_run_says_it_is_unfinished(
+    run_dir: Path, capsys: pytest.CaptureFixture, no_backend_env: None
+) -> None:
+    """A run stopped at step 2 of 4 (its last checkpoint): the export works, and says how to finish the run."""
+    import shlex
+
+    (run_dir / "checkpoints" / "step_000004.pt").unlink()
+    capsys.readouterr()
+    args = ["--device", "cpu", "--frames", "2", "--turntable-resolution", "16", "--mesh-resolution", "16"]
+    assert main(["export", str(run_dir), *args]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("exported step 2:")
+    line = _one_line(err)
+    assert "stopped at step 2 of 4" in line
+    command = shlex.split(line.split("continue it with: ", 1)[1])
+    assert command == ["fastdream", "generate", "a red cube", "--out", str(run_dir), "--resume"]
+
+
+def test_export_of_a_finished_run_adds_no_note(run_dir: Path, capsys: pytest.CaptureFixture, no_backend_env: None):
+    capsys.readouterr()
+    args = ["--device", "cpu", "--frames", "2", "--turntable-resolution", "16", "--mesh-resolution", "16"]
+    assert main(["export", str(run_dir), *args]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("exported step 4:") and err == ""
+
+
+def _as_diffusion_run(run_dir: Path, prompt: str) -> None:
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["prompt"], cfg["guidance"]["model"] = prompt, "stabilityai/stable-diffusion-2-1-base"
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+
+
+def test_evaluate_a_diffusion_run_of_a_builtin_prompt_says_so(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    _as_diffusion_run(run_dir, "a red cube")
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["shape"] == "cube"
+    line = _one_line(err)
+    assert line.startswith("note:") and "stabilityai/stable-diffusion-2-1-base" in line and "not builtin" in line
+
+
+def test_evaluate_a_diffusion_run_of_another_prompt_names_the_model(run_dir: Path) -> None:
+    """It said only "not in the builtin vocabulary", as if the user had made a builtin run with a bad prompt."""
+    _as_diffusion_run(run_dir, "a DSLR photo of a hamburger")
+    res = fastdream("evaluate", run_dir)
+    assert_user_error(res, "--model stabilityai/stable-diffusion-2-1-base", "hamburger", "COLOUR SHAPE")
+    assert res.stdout == ""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -60,4 +61,10 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     print(f"exported step {trainer.step}: " + ", ".join(str(p) for p in paths))
+    if trainer.step < cfg.optim.steps:  # an interrupted run: the meshes are of a half-trained field
+        cmd = shlex.join(["fastdream", "generate", cfg.prompt, "--out", str(args.run_dir), "--resume"])
+        print(
+            f"note: the run stopped at step {trainer.step} of {cfg.optim.steps}; continue it with: {cmd}",
+            file=sys.stderr,
+        )
     return 0

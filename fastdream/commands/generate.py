@@ -9,7 +9,9 @@ and of the output folder in :func:`fastdream.run.plan_generate`, before anything
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 from fastdream.config import (
     BACKGROUNDS,
@@ -68,8 +70,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--prompts",
         metavar="FILE",
-        help="a prompt list (one per line, # comments): one run folder per prompt under --out, plus index.json; "
-        "sharded over ranks under torchrun; rerun to resume (see fastdream.batch)",
+        help="a prompt list (UTF-8, one per line; blank lines and lines starting with # are skipped): one run "
+        "folder per prompt under --out (required), plus index.json; sharded over ranks under torchrun; rerun to "
+        "resume (see fastdream.batch)",
     )
     p.add_argument("--retry-failed", action="store_true", help="with --prompts: run failed prompts again")
     p.add_argument(
@@ -79,7 +82,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="guidance model: a hub id, a local diffusers folder (Stable Diffusion 1.x/2.x or DeepFloyd IF "
         "stage I), or 'builtin' (the bundled prior of primitive shapes, needs no download)",
     )
-    p.add_argument("--out", action=_Store, default="runs/<prompt slug>", help="run folder")
+    p.add_argument(
+        "--out",
+        action=_Store,
+        default="runs/<prompt slug>",
+        help="run folder (with --prompts: the folder that holds one run folder per prompt)",
+    )
     p.add_argument(
         "--steps",
         type=_auto(int),
@@ -218,12 +226,21 @@ def run(args: argparse.Namespace) -> int:
 
     explicit = set(getattr(args, "_explicit", set())) | ({"set"} if args.set else set())
     plan = runs.plan_generate(config_from_args(args), explicit, resume=args.resume, overwrite=args.overwrite)
-    result = runs.execute(plan, progress=not args.quiet, export=not args.no_export)
     out = plan.run_dir
+    before = None if plan.resume else _last_checkpoint(out)  # an old run's, until --overwrite clears it
+    try:
+        result = runs.execute(plan, progress=not args.quiet, export=not args.no_export)
+    except KeyboardInterrupt:
+        # A second Ctrl-C during training, or one while loading or exporting: say what the folder holds now.
+        last = _last_checkpoint(out)
+        if last is None or last == before:
+            raise
+        print(f"interrupted; the last checkpoint is {last[0]}. {_continue_hint(args.prompt, out)}", file=sys.stderr)
+        return 130
     if result.interrupted:
         print(
             f"interrupted at step {result.step}; checkpoint saved to {result.checkpoint}. "
-            f"Continue with: fastdream generate {args.prompt!r} --out {out} --resume",
+            f"{_continue_hint(args.prompt, out)}",
             file=sys.stderr,
         )
         return 130
@@ -231,3 +248,20 @@ def run(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(note, file=sys.stderr)
     return 0
+
+
+def _last_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    """The run folder's latest checkpoint and its mtime (which tells a new one from an old run's of the same name)."""
+    from fastdream.checkpoint import latest_checkpoint
+
+    try:
+        path = latest_checkpoint(run_dir)
+        return None if path is None else (path, path.stat().st_mtime_ns)
+    except OSError:
+        return None
+
+
+def _continue_hint(prompt: str, run_dir: Path) -> str:
+    """The command that continues the run, quoted for a POSIX shell (prompts hold quotes, ``$``, spaces)."""
+    cmd = shlex.join(["fastdream", "generate", prompt, "--out", str(run_dir), "--resume"])
+    return f"Continue with: {cmd}"
