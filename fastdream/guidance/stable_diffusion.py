@@ -29,7 +29,9 @@ VAE_GROUPNORM = ("native", "split")
 # Measured on an H200 (2026-11-26, benchmarks/RESULTS.md), SD-2.1-base-shaped 64x64 step with the UNet in a CUDA
 # graph: channels_last VAE + sdpa 53.6 ms; contiguous VAE 50.8; classic attention 48.4; both 40.4 (encode 13.5 ->
 # 10.9 ms, backward 19.3 -> 9.0 ms). In channels_last, each of the encoder's 22 GroupNorms (at up to 512x512x128)
-# first copies its input to NCHW and back; the UNet (64x64 latents) stays channels_last, which is faster there.
+# first copied its input to NCHW and back; the UNet (64x64 latents) stays channels_last, which is faster there.
+# Since session 11 the split GroupNorm has a channels_last path of its own (no copies): the channels_last VAE with
+# it is not yet timed (fastdream bench --model sd --cuda-graphs --vae-layout channels_last).
 
 
 class StableDiffusionGuidance(DiffusersGuidance):
@@ -102,7 +104,7 @@ class StableDiffusionGuidance(DiffusersGuidance):
 
     def _encode_text(self, texts: list[str]) -> torch.Tensor:
         max_len = min(int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings))
-        tok = self.tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+        tok = self._tokenize(texts, max_len)
         kwargs = {}
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             kwargs["attention_mask"] = tok.attention_mask.to(self.device)
