@@ -300,6 +300,23 @@ def test_sds_gradient_against_diffusers_own_scheduler_maths(prediction_type, sd_
         assert (as_eps - expected).abs().max() > 100 * 1e-4 * expected.abs().max()
 
 
+@pytest.mark.parametrize("kind", ["sd", "if"])
+def test_a_prompt_cut_by_the_tokenizer_is_noted(kind, sd_folder, if_folder):
+    """The view word comes last ("{prompt}, overhead view"): a prompt longer than the text encoder reads loses it,
+    and prepare() says so in ``notes`` (printed by generate before training); a prompt that fits gets no note.
+    The tiny tokenizers read one character a token: 16 for CLIP (its position embeddings), 40 set here for T5."""
+    g = load_guidance(str(sd_folder if kind == "sd" else if_folder), "cpu")
+    if kind == "if":
+        g.tokenizer.model_max_length = 40  # T5 has relative positions: any length runs; its spaces are tokens too
+    limit = 16 if kind == "sd" else 40
+    g.prepare("a")  # "a, overhead view" and the special tokens fit
+    assert g.notes == []
+    g.prepare("a red cube" if kind == "sd" else "a red cube on a wooden table")
+    assert len(g.notes) == 1 and f"longer than the {limit} tokens" in g.notes[0] and "view word" in g.notes[0]
+    g.prepare("a")  # notes are those of the last prepare()
+    assert g.notes == []
+
+
 def test_unsupported_prediction_type_is_refused_when_the_model_loads(sd_folder, tmp_path):
     """A scheduler config with a prediction type that fastdream cannot convert to ε̂ is one UserError at load time,
     not a ValueError at the first SDS step."""
@@ -383,15 +400,16 @@ def test_vae_attention_classic_by_default_and_same_latents_and_gradients(sd_fold
     procs = g.vae.attn_processors
     assert procs and all(isinstance(p, AttnProcessor) for p in procs.values())
     images = _images(b=2, size=16)
-    x = images.clone().requires_grad_(True)
+    x = images.detach().clone().requires_grad_(True)  # a leaf: _images() already requires grad
     z = g.encode_images(x)
     w = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
     (z * w).sum().backward()
     g.vae.set_attn_processor(AttnProcessor2_0())
-    y = images.clone().requires_grad_(True)
+    y = images.detach().clone().requires_grad_(True)
     z2 = g.encode_images(y)
     (z2 * w).sum().backward()
     torch.testing.assert_close(z, z2, rtol=1e-5, atol=1e-5)
+    assert x.grad is not None and x.grad.abs().sum() > 0
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-6)
     r = g.model_resolution
     up = torch.nn.functional.interpolate(images, (r, r), mode="bilinear", align_corners=False) * 2 - 1
