@@ -96,7 +96,7 @@ def read_prompts(path: str | Path) -> list[str]:
     """
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is no prompt text
     except FileNotFoundError as err:
         raise UserError(f"--prompts {path} does not exist; give a text file with one prompt per line") from err
     except IsADirectoryError as err:

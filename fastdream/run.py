@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +300,8 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
 
         with library_progress_bars(progress):
             guidance = load_prepared_guidance(cfg, plan.device)
+    for note in getattr(guidance, "notes", ()):  # now, not after training: e.g. a prompt cut short
+        print(note, file=sys.stderr)
     if cfg.guidance.guidance_scale is None:  # the model's own default, recorded in config.json
         cfg.guidance.guidance_scale = float(getattr(guidance, "default_guidance_scale", 100.0))
     trainer = Trainer(cfg, guidance, plan.run_dir, plan.device)

@@ -368,9 +368,7 @@ class Trainer:
                     self.train_step()
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(
-                            loss=f"{self.last_loss:.4g}", mode=self.last_info["mode"][:5], skipped=self.skipped
-                        )
+                        bar.set_postfix(loss=f"{self.last_loss:.4g}", mode=self.last_info["mode"], skipped=self.skipped)
                     # and the last step's, so a run shorter than preview_every has one too
                     if o.preview_every and (self.step % o.preview_every == 0 or self.step == o.steps):
                         self.preview()

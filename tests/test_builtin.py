@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -40,6 +41,7 @@ def small_data() -> BuiltinDataset:
         ("  the   GREY\tsphere ", ("gray", "sphere")),
         ("an orange cone", ("orange", "cone")),
         ("a purple cube.", ("purple", "cube")),
+        ("a white sphere!", ("white", "sphere")),
     ],
 )
 def test_parse_prompt_accepts(prompt, expected):
@@ -138,7 +140,11 @@ def test_dataset_deterministic_and_cached(tmp_path, monkeypatch, small_data):
     monkeypatch.setenv("FASTDREAM_CACHE", str(tmp_path))
     first = load_dataset(SMALL)
     files = list(tmp_path.glob("builtin-*.pt"))
-    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*"))
+    # Readable as the umask allows (a shared cache), not 0600 as a mkstemp file is.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert files[0].stat().st_mode & 0o777 == 0o666 & ~umask
     second = load_dataset(SMALL)
     assert torch.equal(first.shade, second.shade) and torch.equal(first.alpha, second.alpha)
     assert torch.allclose(first.shade, small_data.shade, atol=0.5 / 255 + 1e-6)

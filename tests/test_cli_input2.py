@@ -442,3 +442,20 @@ def test_evaluate_a_diffusion_run_of_another_prompt_names_the_model(run_dir: Pat
     res = fastdream("evaluate", run_dir)
     assert_user_error(res, "--model stabilityai/stable-diffusion-2-1-base", "hamburger", "COLOUR SHAPE")
     assert res.stdout == ""
+
+
+def test_evaluate_notes_a_mesh_older_than_the_last_checkpoint(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run resumed with --no-export keeps the mesh of an earlier step: evaluate scores it, and says so."""
+    import os
+
+    from fastdream.checkpoint import latest_checkpoint
+
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir)]) == 0
+    assert capsys.readouterr().err == ""  # a finished run: the mesh is newer than its checkpoints
+    last = latest_checkpoint(run_dir)
+    mesh_time = (run_dir / "mesh.obj").stat().st_mtime_ns
+    os.utime(last, ns=(mesh_time + 10**9, mesh_time + 10**9))  # trained on after the export
+    assert main(["evaluate", str(run_dir)]) == 0
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("note:") and "older than the last checkpoint" in line and "fastdream export" in line

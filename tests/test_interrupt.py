@@ -2,7 +2,7 @@
 """Interrupted runs lose nothing (subprocess tests of ``python -m fastdream generate`` on the CPU).
 
 - ``kill -9`` after a checkpoint, then ``--resume``: the final checkpoint equals an uninterrupted run's.
-- Ctrl-C (SIGINT): a checkpoint at the interrupted step, exit status 130, and ``--resume`` ends identically.
+- Ctrl-C (SIGINT) or SIGTERM: a checkpoint at the interrupted step, exit status 130, and ``--resume`` ends identically.
 """
 
 from __future__ import annotations
@@ -89,11 +89,15 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted: Path, tmp_path:
     assert not list((out / "checkpoints").glob(".*")), "temporary files of the killed write were left behind"
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_equals_uninterrupted(uninterrupted: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_saves_a_checkpoint_and_resume_equals_uninterrupted(
+    uninterrupted: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Ctrl-C, or SIGTERM (a scheduler ending the job, ``kill``): the step finishes and is saved."""
     out = tmp_path / "run"
     proc = start(out)
     wait_for_checkpoint(proc, out)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, f"exit {proc.returncode}: {stderr}"
     assert "Traceback" not in stderr

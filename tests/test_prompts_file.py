@@ -21,6 +21,8 @@ def test_read_prompts(tmp_path: Path) -> None:
     f = tmp_path / "p.txt"
     f.write_text("# library\n\na red cube\n   \n  a   blue sphere \n#a green cone\na red cube\n")
     assert batch.read_prompts(f) == ["a red cube", "a blue sphere"]
+    f.write_bytes("\ufeffa red cube\r\na blue sphere\r\n".encode())  # as Windows Notepad saves it
+    assert batch.read_prompts(f) == ["a red cube", "a blue sphere"]
     f.write_text("# nothing\n\n")
     with pytest.raises(UserError, match="holds no prompt"):
         batch.read_prompts(f)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -224,12 +223,10 @@ def load_dataset(cfg: DatasetConfig = DatasetConfig(), cache: bool = True) -> Bu
             "elevation": ds.elevation,
             "azimuth": ds.azimuth,
         }
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                torch.save(blob, f)
-            os.replace(tmp, path)
+        from fastdream.checkpoint import atomic_write
+
+        try:  # the umask's permissions (mkstemp's 0600 kept a shared cache to its first user)
+            atomic_write(path, lambda f: torch.save(blob, f))
         except OSError:  # a read-only cache is not an error: the data are only re-rendered next time
             pass
     return ds

@@ -28,12 +28,14 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 }
 ALIASES: dict[str, str] = {"grey": "gray"}
 ARTICLES = ("a", "an", "the")
+_PUNCTUATION = str.maketrans({c: " " for c in ".,;:!?"})
 
 
 def vocabulary_line() -> str:
     """One line naming every accepted word."""
     colours = ", ".join([*COLOURS, *ALIASES])
-    return f"builtin prompts are '[a] COLOUR SHAPE' with COLOUR one of {colours} and SHAPE one of {', '.join(SHAPES)}"
+    shapes = ", ".join(SHAPES)
+    return f"builtin prompts are '[a|an|the] COLOUR SHAPE' with COLOUR one of {colours} and SHAPE one of {shapes}"
 
 
 def parse_prompt(prompt: str) -> tuple[str, str]:
@@ -42,7 +44,7 @@ def parse_prompt(prompt: str) -> tuple[str, str]:
     Raises:
         UserError: the prompt is not ``[a|an|the] COLOUR SHAPE`` of the vocabulary (the message lists it).
     """
-    words = str(prompt).lower().replace(".", " ").split()
+    words = str(prompt).lower().translate(_PUNCTUATION).split()  # "a red cube." and "a red cube!" alike
     if words and words[0] in ARTICLES:
         words = words[1:]
     if len(words) == 2:

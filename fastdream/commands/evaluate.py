@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
                 f"builtin prior knows ('[a|an|the] COLOUR SHAPE', e.g. 'a red cube'), against the true primitive"
             ) from None
     result = evaluate_run(run_dir, seed=args.seed)
+    stale = _stale_mesh_note(run_dir)
+    if stale:
+        print(stale, file=sys.stderr)
     if diffusion:
         print(
             f"note: {run_dir} was made with --model {model}, not builtin; scored against a {result['colour']} "
@@ -60,3 +63,20 @@ def run(args: argparse.Namespace) -> int:
         )
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _stale_mesh_note(run_dir: Path) -> str | None:
+    """A note when mesh.obj is older than the run's last checkpoint (a run resumed with --no-export): the scores
+    are those of an earlier field."""
+    from fastdream.checkpoint import latest_checkpoint
+
+    try:
+        last = latest_checkpoint(run_dir)
+        if last is None or last.stat().st_mtime_ns <= (run_dir / "mesh.obj").stat().st_mtime_ns:
+            return None
+    except OSError:
+        return None
+    return (
+        f"note: {run_dir / 'mesh.obj'} is older than the last checkpoint ({last.name}): these are the scores of an "
+        f"earlier field; re-export it with: fastdream export {run_dir}"
+    )

@@ -57,6 +57,15 @@ def _auto(kind: type):
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, but no "(default: None)" after the optional PROMPT."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not action.option_strings and action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     o, r, s, f = OptimConfig(), RenderConfig(), ShadingConfig(), FieldConfig()
     p = sub.add_parser(
@@ -64,7 +73,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="text to 3D: optimise a field by SDS and export mesh + turntable",
         description="Optimise a neural field so that its renders match PROMPT under a frozen diffusion model "
         "(Score Distillation Sampling), then export mesh.glb, mesh.obj and turntable.mp4 into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("prompt", metavar="PROMPT", nargs="?", help="what to make, e.g. 'a red cube'")
     p.add_argument(
@@ -223,13 +232,15 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--retry-failed applies to a prompt list; add --prompts FILE")
         raise UserError('give a PROMPT (fastdream generate "a red cube") or --prompts FILE')
     from fastdream import run as runs
+    from fastdream.batch import sigterm_as_interrupt
 
     explicit = set(getattr(args, "_explicit", set())) | ({"set"} if args.set else set())
     plan = runs.plan_generate(config_from_args(args), explicit, resume=args.resume, overwrite=args.overwrite)
     out = plan.run_dir
     before = None if plan.resume else _last_checkpoint(out)  # an old run's, until --overwrite clears it
     try:
-        result = runs.execute(plan, progress=not args.quiet, export=not args.no_export)
+        with sigterm_as_interrupt():  # a scheduler's or `kill`'s SIGTERM saves like Ctrl-C
+            result = runs.execute(plan, progress=not args.quiet, export=not args.no_export)
     except KeyboardInterrupt:
         # A second Ctrl-C during training, or one while loading or exporting: say what the folder holds now.
         last = _last_checkpoint(out)

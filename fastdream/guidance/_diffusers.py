@@ -87,12 +87,26 @@ class DiffusersGuidance:
         self.prompt: str | None = None
         self.cond_embeddings: torch.Tensor | None = None  # [len(VIEW_WORDS), L, D]
         self.uncond_embeddings: torch.Tensor | None = None  # [1, L, D]
+        self.notes: list[str] = []  # what the user should know about the last prepare() (a prompt cut short)
 
     # --- text -------------------------------------------------------------------------------------------
 
     def _encode_text(self, texts: list[str]) -> torch.Tensor:
         """[N, L, D] encoder hidden states of ``texts`` (no grad)."""
         raise NotImplementedError
+
+    def _tokenize(self, texts: list[str], max_len: int) -> Any:
+        """``texts`` tokenized, padded and cut to ``max_len`` tokens. A text that was cut adds a note to
+        :attr:`notes`: the view word comes last (``"{prompt}, front view"``), so a long prompt loses it silently."""
+        # max_len + 1 with truncation: tells a cut text without the tokenizer's own over-length warning.
+        longest = max(len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=max_len + 1).input_ids)
+        if longest > max_len:
+            self.notes.append(
+                f"note: the prompt with its view word is longer than the {max_len} tokens that "
+                f"{self.name or 'the model'}'s text encoder reads; the words past that, the view word ('front "
+                f"view', 'side view', ...) among them, are ignored: shorten the prompt"
+            )
+        return self.tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
 
     @torch.no_grad()
     def prepare(self, prompt: str, negative_prompt: str = "") -> None:
@@ -103,6 +117,7 @@ class DiffusersGuidance:
                 raise RuntimeError("the text encoder was freed and cannot be reloaded")
             self.text_encoder = freeze(self._text_encoder_loader(), self.device, self.dtype)
         texts = [view_prompt(prompt, w) for w in VIEW_WORDS] + [negative_prompt]
+        self.notes = []
         emb = self._encode_text(texts)
         self.set_text_embeddings(emb[: len(VIEW_WORDS)], emb[len(VIEW_WORDS) :], prompt)
         self.free_text_encoder()

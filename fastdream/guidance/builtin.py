@@ -19,7 +19,7 @@ its corners, :func:`corner_background`), so they judge the object only. Classifi
 SDS gradient are :mod:`fastdream.sds`'s. z is the image in [-1, 1] at 64×64; ᾱ is DDPM's linear-β schedule (1000 steps).
 
 A closed-vocabulary demonstration and test prior, not a general text model: prompts are
-``[a] COLOUR SHAPE`` (:mod:`fastdream.builtin.vocabulary`).
+``[a|an|the] COLOUR SHAPE`` (:mod:`fastdream.builtin.vocabulary`).
 
 Example:
     >>> import torch

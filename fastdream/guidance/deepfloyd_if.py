@@ -57,7 +57,7 @@ class DeepFloydIFGuidance(DiffusersGuidance):
         # IFPipeline lower-cases and strips captions (its full cleaning needs bs4/ftfy); T5 sees the mask.
         texts = [t.lower().strip() for t in texts]
         max_len = min(int(self.tokenizer.model_max_length), MAX_TEXT_TOKENS)
-        tok = self.tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+        tok = self._tokenize(texts, max_len)
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         return self.text_encoder(ids, attention_mask=mask)[0]
 
