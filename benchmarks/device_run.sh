@@ -27,7 +27,9 @@
 # the convolutions ran on cuDNN's heuristic choice so far). The next call:
 #   STAGES=tests,steps,hash,sdgen TEST_K="cuda or graphs" STEP_CAP=200 \
 #     HASH_K="forward_backward and rays and not reference and not triton" HASH_HEADS=16,32 \
-#     STEP_LIST=sd-best,sd-cudnn,sd-cvae,builtin-rgraphs SDGEN_STEPS=1000 benchmarks/device_run.sh
+#     STEP_LIST=sd-best,sd-vcl,sd-cudnn,sd-cvae,builtin-rgraphs SDGEN_STEPS=1000 benchmarks/device_run.sh
+# Session 11 (no GPU): sd-vcl, the SD VAE in channels_last with the split GroupNorm's new channels_last path (no
+# NCHW copies; tests/test_groupnorm.py has its CUDA fp16 error test); if it beats sd-best, make it the default.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -154,6 +156,7 @@ stage_steps() {
     builtin-fgraphs) step builtin-fgraphs --model builtin --field-graphs --steps 30 --warmup 10 ;;
     builtin-rgraphs) step builtin-rgraphs --model builtin --render-graphs --steps 30 --warmup 10 ;;
     sd-best) step sd-best --model sd --cuda-graphs --render-graphs --steps 30 --warmup 10 ;;
+    sd-vcl) step sd-vcl --model sd --cuda-graphs --render-graphs --vae-layout channels_last --steps 30 --warmup 10 ;;
     sd-cudnn) step sd-cudnn --model sd --cuda-graphs --render-graphs --cudnn-benchmark --steps 30 --warmup 10 ;;
     sd-cvae) step sd-cvae --model sd --cuda-graphs --render-graphs --compile-vae --steps 20 --warmup 10 ;;
     sd-cvae-native) step sd-cvae-native --model sd --cuda-graphs --render-graphs --compile-vae --vae-groupnorm native --steps 20 --warmup 10 ;;
