@@ -135,6 +135,9 @@ class GuidanceConfig:
     t_range: tuple[float, float] = (0.02, 0.98)
     t_max_end: float | None = None  # if set, t_range's upper end falls linearly to this by the last step
     weighting: str = "sds"  # w(t): "sds" (sigma_t^2) | "uniform"
+    # Diffusion models: classifier-free guidance's unconditional branch is this text's embedding, so the render is
+    # pushed away from it (empty: the empty prompt's, as in DreamFusion). The builtin prior has no text encoder.
+    negative_prompt: str = ""
     # --model builtin only: clip the guided x0 estimate to the label's colour gamut (fastdream.guidance.builtin).
     builtin_gamut_clip: bool = False
     # --model builtin only: cameras per view word in the prior's data (fastdream.builtin.dataset; 4x this images per
@@ -271,6 +274,7 @@ CLI_OPTIONS = {
     "device": "--device",
     "guidance.model": "--model",
     "guidance.guidance_scale": "--guidance-scale",
+    "guidance.negative_prompt": "--negative-prompt",
     "guidance.cuda_graphs": "--cuda-graphs",
     "optim.steps": "--steps",
     "optim.seed": "--seed",
@@ -446,6 +450,13 @@ def validate(cfg: RunConfig) -> None:
         lo = g.t_range[0]
         number("guidance.t_max_end", g.t_max_end, lo=lo, hi=1.0)
     choice("guidance.weighting", g.weighting, WEIGHTINGS)
+    if not isinstance(g.negative_prompt, str):
+        raise UserError(f"{option_name('guidance.negative_prompt')} must be a string, got {g.negative_prompt!r}")
+    if g.negative_prompt.strip() and is_builtin(cfg.guidance.model):
+        raise UserError(
+            f"{option_name('guidance.negative_prompt')} needs a diffusion model: the builtin prior has no text "
+            "encoder (its unconditional model is all of its shapes); drop it or choose a --model"
+        )
     flag("guidance.builtin_gamut_clip", g.builtin_gamut_clip)
     integer("guidance.builtin_cameras_per_view", g.builtin_cameras_per_view, lo=1, hi=4096)
     if g.builtin_pose_width is not None and (not _is_number(g.builtin_pose_width) or g.builtin_pose_width <= 0):

@@ -128,12 +128,16 @@ def test_turntable_without_ffmpeg_is_a_gif_with_the_reason(tmp_path, monkeypatch
 
 def test_resume_ends_like_an_uninterrupted_run(sd_model, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    common = ["--model", sd_model, "--seed", "3", "--no-export", *TINY]
+    common = ["--model", sd_model, "--seed", "3", "--no-export", "--negative-prompt", "blurry", *TINY]
     fastdream("generate", "a red cube", "--out", str(a), "--steps", "4", *common, check=0)
     fastdream("generate", "a red cube", "--out", str(b), "--steps", "2", *common, check=0)
+    # another negative prompt would change the run: refused, and the run is left as it was
+    res = fastdream("generate", "a red cube", "--out", b, "--resume", "--negative-prompt", "ugly", "--quiet")
+    assert res.returncode == 2 and "--negative-prompt" in res.stderr, res.stderr
     fastdream("generate", "a red cube", "--out", str(b), "--steps", "4", "--resume", "--quiet", "--no-export", check=0)
     assert torch.equal(final_table(a), final_table(b))
-    assert json.loads((b / "config.json").read_text())["optim"]["steps"] == 4
+    saved = json.loads((b / "config.json").read_text())
+    assert saved["optim"]["steps"] == 4 and saved["guidance"]["negative_prompt"] == "blurry"
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,7 @@ def test_overwrite_with_a_bad_setting_keeps_the_old_run_as_the_user_meets_it(run
 def test_every_setting_of_the_config_is_checked() -> None:
     """Go through the whole RunConfig tree: a value of the wrong kind anywhere is refused by validate(), in a
     message naming how the user sets it (so no setting can reach the trainer unchecked)."""
-    free_text = {"prompt", "out", "device", "guidance.model"}  # any string; checked elsewhere (device, model)
+    free_text = {"prompt", "out", "device", "guidance.model", "guidance.negative_prompt"}  # any text
 
     def keys(obj: object, prefix: str = "") -> list[str]:
         found = []
@@ -220,6 +220,21 @@ def test_builtin_prompt_outside_the_vocabulary_is_refused_before_loading(
     monkeypatch.setattr(runs, "load_prepared_guidance", no_loading)
     before = tree_hash(run_dir)
     cli_error(capsys, "generate", "a purple elephant", *TINY, "--out", run_dir, "--overwrite", needles=("vocabulary",))
+    assert tree_hash(run_dir) == before
+
+
+def test_negative_prompt_with_the_builtin_prior_is_refused_before_loading(
+    capsys: pytest.CaptureFixture, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The builtin prior has no text encoder: a negative prompt would be silently ignored, so it is refused."""
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded to refuse the option")
+
+    monkeypatch.setattr(runs, "load_prepared_guidance", no_loading)
+    before = tree_hash(run_dir)
+    args = ("generate", PROMPT, *TINY, "--negative-prompt", "blurry", "--out", run_dir, "--overwrite")
+    cli_error(capsys, *args, needles=("--negative-prompt", "diffusion model"))
     assert tree_hash(run_dir) == before
 
 

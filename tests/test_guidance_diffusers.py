@@ -317,6 +317,23 @@ def test_a_prompt_cut_by_the_tokenizer_is_noted(kind, sd_folder, if_folder):
     assert g.notes == []
 
 
+def test_negative_prompt_is_the_unconditional_branch(sd_folder):
+    """--negative-prompt (guidance.negative_prompt): the run's guidance embeds it as classifier-free guidance's
+    unconditional branch; the view prompts' embeddings are unchanged."""
+    from fastdream.config import GuidanceConfig, RunConfig
+    from fastdream.run import load_prepared_guidance
+
+    cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model=str(sd_folder)))
+    plain = load_prepared_guidance(cfg, torch.device("cpu"))
+    cfg.guidance.negative_prompt = "blurry"
+    neg = load_prepared_guidance(cfg, torch.device("cpu"))
+    assert torch.equal(plain.cond_embeddings, neg.cond_embeddings)
+    assert (plain.uncond_embeddings - neg.uncond_embeddings).abs().max() > 1e-3
+    own = load_guidance(str(sd_folder), "cpu")
+    own.prepare("a red cube", negative_prompt="blurry")
+    assert torch.equal(own.uncond_embeddings, neg.uncond_embeddings)
+
+
 def test_unsupported_prediction_type_is_refused_when_the_model_loads(sd_folder, tmp_path):
     """A scheduler config with a prediction type that fastdream cannot convert to ε̂ is one UserError at load time,
     not a ValueError at the first SDS step."""

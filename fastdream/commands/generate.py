@@ -58,10 +58,11 @@ def _auto(kind: type):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's default in its help, but no "(default: None)" after the optional PROMPT."""
+    """Every option's default in its help, but no "(default: None)" after the optional PROMPT, and no
+    "(default: )" after an empty text (the help says what empty means)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if not action.option_strings and action.default is None:
+        if (not action.option_strings and action.default is None) or action.default == "":
             return action.help
         return super()._get_help_string(action)
 
@@ -134,6 +135,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="classifier-free guidance weight (auto: 100 for Stable Diffusion, 20 for IF, 2 for builtin)",
     )
     p.add_argument(
+        "--negative-prompt",
+        metavar="TEXT",
+        action=_Store,
+        default="",
+        help="what the object should not look like: classifier-free guidance pushes away from this text instead "
+        "of the empty prompt (default: none; diffusion models only)",
+    )
+    p.add_argument(
         "--lr",
         type=float,
         action=_Store,
@@ -201,6 +210,7 @@ def config_from_args(args: argparse.Namespace):
     cfg.guidance = GuidanceConfig(
         model=args.model,
         guidance_scale=None if args.guidance_scale == "auto" else args.guidance_scale,
+        negative_prompt=args.negative_prompt,
         cuda_graphs=bool(getattr(args, "cuda_graphs", False)),
     )
     o, r, s, f = cfg.optim, cfg.render, cfg.shading, cfg.field
