@@ -211,30 +211,24 @@ def test_builtin_model_in_any_case(capsys: pytest.CaptureFixture, tmp_path: Path
                  str(out), "--resume", "--steps", "2"]) == 0  # fmt: skip
 
 
-def test_builtin_prompt_outside_the_vocabulary_is_refused_before_loading(
-    capsys: pytest.CaptureFixture, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (("a purple elephant",), ("vocabulary",)),
+        # the builtin prior has no text encoder: a negative prompt would be silently ignored
+        ((PROMPT, "--negative-prompt", "blurry"), ("--negative-prompt", "diffusion model")),
+    ],
+    ids=["prompt", "negative-prompt"],
+)
+def test_what_the_builtin_prior_cannot_take_is_refused_before_loading(
+    capsys: pytest.CaptureFixture, run_dir: Path, monkeypatch: pytest.MonkeyPatch, args: tuple, needles: tuple
 ) -> None:
     def no_loading(*a, **k):
-        raise AssertionError("the model was loaded to refuse the prompt")
+        raise AssertionError("the model was loaded to refuse the input")
 
     monkeypatch.setattr(runs, "load_prepared_guidance", no_loading)
     before = tree_hash(run_dir)
-    cli_error(capsys, "generate", "a purple elephant", *TINY, "--out", run_dir, "--overwrite", needles=("vocabulary",))
-    assert tree_hash(run_dir) == before
-
-
-def test_negative_prompt_with_the_builtin_prior_is_refused_before_loading(
-    capsys: pytest.CaptureFixture, run_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The builtin prior has no text encoder: a negative prompt would be silently ignored, so it is refused."""
-
-    def no_loading(*a, **k):
-        raise AssertionError("the model was loaded to refuse the option")
-
-    monkeypatch.setattr(runs, "load_prepared_guidance", no_loading)
-    before = tree_hash(run_dir)
-    args = ("generate", PROMPT, *TINY, "--negative-prompt", "blurry", "--out", run_dir, "--overwrite")
-    cli_error(capsys, *args, needles=("--negative-prompt", "diffusion model"))
+    cli_error(capsys, "generate", *args, *TINY, "--out", run_dir, "--overwrite", needles=needles)
     assert tree_hash(run_dir) == before
 
 

@@ -50,24 +50,32 @@ def _stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torc
     return mean, torch.rsqrt(var + eps)
 
 
+def _normalize(x, mean, rstd, weight, bias) -> torch.Tensor:
+    """y = x * scale[n, c] + shift[n, c] in one elementwise pass, with scale = rstd * w and shift = b - mean *
+    scale from the per-(image, group) statistics (computed in their precision, applied in x's dtype)."""
+    n, c = x.shape[:2]
+    per = c // mean.shape[1]
+    w = weight.to(mean.dtype) if weight is not None else torch.ones(c, dtype=mean.dtype, device=x.device)
+    b = bias.to(mean.dtype) if bias is not None else torch.zeros(c, dtype=mean.dtype, device=x.device)
+    scale = rstd.repeat_interleave(per, dim=1) * w  # [N, C]
+    shift = b - mean.repeat_interleave(per, dim=1) * scale
+    view = (n, c) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view))
+
+
+def _forward(ctx, x, weight, bias, groups: int, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Both autograd functions' forward, given the (mean, rstd) statistics [N, G]."""
+    mean, rstd = stats
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.groups = groups
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    return _normalize(x, mean, rstd, weight, bias)
+
+
 class _SplitGroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int, eps: float):
-        n, c = x.shape[:2]
-        mean, rstd = _stats(x, groups, eps)  # [N, G]
-        per = c // groups
-        w = weight.to(mean.dtype) if weight is not None else torch.ones(c, dtype=mean.dtype, device=x.device)
-        b = bias.to(mean.dtype) if bias is not None else torch.zeros(c, dtype=mean.dtype, device=x.device)
-        rstd_c = rstd.repeat_interleave(per, dim=1)  # [N, C]
-        mean_c = mean.repeat_interleave(per, dim=1)
-        scale = rstd_c * w
-        shift = b - mean_c * scale
-        view = (n, c) + (1,) * (x.dim() - 2)
-        y = torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view))
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.groups = groups
-        ctx.has_bias = bias is not None
-        return y
+        return _forward(ctx, x, weight, bias, groups, _stats(x, groups, eps))
 
     @staticmethod
     def backward(ctx, dy):
@@ -80,7 +88,7 @@ class _SplitGroupNorm(torch.autograd.Function):
         mask = [
             ctx.needs_input_grad[0],
             weight is not None and ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2],
+            ctx.bias_dtype is not None and ctx.needs_input_grad[2],
         ]
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
             dy.contiguous(), x, mean.to(x.dtype), rstd.to(x.dtype), weight, n, c, hw, ctx.groups, mask
@@ -123,19 +131,7 @@ class _SplitGroupNormNHWC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int, eps: float):
-        n, c = x.shape[:2]
-        mean, rstd = _stats_nhwc(x, groups, eps)  # [N, G]
-        per = c // groups
-        w = weight.to(mean.dtype) if weight is not None else torch.ones(c, dtype=mean.dtype, device=x.device)
-        b = bias.to(mean.dtype) if bias is not None else torch.zeros(c, dtype=mean.dtype, device=x.device)
-        scale = rstd.repeat_interleave(per, dim=1) * w  # [N, C]
-        shift = b - mean.repeat_interleave(per, dim=1) * scale
-        view = (n, c) + (1,) * (x.dim() - 2)
-        y = torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view))
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.groups = groups
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return _like(y, x)
+        return _like(_forward(ctx, x, weight, bias, groups, _stats_nhwc(x, groups, eps)), x)
 
     @staticmethod
     def backward(ctx, dy):
