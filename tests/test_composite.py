@@ -385,3 +385,5 @@ def test_pruning_checks_its_arguments():
         prune_occluded(s, sigmas[:-1])
     with pytest.raises(ValueError, match="early_stop_eps"):
         prune_occluded(s, sigmas, early_stop_eps=0.0)
+    with pytest.raises(ValueError, match="sigmas: expected a tensor on cpu"):  # checked before any launch
+        prune_occluded(s, torch.empty_like(sigmas, device="meta"))

@@ -406,7 +406,7 @@ def prune_occluded(samples: RaySamples, sigmas: torch.Tensor, early_stop_eps: fl
     to ~1e-9. A NaN or infinite density keeps its own sample (a NaN still reaches the image) and drops the ones
     behind it.
     """
-    check_tensor("sigmas", sigmas, (samples.n_samples,))
+    check_tensor("sigmas", sigmas, (samples.n_samples,), device=samples.t_starts.device)
     if not 0.0 < early_stop_eps <= 1.0:
         raise ValueError(f"early_stop_eps: expected a number in (0, 1], got {early_stop_eps!r}")
     if samples.n_samples == 0:
