@@ -21,6 +21,7 @@ import io
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,80 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
         with contextlib.suppress(OSError):
             stale.unlink(missing_ok=True)
     return path
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of a nested state (dicts, lists, tuples, tensors, numbers) whose tensors live on the CPU and belong to
+    the copy: the trainer changes its parameters and optimiser moments in place at the next step. CUDA tensors are
+    copied into pinned memory without blocking, then their devices are synchronised once."""
+    devices: set[torch.device] = set()
+
+    def copy(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            t = o.detach()
+            if t.device.type != "cuda":
+                return t.to("cpu", copy=True)
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            out.copy_(t, non_blocking=True)
+            devices.add(t.device)
+            return out
+        if isinstance(o, dict):
+            return {k: copy(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return type(o)(copy(v) for v in o)
+        return o  # numbers, strings, None: immutable
+
+    out = copy(obj)
+    for device in devices:
+        torch.cuda.synchronize(device)
+    return out
+
+
+class CheckpointWriter:
+    """Writes checkpoints (:func:`save_checkpoint`) in a background thread, one at a time, so that training goes on
+    while a file of ~200 MB (CUDA defaults: hash table and Adam moments) is serialised, written and fsynced: about
+    1 s each on a 2-core CPU, 50 times in a 10,000-step run at the default --save-every.
+
+    :meth:`submit` waits for the previous write, copies the state (:func:`snapshot`) and returns; :meth:`wait` blocks
+    until the write is done and raises what it raised (UserError: disk full, folder not writable; RuntimeError: a
+    NaN/inf in the state, and then nothing is written). A write that is not waited for is still atomic: a kill
+    leaves the earlier checkpoints and a temporary file that the next run removes.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._path: Path | None = None
+
+    def submit(self, run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+        """Start writing ``state`` as the checkpoint of ``step``; returns the path it will have."""
+        self.wait()
+        copied = snapshot(state)
+        self._thread = threading.Thread(
+            target=self._write, args=(run_dir, step, copied, keep), name="fastdream-checkpoint", daemon=False
+        )
+        self._thread.start()
+        return checkpoint_path(run_dir, step)
+
+    def _write(self, run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int) -> None:
+        try:
+            self._path = save_checkpoint(run_dir, step, state, keep=keep)
+        except BaseException as e:  # re-raised in the training thread by wait()
+            self._error = e
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> Path | None:
+        """Block until the pending write (if any) is done; its path, or None when none was submitted."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return self._path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> dict[str, Any]:

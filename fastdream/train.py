@@ -138,6 +138,7 @@ class Trainer:
             self.render_graphs = GraphedRender(self.field, self.background, self.grid)
         self.amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.checkpoints = ckpt.CheckpointWriter()  # periodic checkpoints are written in the background
         # Separate streams: the view/mode schedule (CPU) and the noise of SDS, jitter and grid updates.
         self.schedule_gen = torch.Generator().manual_seed(o.seed + 1)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(o.seed + 2)
@@ -195,8 +196,13 @@ class Trainer:
                 f"start over with --overwrite"
             ) from e
 
-    def save(self) -> Path:
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.state_dict(), keep=self.cfg.optim.keep_checkpoints)
+    def save(self, wait: bool = True) -> Path:
+        """Checkpoint the current step. ``wait=False``: written in the background while training goes on
+        (:class:`fastdream.checkpoint.CheckpointWriter`); :meth:`train` waits for it before it returns."""
+        path = self.checkpoints.submit(self.run_dir, self.step, self.state_dict(), keep=self.cfg.optim.keep_checkpoints)
+        if wait:
+            self.checkpoints.wait()
+        return path
 
     def resume(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else ckpt.latest_checkpoint(self.run_dir)
@@ -373,9 +379,16 @@ class Trainer:
                     if o.preview_every and (self.step % o.preview_every == 0 or self.step == o.steps):
                         self.preview()
                     if self.step % o.save_every == 0 or self.step == o.steps:
-                        last_ckpt = self.save()
+                        last_ckpt = self.save(wait=False)  # written while the next steps train
                 if self._stop and (last_ckpt is None or self.step % o.save_every):
-                    last_ckpt = self.save()
+                    last_ckpt = self.save(wait=False)
+        except BaseException:
+            # The error in flight is the one to report; a background write still finishes (it loses nothing).
+            with contextlib.suppress(Exception):
+                self.checkpoints.wait()
+            raise
+        else:
+            self.checkpoints.wait()  # every checkpoint is on disk when train() returns (or its error is raised)
         finally:
             if bar is not None:
                 bar.close()

@@ -163,3 +163,56 @@ def test_package_never_loads_unsafely() -> None:
             if "torch.load(" in code and "weights_only=True" not in code:
                 offenders.append(f"{py.relative_to(root.parent)}:{i}: torch.load without weights_only=True")
     assert not offenders, "\n".join(offenders)
+
+
+# ------------------------------------------------------------------------------------------ background writes
+
+
+def test_background_write_is_of_the_state_at_submit(tmp_path: Path) -> None:
+    """The trainer changes its parameters and Adam moments in place right after submitting: the file holds the
+    values of the submitted step, not later ones."""
+    state = _state(3, torch.arange(100_000, dtype=torch.float32))
+    expected = {k: v.clone() for k, v in state["field"].items()}
+    writer = ckpt.CheckpointWriter()
+    path = writer.submit(tmp_path, 3, state)
+    for v in state["field"].values():  # the next optimiser step
+        v.add_(1.0)
+    assert writer.wait() == path == ckpt.checkpoint_path(tmp_path, 3)
+    saved = ckpt.load_checkpoint(path)
+    for k, v in expected.items():
+        assert torch.equal(saved["field"][k], v)
+    assert writer.wait() == path  # nothing pending: the last path again, no error
+
+
+def test_background_write_errors_reach_the_caller(tmp_path: Path) -> None:
+    writer = ckpt.CheckpointWriter()
+    writer.submit(tmp_path, 1, _state(1, torch.tensor([1.0, float("nan")])))
+    with pytest.raises(RuntimeError, match="NaN"):
+        writer.wait()
+    assert ckpt.list_checkpoints(tmp_path) == []
+    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    writer.submit(tmp_path, 2, _state(2))
+    with pytest.raises(UserError, match="cannot save checkpoint"):
+        writer.wait()
+    assert writer.wait() is None  # the error was reported once; no write ever succeeded
+
+
+def test_a_new_submit_waits_for_the_previous_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One write at a time, in order: the keep-last-N clean-up of one never races the next."""
+    order: list[str] = []
+    real = ckpt.save_checkpoint
+
+    def slow(run_dir, step, state, keep=2):
+        order.append(f"start {step}")
+        time.sleep(0.2)
+        path = real(run_dir, step, state, keep=keep)
+        order.append(f"end {step}")
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", slow)
+    writer = ckpt.CheckpointWriter()
+    for step in (1, 2, 3):
+        writer.submit(tmp_path, step, _state(step), keep=2)
+    writer.wait()
+    assert order == ["start 1", "end 1", "start 2", "end 2", "start 3", "end 3"]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]

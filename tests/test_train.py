@@ -72,6 +72,36 @@ def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
     assert len(set(tr.guidance.words)) > 1
 
 
+def test_checkpoints_are_written_while_training_goes_on(tmp_path, monkeypatch):
+    """A periodic checkpoint is written in the background: its write can only finish once the trainer has taken
+    two more steps (it would wait forever if saving blocked the loop). train() returns with every file on disk,
+    each holding the state of its own step."""
+    import threading
+    import time
+
+    trainer_ref = {}
+    real = ckpt.save_checkpoint
+    overlapped = []
+
+    def waits_for_training(run_dir, step, state, keep=2):
+        tr = trainer_ref["tr"]
+        deadline = time.monotonic() + 60
+        while step < 6 and tr.step < step + 2 and time.monotonic() < deadline:  # the last one: nothing follows
+            time.sleep(0.01)
+        overlapped.append((step, tr.step, threading.current_thread() is not threading.main_thread()))
+        return real(run_dir, step, state, keep=keep)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", waits_for_training)
+    cfg = tiny_config(steps=6, save_every=3, keep_checkpoints=0)
+    tr = trainer_ref["tr"] = Trainer(cfg, ColourGuidance(), tmp_path, "cpu")
+    res = tr.train(progress=False)
+    assert res.step == 6 and res.checkpoint == ckpt.checkpoint_path(tmp_path, 6) and res.checkpoint.is_file()
+    first = overlapped[0]
+    assert first[0] == 3 and first[1] >= 5 and first[2], overlapped  # steps 4 and 5 ran during the write
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 6]
+    assert ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 3))["step"] == 3
+
+
 def test_each_step_gets_the_view_word_and_shading_mode_of_its_own_camera(tmp_path):
     """The view word passed to the guidance is DreamFusion's word for the step's own camera (and the pose and the
     shading mode that a pose-conditioned prior is told are those of the same render)."""
