@@ -229,9 +229,11 @@ class CheckpointWriter:
         except BaseException as e:  # re-raised in the training thread by wait()
             self._error = e
 
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def poll(self) -> None:
+        """Raise the error of a write that has already failed (without waiting for one in flight): a full disk
+        stops the run at the next step, not at the next checkpoint."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
 
     def wait(self) -> Path | None:
         """Block until the pending write (if any) is done; its path, or None when none was submitted."""

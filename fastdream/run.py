@@ -267,10 +267,7 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
     model = "builtin" if is_builtin(cfg.guidance.model) else cfg.guidance.model
     guidance = load_guidance(model, device, **kw)
     try:
-        if cfg.guidance.negative_prompt.strip():
-            guidance.prepare(cfg.prompt, negative_prompt=cfg.guidance.negative_prompt)
-        else:
-            guidance.prepare(cfg.prompt)
+        guidance.prepare(cfg.prompt, negative_prompt=cfg.guidance.negative_prompt)
     except ValueError as e:  # e.g. a prompt outside the builtin vocabulary
         raise UserError(str(e).splitlines()[0] if str(e) else "the prompt was refused by the model") from e
     if cfg.guidance.cuda_graphs and not is_builtin(cfg.guidance.model):  # the field: fastdream.train.Trainer

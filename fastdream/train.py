@@ -372,6 +372,7 @@ class Trainer:
             with self._sigint_saves():
                 while self.step < o.steps and not self._stop:
                     self.train_step()
+                    self.checkpoints.poll()
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{self.last_loss:.4g}", mode=self.last_info["mode"], skipped=self.skipped)

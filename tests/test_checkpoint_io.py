@@ -216,3 +216,18 @@ def test_a_new_submit_waits_for_the_previous_write(tmp_path: Path, monkeypatch: 
     writer.wait()
     assert order == ["start 1", "end 1", "start 2", "end 2", "start 3", "end 3"]
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]
+
+
+def test_poll_reports_a_failed_write_without_waiting_for_the_next_checkpoint(tmp_path: Path) -> None:
+    """The trainer polls after every step: a write that failed (a full disk, here a file where the folder should
+    be) stops the run at the next step."""
+    (tmp_path / "checkpoints").write_text("not a folder")
+    writer = ckpt.CheckpointWriter()
+    writer.poll()  # nothing submitted: nothing to report
+    writer.submit(tmp_path, 1, _state(1))
+    deadline = time.monotonic() + 30
+    with pytest.raises(UserError, match="cannot save checkpoint"):
+        while time.monotonic() < deadline:
+            writer.poll()
+            time.sleep(0.01)
+    writer.poll()  # reported once
