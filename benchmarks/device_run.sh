@@ -92,7 +92,13 @@ else
     { log "build FAILED"; tail -40 "$OUT/build.log" | tee -a "$OUT/summary.txt"; exit 1; }
   mkdir -p build && echo "$BUILD_KEY" >build/device-build-key
 fi
+# An installed fastdream has its Triton kernels at fastdream/kernels (setup.py maps the top-level kernels/ there); an
+# in-place tree does not, so link them (session 12's call: without it the 14 Triton shading tests on CUDA failed
+# with "No module named 'fastdream.kernels'"). The link is ignored by git.
+[ "${BUILD:-inplace}" = pip ] || [ -e fastdream/kernels ] || ln -s ../kernels fastdream/kernels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+$PY -c "import fastdream.kernels.shading, fastdream.kernels.hash_grid" 2>&1 | tail -1 | sed 's/^/kernels import: /' |
+  tee -a "$OUT/summary.txt"
 log "built"
 $PY -m fastdream info 2>&1 | tee -a "$OUT/summary.txt"
 
