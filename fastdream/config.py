@@ -151,6 +151,11 @@ class GuidanceConfig:
     # forward and backward (fastdream.guidance.graphs) from CUDA graphs. Both are launch-bound at 64x64 (the UNet
     # call: 25 -> 9.8 ms a step on an H200).
     cuda_graphs: bool = False
+    # CUDA, Stable Diffusion only: compile the VAE encoder's forward and backward with inductor (torch.compile;
+    # with cuda_graphs in its "reduce-overhead" mode, in place of the plain graphs). On an H100 the encoder's
+    # forward went from 7.4 to 5.3 ms and the step to 0.92x (benchmarks/RESULTS.md, session 12), after a compile
+    # of some tens of seconds at the start of the run.
+    compile_vae: bool = False
 
 
 @dataclass
@@ -276,6 +281,7 @@ CLI_OPTIONS = {
     "guidance.guidance_scale": "--guidance-scale",
     "guidance.negative_prompt": "--negative-prompt",
     "guidance.cuda_graphs": "--cuda-graphs",
+    "guidance.compile_vae": "--compile-vae",
     "optim.steps": "--steps",
     "optim.seed": "--seed",
     "optim.save_every": "--save-every",
@@ -465,6 +471,12 @@ def validate(cfg: RunConfig) -> None:
             f"got {g.builtin_pose_width!r}"
         )
     flag("guidance.cuda_graphs", g.cuda_graphs)
+    flag("guidance.compile_vae", g.compile_vae)
+    if g.compile_vae and is_builtin(cfg.guidance.model):
+        raise UserError(
+            f"{option_name('guidance.compile_vae')} compiles Stable Diffusion's VAE encoder; the builtin prior has "
+            "none (it works on the 64x64 render itself): drop it or choose a Stable Diffusion --model"
+        )
 
     # export (the same limits as fastdream export's options)
     integer("export.mesh_resolution", e.mesh_resolution, *EXPORT_MESH_RESOLUTION)

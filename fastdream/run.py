@@ -28,7 +28,8 @@ OUTPUTS = (CONFIG, ckpt.CHECKPOINT_DIR, "previews", "turntable.mp4", "turntable.
 # Settings --resume takes from the command line; everything else comes from the saved config.json.
 RESUME_OVERRIDES = {"steps": ("optim", "steps"), "save_every": ("optim", "save_every"),
                     "preview_every": ("optim", "preview_every"), "device": (None, "device"),
-                    "cuda_graphs": ("guidance", "cuda_graphs")}  # fmt: skip
+                    "cuda_graphs": ("guidance", "cuda_graphs"),
+                    "compile_vae": ("guidance", "compile_vae")}  # fmt: skip
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,7 +164,7 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
             names = ", ".join("--" + n.replace("_", "-") for n in ignored)
             raise UserError(
                 f"--resume continues {run_dir} with its saved settings; only --steps, --save-every, "
-                f"--preview-every, --device and --cuda-graphs may change (got {names})"
+                f"--preview-every, --device, --cuda-graphs and --compile-vae may change (got {names})"
             )
         saved.out = str(run_dir)
         saved.device = str(device)
@@ -209,6 +210,8 @@ def _check_cheap(cfg: RunConfig, device: torch.device) -> None:
     """The checks of the model settings that need no model loaded."""
     if cfg.guidance.cuda_graphs and device.type != "cuda":
         raise UserError(f"{option_name('guidance.cuda_graphs')} needs a CUDA device; drop it or use --device cuda")
+    if cfg.guidance.compile_vae and device.type != "cuda":
+        raise UserError(f"{option_name('guidance.compile_vae')} needs a CUDA device; drop it or use --device cuda")
     if is_builtin(cfg.guidance.model):
         from fastdream.builtin.vocabulary import parse_prompt
 
@@ -270,10 +273,16 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
         guidance.prepare(cfg.prompt, negative_prompt=cfg.guidance.negative_prompt)
     except ValueError as e:  # e.g. a prompt outside the builtin vocabulary
         raise UserError(str(e).splitlines()[0] if str(e) else "the prompt was refused by the model") from e
-    if cfg.guidance.cuda_graphs and not is_builtin(cfg.guidance.model):  # the field: fastdream.train.Trainer
+    if cfg.guidance.compile_vae and not hasattr(guidance, "vae_mean"):
+        raise UserError(
+            f"{option_name('guidance.compile_vae')} compiles Stable Diffusion's VAE encoder; {cfg.guidance.model} "
+            "has none (DeepFloyd IF denoises pixels): drop it"
+        )
+    g = cfg.guidance
+    if (g.cuda_graphs or g.compile_vae) and not is_builtin(g.model):  # the field: fastdream.train.Trainer
         from fastdream.guidance.graphs import accelerate
 
-        accelerate(guidance, cuda_graphs=True)
+        accelerate(guidance, cuda_graphs=g.cuda_graphs, compile_vae=g.compile_vae)
     return guidance
 
 

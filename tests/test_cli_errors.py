@@ -51,6 +51,7 @@ RESUME = ("--device", "cpu", "--quiet", "--no-export")
         (("a red cube", "--set", "render.nonsense=3"), ("--set", "unknown")),
         (("a red cube", "--device", "tpu"), ("--device",)),
         (("a red cube", "--set", "guidance.builtin_cameras_per_view=0"), ("builtin_cameras_per_view",)),
+        (("a red cube", "--compile-vae"), ("--compile-vae", "builtin")),  # the builtin prior has no VAE
     ],
 )
 def test_bad_settings(run_dir: Path, args: tuple[str, ...], needles: tuple[str, ...]) -> None:
@@ -83,6 +84,13 @@ def test_cuda_graphs_on_the_cpu(run_dir: Path, tmp_path: Path) -> None:
     args = [a if a != "builtin" else str(tmp_path / "no-model") for a in TINY]
     check(run_dir, *GEN, "a red cube", *args, "--device", "cpu", "--cuda-graphs", "--out", run_dir, "--overwrite",
           needles=("--cuda-graphs", "CUDA"))  # fmt: skip
+
+
+def test_compile_vae_on_the_cpu(run_dir: Path, tmp_path: Path) -> None:
+    """Refused before anything is loaded, like --cuda-graphs."""
+    args = [a if a != "builtin" else str(tmp_path / "no-model") for a in TINY]
+    check(run_dir, *GEN, "a red cube", *args, "--device", "cpu", "--compile-vae", "--out", run_dir, "--overwrite",
+          needles=("--compile-vae", "CUDA"))  # fmt: skip
 
 
 def test_local_folder_that_is_not_a_diffusers_model(run_dir: Path, tmp_path: Path) -> None:

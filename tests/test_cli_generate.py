@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_guidance_diffusers import tiny_sd_folder
+from test_guidance_diffusers import tiny_if_folder, tiny_sd_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -101,6 +101,55 @@ def test_generate_on_cuda_with_cuda_graphs(sd_model, tmp_path, model):
     state = torch.load(out / "checkpoints" / "step_000006.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["field"].values())
     assert _turntable(out).stat().st_size > 0 and (out / "mesh.glb").stat().st_size > 0
+
+
+def test_compile_vae_reaches_the_sd_encoder(sd_model, monkeypatch):
+    """--compile-vae asks accelerate() for the compiled encoder (here without --cuda-graphs, which needs CUDA
+    already in this function); off, accelerate() is not called."""
+    import fastdream.guidance.graphs as graphs
+    from fastdream.config import GuidanceConfig, RunConfig, resolve
+    from fastdream.run import load_prepared_guidance
+
+    seen = []
+    monkeypatch.setattr(graphs, "accelerate", lambda g, **kw: seen.append((hasattr(g, "vae_mean"), kw)))
+    cfg = resolve(
+        RunConfig(prompt="a red cube", guidance=GuidanceConfig(model=sd_model, compile_vae=True), device="cpu")
+    )
+    load_prepared_guidance(cfg, torch.device("cpu"))  # the CUDA check of --compile-vae is the planner's
+    assert seen == [(True, {"cuda_graphs": False, "compile_vae": True})]
+    cfg.guidance.compile_vae = False
+    seen.clear()
+    load_prepared_guidance(cfg, torch.device("cpu"))
+    assert seen == []
+
+
+def test_compile_vae_refuses_a_model_without_a_vae(tmp_path, monkeypatch):
+    """DeepFloyd IF denoises pixels: --compile-vae has nothing to compile, and says so in one line."""
+    import fastdream.guidance.graphs as graphs
+    from fastdream.config import GuidanceConfig, RunConfig, resolve
+    from fastdream.errors import UserError
+    from fastdream.run import load_prepared_guidance
+
+    seen = []
+    monkeypatch.setattr(graphs, "accelerate", lambda g, **kw: seen.append(kw))
+    folder = str(tiny_if_folder(tmp_path / "tiny_if"))
+    cfg = resolve(RunConfig(prompt="a red cube", guidance=GuidanceConfig(model=folder, compile_vae=True), device="cpu"))
+    with pytest.raises(UserError, match="--compile-vae.*has none") as err:
+        load_prepared_guidance(cfg, torch.device("cpu"))
+    assert "\n" not in str(err.value) and seen == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_generate_on_cuda_with_the_compiled_vae(sd_model, tmp_path):
+    """The SD path with the VAE encoder compiled in inductor's CUDA-graph mode, beside the render graphs."""
+    out = tmp_path / "run"
+    args = ["--model", sd_model, "--device", "cuda", "--cuda-graphs", "--compile-vae", "--steps", "6", "--no-export"]
+    proc = fastdream("generate", "a red cube", *args, "--out", str(out), *TINY, check=0, gpu=True)
+    assert "done: 6 steps" in proc.stdout, proc.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["guidance"]["compile_vae"] is True and cfg["guidance"]["cuda_graphs"] is True
+    state = torch.load(out / "checkpoints" / "step_000006.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["field"].values())
 
 
 def _turntable(out: Path) -> Path:

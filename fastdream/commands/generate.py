@@ -192,6 +192,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "compositing; forward and backward) and, for diffusion models, the UNet call and SD's VAE encoder "
         "(forward and backward) from CUDA graphs: fewer kernel launches per step (off by default)",
     )
+    p.add_argument(
+        "--compile-vae",
+        action=_Flag,
+        help="CUDA, Stable Diffusion: compile the VAE encoder's forward and backward with inductor "
+        "(torch.compile; with --cuda-graphs in its CUDA-graph mode). Its forward ~1.4x faster on an H100, after a "
+        "compile at the start of the run (off by default)",
+    )
     p.add_argument("--no-export", action="store_true", help="skip the turntable and mesh export at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -212,6 +219,7 @@ def config_from_args(args: argparse.Namespace):
         guidance_scale=None if args.guidance_scale == "auto" else args.guidance_scale,
         negative_prompt=args.negative_prompt,
         cuda_graphs=bool(getattr(args, "cuda_graphs", False)),
+        compile_vae=bool(getattr(args, "compile_vae", False)),
     )
     o, r, s, f = cfg.optim, cfg.render, cfg.shading, cfg.field
     o.steps = None if args.steps == "auto" else args.steps

@@ -25,8 +25,9 @@ def accelerate(guidance: Any, *, compile: bool = False, cuda_graphs: bool = Fals
 
     compile_vae: ``torch.compile`` the SD VAE encoder's forward and backward too (``vae_mean``; with
     ``cuda_graphs`` in "reduce-overhead" mode, instead of :class:`GraphedVAEMean`). Inductor fuses the
-    GroupNorms with their SiLUs and picks the convolutions' memory layout itself. Not timed on a GPU yet
-    (``fastdream bench --compile-vae``).
+    GroupNorms with their SiLUs and picks the convolutions' memory layout itself. On an H100 (session 12) the
+    encoder's forward took 5.3 ms against 7.4 ms in graphs, and the SD step 0.92x (``fastdream bench
+    --compile-vae``; ``fastdream generate --compile-vae``).
     """
     unet = guidance.unet
     if compile:
