@@ -237,6 +237,9 @@ class BenchConfig:
             convolution algorithms on the first call of each shape and keeps the fastest, instead of its
             heuristic choice. The UNet's and the VAE's shapes are fixed, so only the warm-up pays; the CUDA
             graphs are captured after their own eager warm-up calls. Restored afterwards.
+        host_checks: read the loss check and the gradient check on the host inside the step (two
+            synchronisations, as the trainer did before 2026-11-27), instead of leaving them on the device as the
+            trainer does now (:func:`fastdream.train.apply_step`): an A/B of what those waits cost.
     """
 
     model: str = "builtin"
@@ -260,6 +263,7 @@ class BenchConfig:
     vae_groupnorm: str = "split"
     unet_layout: str = "channels_last"
     cudnn_benchmark: bool = False
+    host_checks: bool = False
 
 
 @dataclass
@@ -302,6 +306,8 @@ class BenchResult:
             mode.append("CUDA graphs")
         if c.get("cudnn_benchmark"):
             mode.append("cuDNN benchmark")
+        if c.get("host_checks"):
+            mode.append("host checks")
         if c.get("field_graphs"):
             mode.append("field in CUDA graphs")
         if c.get("render_graphs"):
@@ -552,7 +558,12 @@ class StepRunner:
         self.noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
         self.sds_cfg = SDSConfig(t_range=tuple(self.run.guidance.t_range), weighting=self.run.guidance.weighting)
         self.n_samples = 0
-        self.skipped = 0  # steps with a non-finite loss or gradient (skipped, as the trainer does)
+        self._skipped = torch.zeros((), dtype=torch.int64)  # steps with a non-finite loss or gradient, skipped
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped for a non-finite loss or gradient (as the trainer does); read once, at the end."""
+        return int(self._skipped)
 
     def warm_grid(self) -> None:
         """One warm-up grid update (every cell), as in the first steps of a run: empty space is skipped after."""
@@ -694,11 +705,16 @@ class StepRunner:
         out = self.render(cams, clock)
         clock.mark("shade_composite")
         loss = self.sds_loss(out["image"].float(), words, clock) + out["reg"]
-        # As Trainer.train_step: skip non-finite losses and gradients (two host synchronisations, timed too).
-        ok = scaled_backward(loss, self.scaler)
+        # As Trainer.train_step: a non-finite loss or gradient skips the step, decided on the device (no host
+        # synchronisation under the CUDA gradient scaler); host_checks reads both checks where they are made.
+        finite = scaled_backward(loss, self.scaler)
+        if self.cfg.host_checks:
+            bool(finite)
         clock.mark("backward")
-        ok = ok and apply_step(self.optimizer, self.scaler)
-        self.skipped += not ok
+        ok = apply_step(self.optimizer, self.scaler, finite)
+        if self.cfg.host_checks:
+            bool(ok)
+        self._skipped = self._skipped.to(ok.device) + (~ok).long()
         clock.mark("optimizer")
         self._grid_update(warmup=False)
         clock.mark("grid_update")
@@ -810,7 +826,7 @@ def _run_validated(cfg: BenchConfig, device: torch.device, forced: str | None, p
     if cfg.model in ("sd", "if"):
         notes.append("random weights: timings only (the SDS gradient is meaningless)")
     if runner.skipped:
-        notes.append(f"{runner.skipped} steps had a non-finite loss or gradient and skipped backward/optimizer")
+        notes.append(f"{runner.skipped} steps had a non-finite loss or gradient: no optimizer update")
     if device.type == "cpu":
         notes.append("CPU timings are wall time and depend on the machine's load")
     if cfg.field_graphs:

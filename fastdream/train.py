@@ -7,7 +7,10 @@ view word of the camera, plus ``lambda_orient * L_orient + lambda_opacity * L_op
 (field and background groups; on CUDA under fp16 autocast with a gradient scaler).
 
 Reliability: a step whose loss or gradients hold NaN/inf is skipped and counted (``max_bad_steps`` in a row
-stop the run with a UserError); checkpoints are atomic and never hold NaN (:mod:`fastdream.checkpoint`);
+stop the run with a UserError). On CUDA the skip is decided on the GPU (the gradient scaler and the fused Adam),
+and the loop reads each step's outcome during the next one, so the CPU prepares the next step while the GPU
+finishes this one (:class:`StepOutcome`; a checkpoint reads it first). Checkpoints are atomic and never hold NaN
+(:mod:`fastdream.checkpoint`);
 SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns with ``interrupted=True``.
 Every random draw comes from generators saved in the checkpoint, so on the CPU a resumed run ends with the
 same parameters as an uninterrupted one.
@@ -78,36 +81,71 @@ def build_optimizer(cfg: RunConfig, field: NeuralField, background: Background |
     return torch.optim.Adam(groups, betas=tuple(o.betas), eps=o.eps, fused=fused)
 
 
-def scaled_backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> bool:
-    """``loss.backward()``, scaled under a gradient scaler. False, with no backward, when the loss is not finite."""
-    if not bool(torch.isfinite(loss)):
-        return False
-    if scaler is not None:
-        scaler.scale(loss).backward()
-    else:
-        loss.backward()
-    return True
+def scaled_backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    """``loss.backward()``, scaled under a gradient scaler, with no host synchronisation. Returns whether the loss
+    is finite, a 0-d bool tensor on the loss' device, for :func:`apply_step`. A non-finite loss is backpropagated
+    too (asking first would wait for the GPU to finish the forward); its step is then skipped."""
+    finite = torch.isfinite(loss.detach())
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return finite
 
 
-def apply_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> bool:
-    """After :func:`scaled_backward`: unscale, then step if every gradient is finite, else skip. Under a scaler the
-    scale is updated either way (lowered after an overflow); without that the next ``unscale_`` raises. Returns
-    whether the step was taken."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
+def apply_step(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, finite_loss: torch.Tensor | None = None
+) -> torch.Tensor:
+    """After :func:`scaled_backward`: the optimiser step, taken only if the loss (``finite_loss``) and every
+    gradient are finite. Returns that as a 0-d bool tensor.
+
+    Under a gradient scaler nothing here waits for the GPU when the optimiser takes the scaler's verdict on the
+    device (PyTorch's fused Adam, the trainer's on CUDA): the skip happens in the optimiser's kernel. The scaler
+    finds non-finite gradients itself (``unscale_``); a non-finite loss can leave them finite, so one gradient is
+    made NaN when the step must be skipped, and the scaler's verdict is exactly the returned one. The scale is
+    updated either way: lowered after a skipped step, as after an overflow (without the update the next
+    ``unscale_`` raises). Without a scaler the step is taken or not on the host (one synchronisation; on the CPU
+    it costs nothing)."""
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    # One multi-tensor norm launch instead of two reductions per parameter (the step is launch-bound on CUDA): a
-    # gradient with an inf or a NaN has a non-finite norm (so has one whose norm overflows fp32, above ~1e19:
-    # skipping such a step is no loss).
-    ok = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-    if ok:
-        if scaler is not None:
-            scaler.step(optimizer)
-        else:
-            optimizer.step()
+    ok = torch.ones((), dtype=torch.bool) if finite_loss is None else finite_loss
+    if grads:
+        # One multi-tensor norm launch instead of two reductions per parameter (the step is launch-bound on CUDA):
+        # a gradient with an inf or a NaN has a non-finite norm (so has one whose norm overflows fp32, above ~1e19;
+        # under a scaler these are the scaled gradients: skipping such a step is no loss).
+        ok = ok.to(grads[0].device) & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
     if scaler is not None:
+        if grads:  # the smallest gradient: one small kernel
+            g = min(grads, key=lambda t: t.numel())
+            g.add_(torch.where(ok, 0.0, float("nan")).to(g.dtype))
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)  # skipped when unscale_ found a NaN/inf (in the kernel, for the fused Adam)
         scaler.update()
+    elif bool(ok):
+        optimizer.step()
     return ok
+
+
+class StepOutcome:
+    """The host's view of one step (its loss, whether the loss was finite, whether the step was taken), read
+    without waiting for the GPU when it is read late enough: the values are copied into pinned memory behind the
+    step's work, and :meth:`result` waits only for that copy. The trainer reads step N's after step N+1's render,
+    which waits for the GPU anyway (the sample count sizes the render)."""
+
+    def __init__(self, step: int, loss: torch.Tensor, finite_loss: torch.Tensor, ok: torch.Tensor, pinned=None):
+        self.step = step
+        values = torch.stack([loss.detach().float().reshape(()), finite_loss.float(), ok.float()])
+        self._event = None
+        if values.is_cuda:
+            self._host = pinned if pinned is not None else torch.empty(3, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values
+
+    def result(self) -> tuple[float, bool, bool]:
+        """(loss, loss finite, step taken)."""
+        if self._event is not None:
+            self._event.synchronize()
+        loss, finite, ok = self._host.tolist()
+        return loss, bool(finite), bool(ok)
 
 
 class Trainer:
@@ -153,10 +191,13 @@ class Trainer:
         self.bad_in_a_row = 0
         self.last_loss = float("nan")
         self._stop = False
+        self._pending: StepOutcome | None = None  # the last step's outcome, not read on the host yet
+        self._pinned: torch.Tensor | None = None  # where it is copied on CUDA (one buffer: read before reused)
 
     # -- state ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        self.settle()  # the counts of the last step
         return {
             "format": 1,
             "step": self.step,
@@ -301,29 +342,50 @@ class Trainer:
         frac = min(1.0, self.step / max(1, self.cfg.optim.steps - 1))
         return dataclasses.replace(self.sds_cfg, t_range=(lo, max(lo, hi + (g.t_max_end - hi) * frac)))
 
-    def train_step(self) -> bool:
-        """One optimisation step. Returns False when it was skipped (non-finite loss or gradients)."""
+    def train_step(self, settle: bool = True) -> bool | None:
+        """One optimisation step. Returns False when it was skipped (non-finite loss or gradients).
+
+        ``settle=False`` (the training loop): the step's outcome is read on the host later, by the next step or by
+        :meth:`settle`, so the CPU does not wait for the GPU to finish the step (the counts, ``last_loss`` and the
+        divergence check lag by one step); returns None."""
         o = self.cfg.optim
         if self.step % o.grid_update_every == 0:
             self._update_grid()
         self.optimizer.zero_grad(set_to_none=True)
         loss, info = self.compute_loss()
+        self.settle()  # the previous step's outcome: its work is done by now (this step's render waited for it)
         finite_loss = scaled_backward(loss, self.scaler)
-        ok = finite_loss and apply_step(self.optimizer, self.scaler)
+        ok = apply_step(self.optimizer, self.scaler, finite_loss)
+        if ok.is_cuda and self._pinned is None:
+            self._pinned = torch.empty(3, pin_memory=True)
+        self._pending = StepOutcome(self.step + 1, loss, finite_loss, ok, self._pinned)
+        self.last_info = info
+        self.step += 1
+        return self.settle() if settle else None
+
+    def settle(self) -> bool | None:
+        """Read the last step's outcome on the host, if not yet read: count it, keep its loss, and stop a run that
+        diverged. Returns whether that step was taken (None: nothing to read).
+
+        Raises:
+            UserError: ``max_bad_steps`` steps in a row were skipped.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        loss, finite_loss, ok = pending.result()
         if ok:
             self.bad_in_a_row = 0
-            self.last_loss = float(loss.detach())
+            self.last_loss = loss
         else:
-            self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
             self.skipped_loss += not finite_loss
             self.bad_in_a_row += 1
-        self.last_info = info
-        self.step += 1
-        if self.bad_in_a_row >= o.max_bad_steps:
+        if self.bad_in_a_row >= self.cfg.optim.max_bad_steps:
             raise UserError(
-                f"{self.bad_in_a_row} steps in a row had a NaN/inf loss or gradient (step {self.step}); the run "
-                f"diverged: lower --lr or --guidance-scale and resume from the last checkpoint with --resume"
+                f"{self.bad_in_a_row} steps in a row had a NaN/inf loss or gradient (step {pending.step}); the run "
+                f"diverged: start it over (--overwrite) with a lower --lr or --guidance-scale (--resume keeps the "
+                f"saved settings, and from the same checkpoint and random state it would diverge again)"
             )
         return ok
 
@@ -371,7 +433,7 @@ class Trainer:
         try:
             with self._sigint_saves():
                 while self.step < o.steps and not self._stop:
-                    self.train_step()
+                    self.train_step(settle=False)  # read by the next step: the CPU runs ahead of the GPU
                     self.checkpoints.poll()
                     if bar is not None:
                         bar.update(1)
@@ -383,6 +445,7 @@ class Trainer:
                         last_ckpt = self.save(wait=False)  # written while the next steps train
                 if self._stop and (last_ckpt is None or self.step % o.save_every):
                     last_ckpt = self.save(wait=False)
+                self.settle()  # the last step's counts and loss (save() settles too)
         except BaseException:
             # The error in flight is the one to report; a background write still finishes (it loses nothing).
             with contextlib.suppress(Exception):

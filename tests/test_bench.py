@@ -167,6 +167,21 @@ def test_reference_ops_are_forced():
     assert set(r.backends.values()) == {"reference"}
 
 
+def test_host_checks_and_skipped_steps_are_counted(capsys):
+    """--host-checks (the A/B of the trainer's deferred checks) runs the same step; a NaN loss is counted as a
+    skipped step either way, read once at the end."""
+    for host_checks in (False, True):
+        runner = _runner("builtin", host_checks=host_checks)
+        runner.step()
+        assert runner.skipped == 0
+        real = runner.sds_loss
+        runner.sds_loss = lambda *a, real=real, **kw: real(*a, **kw) * float("nan")
+        runner.step()
+        assert runner.skipped == 1 and runner.cfg.host_checks is host_checks
+    assert main(["bench", "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--host-checks"]) == 0
+    assert "host checks" in capsys.readouterr().out
+
+
 def test_cli_sd_tiny_writes_json(tmp_path, capsys):
     pytest.importorskip("diffusers")
     out = tmp_path / "sd.json"

@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """The optimisation loop with a stand-in guidance: determinism, resume, NaN skipping, checkpoints."""
 
+import math
+
 import pytest
 import torch
 
@@ -157,6 +159,24 @@ def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path):
     assert torch.equal(a.grid.density, c.grid.density)
 
 
+def test_the_loop_reads_each_outcome_a_step_late_to_the_same_result(tmp_path):
+    """train() reads a step's outcome (loss, skip, counts) during the next step, so the CPU need not wait for the
+    GPU; stepping with train_step() reads it at once. Both end with the same parameters, counts and loss."""
+    cfg = tiny_config(steps=5)
+    a = Trainer(cfg, ColourGuidance(nan_at={3}), tmp_path / "a", "cpu")
+    res = a.train(progress=False)
+    b = Trainer(cfg, ColourGuidance(nan_at={3}), tmp_path / "b", "cpu")
+    assert [b.train_step() for _ in range(5)] == [True, True, False, True, True]
+    assert torch.equal(params(a), params(b))
+    assert (res.skipped, res.skipped_loss, res.step) == (b.skipped, b.skipped_loss, b.step) == (1, 1, 5)
+    assert res.last_loss == b.last_loss and math.isfinite(res.last_loss)
+    c = Trainer(cfg, ColourGuidance(nan_at={3}), tmp_path / "c", "cpu")
+    assert [c.train_step(settle=False) for _ in range(3)] == [None] * 3
+    assert c.skipped == 0  # the third step's skip is not read yet
+    assert c.state_dict()["stats"]["skipped"] == 1 and c.skipped == 1  # a checkpoint reads it first
+    assert c.settle() is None  # nothing left to read
+
+
 def test_nan_step_is_skipped_and_checkpoint_is_clean(tmp_path):
     cfg = tiny_config(steps=6)
     tr = Trainer(cfg, ColourGuidance(nan_at={2}), tmp_path, "cpu")
@@ -233,29 +253,58 @@ def test_apply_step_skips_an_overflow_and_lowers_the_scale():
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    assert not scaled_backward((w * float("nan")).sum(), scaler)  # a non-finite loss: no backward at all
-    assert w.grad is None
-    assert scaled_backward((w * 1e38).sum(), scaler)  # finite loss, inf gradient once scaled
-    assert not apply_step(opt, scaler)
+    finite = scaled_backward((w * 1e38).sum(), scaler)  # finite loss, inf gradient once scaled
+    assert finite.dtype == torch.bool and bool(finite)
+    assert not apply_step(opt, scaler, finite)
     assert torch.equal(w.detach(), torch.ones(3))  # skipped
     assert scaler.get_scale() == 2.0**15  # lowered
     opt.zero_grad(set_to_none=True)
-    assert scaled_backward(w.sum(), scaler)
-    assert apply_step(opt, scaler)  # no "unscale_() has already been called"
+    finite = scaled_backward(w.sum(), scaler)
+    assert apply_step(opt, scaler, finite)  # no "unscale_() has already been called"
     torch.testing.assert_close(w.detach(), torch.full((3,), 0.9))
 
 
-def test_apply_step_without_a_scaler_checks_gradients():
+@pytest.mark.parametrize("fused", [False, True])
+def test_apply_step_skips_a_nonfinite_loss_with_finite_gradients(fused):
+    """A NaN loss whose gradients come out finite (SDS-style: the gradient does not flow through the loss' value)
+    is skipped all the same, under the scaler too: there the skip is the scaler's own, in the fused Adam's kernel
+    on CUDA, and it must agree with the returned verdict. Adam's step count and moments stay as they were."""
+    from fastdream.train import apply_step, scaled_backward
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([w], lr=0.1, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    finite = scaled_backward((w * torch.tensor([1.0, 2.0, 3.0])).sum(), scaler)
+    assert apply_step(opt, scaler, finite)
+    taken, moments = w.detach().clone(), opt.state[w]["exp_avg"].clone()
+    step_count = float(opt.state[w]["step"])
+    opt.zero_grad(set_to_none=True)
+    # the value is NaN, the gradient (of w.sum()) finite: a surrogate loss, as SDS builds
+    loss = w.sum() + (w.detach().sum() * float("nan"))
+    finite = scaled_backward(loss, scaler)
+    assert not bool(finite) and torch.isfinite(w.grad).all()
+    assert not apply_step(opt, scaler, finite)
+    assert torch.equal(w.detach(), taken) and torch.equal(opt.state[w]["exp_avg"], moments)
+    assert float(opt.state[w]["step"]) == step_count
+    assert scaler.get_scale() == 2.0  # lowered, as after an overflow
+    opt.zero_grad(set_to_none=True)
+    assert apply_step(opt, scaler, scaled_backward(w.sum(), scaler))  # and the next step is taken
+    assert not torch.equal(w.detach(), taken)
+
+
+def test_apply_step_without_a_scaler_checks_loss_and_gradients():
     from fastdream.train import apply_step, scaled_backward
 
     w = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([w], lr=0.5)
-    assert scaled_backward((w * torch.tensor([1.0, 2.0])).sum(), None)
-    assert apply_step(opt, None)
+    assert apply_step(opt, None, scaled_backward((w * torch.tensor([1.0, 2.0])).sum(), None))
     torch.testing.assert_close(w.detach(), torch.tensor([0.5, 0.0]))
     opt.zero_grad(set_to_none=True)
     w.grad = torch.tensor([float("inf"), 0.0])
     assert not apply_step(opt, None)
+    torch.testing.assert_close(w.detach(), torch.tensor([0.5, 0.0]))
+    opt.zero_grad(set_to_none=True)
+    assert not apply_step(opt, None, scaled_backward(w.sum() + w.detach().sum() * float("nan"), None))
     torch.testing.assert_close(w.detach(), torch.tensor([0.5, 0.0]))
 
 

@@ -58,6 +58,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "(torch.backends.cudnn.benchmark; CUDA only; the UNet's and VAE's shapes are fixed, so only the warm-up pays)",
     )
     p.add_argument(
+        "--host-checks",
+        action="store_true",
+        help="read the loss and gradient checks on the host inside each step (two waits for the GPU, as the trainer "
+        "did before 2026-11-27), to time what leaving them on the device saves",
+    )
+    p.add_argument(
         "--field-graphs",
         action="store_true",
         help="replay the field's forward and backward (hash grid, MLP, normals) from CUDA graphs, one per "
@@ -150,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         unet_layout=args.unet_layout,
         vae_groupnorm=args.vae_groupnorm,
         cudnn_benchmark=args.cudnn_benchmark,
+        host_checks=args.host_checks,
     )
     # the output files are checked before the benchmark runs: a bad path must not cost a whole run
     out = Path(args.json) if args.json not in (None, "-") else None
