@@ -331,6 +331,33 @@ def test_optimizer_is_fused_adam_on_cuda_only(tmp_path, device):
     assert bool(tr.optimizer.defaults["fused"]) == (device == "cuda")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_skip_is_decided_on_the_gpu_with_the_same_counts(tmp_path):
+    """On CUDA (fp16 autocast, gradient scaler, fused Adam) a NaN-loss step is skipped on the device: the loop,
+    which reads each outcome a step late, and step-by-step reading agree, and no parameter is left non-finite."""
+
+    class CudaColour(ColourGuidance):
+        device = torch.device("cuda")
+
+        def sds_loss(self, images, view_words, cfg, generator=None):
+            self.calls += 1
+            target = torch.tensor([1.0, 0.0, 0.0], device=images.device)[None, :, None, None]
+            loss = (images - target).square().sum()
+            return (loss * float("nan") if self.calls in self.nan_at else loss), {}
+
+    cfg = tiny_config(steps=6)
+    a = Trainer(cfg, CudaColour(nan_at={4}), tmp_path / "a", "cuda")
+    res = a.train(progress=False)
+    b = Trainer(cfg, CudaColour(nan_at={4}), tmp_path / "b", "cuda")
+    oks = [b.train_step() for _ in range(3)]
+    before = params(b)
+    oks.append(b.train_step())
+    assert oks[3] is False and torch.equal(params(b), before)  # skipped on the device: nothing moved
+    oks += [b.train_step() for _ in range(2)]
+    assert res.skipped == b.skipped and res.skipped_loss == b.skipped_loss == 1 and res.step == b.step == 6
+    assert math.isfinite(res.last_loss) and all(torch.isfinite(p).all() for p in a.field.parameters())
+
+
 def test_t_max_anneals_linearly_to_t_max_end(tmp_path):
     cfg = tiny_config(steps=11)
     tr = Trainer(cfg, ColourGuidance(), tmp_path / "plain", "cpu")
