@@ -311,6 +311,8 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
             guidance = load_prepared_guidance(cfg, plan.device)
     for note in getattr(guidance, "notes", ()):  # now, not after training: e.g. a prompt cut short
         print(note, file=sys.stderr)
+    if cfg.guidance.compile_vae:  # else the first steps would look hung
+        print("note: --compile-vae: the first steps compile the VAE encoder (tens of seconds)", file=sys.stderr)
     if cfg.guidance.guidance_scale is None:  # the model's own default, recorded in config.json
         cfg.guidance.guidance_scale = float(getattr(guidance, "default_guidance_scale", 100.0))
     trainer = Trainer(cfg, guidance, plan.run_dir, plan.device)
