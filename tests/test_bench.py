@@ -109,6 +109,29 @@ def test_compile_vae_gives_the_eager_latents_and_image_gradient():
     assert grad_eager.abs().sum() > 0
 
 
+def test_compile_vae_failure_is_one_line(monkeypatch):
+    """A compile that fails at the first call (inside training) is one line naming the option, not a traceback."""
+    pytest.importorskip("diffusers")
+    from fastdream.errors import UserError
+    from fastdream.guidance import graphs
+
+    def broken(*a, **kw):
+        def call(x):
+            raise torch._dynamo.exc.BackendCompilerFailed(None, RuntimeError("no working C++ compiler"), None)
+
+        return call
+
+    g = _runner("sd").guidance
+    monkeypatch.setattr(graphs.torch, "compile", broken)
+    graphs.accelerate(g, compile_vae=True)
+    h = int(g.resolution)
+    with pytest.raises(
+        UserError, match="--compile-vae.*RuntimeError: no working C.. compiler.*drop --compile-vae"
+    ) as err:
+        g.encode_images(torch.rand(1, 3, h, h).requires_grad_())
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("model", ["sd", "if"])
 def test_parted_sds_loss_is_the_guidance_sds_loss(model):
     pytest.importorskip("diffusers")

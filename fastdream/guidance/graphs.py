@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fastdream import _capture
+from fastdream.errors import UserError
 
 
 def accelerate(guidance: Any, *, compile: bool = False, cuda_graphs: bool = False, compile_vae: bool = False) -> None:
@@ -37,10 +38,29 @@ def accelerate(guidance: Any, *, compile: bool = False, cuda_graphs: bool = Fals
     elif cuda_graphs:
         guidance.unet = CUDAGraphUNet(unet)
     if compile_vae and hasattr(guidance, "vae_mean"):
-        mode = "reduce-overhead" if cuda_graphs else None
-        guidance.vae_mean = torch.compile(guidance.vae_mean, mode=mode, dynamic=False)
+        guidance.vae_mean = CompiledVAEMean(guidance.vae_mean, mode="reduce-overhead" if cuda_graphs else None)
     elif cuda_graphs and hasattr(guidance, "vae_mean"):
         guidance.vae_mean = GraphedVAEMean(guidance.vae_mean)
+
+
+class CompiledVAEMean:
+    """The VAE encoder's mean under ``torch.compile`` (inductor; ``mode="reduce-overhead"``: in its CUDA graphs).
+    The compile happens at the first call, inside training: if it fails (no working compiler, an inductor bug) the
+    user gets one line naming the option to drop, not a compiler traceback."""
+
+    def __init__(self, fn: Any, mode: str | None = None) -> None:
+        self.fn = torch.compile(fn, mode=mode, dynamic=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.fn(x)
+        except torch._dynamo.exc.TorchDynamoException as e:  # compile failures (BackendCompilerFailed, ...)
+            cause = getattr(e, "inner_exception", None) or e  # the compiler's own error, when it has one
+            first = (str(cause).strip().splitlines() or [""])[0][:160]
+            raise UserError(
+                f"--compile-vae: torch.compile could not compile the VAE encoder ({type(cause).__name__}: {first}); "
+                "drop --compile-vae"
+            ) from e
 
 
 class GraphedVAEMean:
