@@ -233,8 +233,33 @@ def test_rays_that_miss_or_point_away(device, backend):
     assert s.offsets.tolist() == [0, 0, 0, 128]
 
 
-# An origin 3e5 from the sphere, aimed at it: float32 rounding of the ray-sphere test gives a spurious wide hit
-# along which t + step rounds back to t.
+@pytest.mark.parametrize("device,backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("distance", [3.0, 1e3, 1e4, 1e5])
+def test_far_origins_hit_and_miss_like_near_ones(device, backend, distance):
+    """Oblique rays from ``distance`` x the bound, passing the centre at 0 .. 2 x the bound. The textbook
+    discriminant (o.d)^2 - (|o|^2 - r^2) cancels in float32 from ~1e3 on (at 1e4 every ray missed, at 1e3 one
+    passing at 0.99 did); the answer must not depend on how far away the camera is."""
+    g = torch.Generator().manual_seed(int(distance))
+    u = torch.nn.functional.normalize(torch.randn(5, 3, generator=g, dtype=torch.float64), dim=-1)
+    side = torch.nn.functional.normalize(torch.linalg.cross(u, torch.randn(5, 3, generator=g, dtype=torch.float64)))
+    miss = torch.tensor([0.0, 0.5, 0.9, 1.1, 2.0], dtype=torch.float64)  # closest approach to the centre
+    o = (-distance * u + miss[:, None] * side).float().to(device)
+    d = u.float().to(device)
+    chord = 2 * (1 - miss.clamp_max(1) ** 2).sqrt()
+    t_near, t_far, hit = ray_sphere(o, d)
+    assert hit.tolist() == [True, True, True, False, False]
+    ulp = distance * 2.0**-23
+    torch.testing.assert_close(t_near.cpu()[:3].double(), distance - chord[:3] / 2, rtol=0, atol=8 * ulp + 1e-5)
+    with use_backend(backend):
+        s = march_rays(o, d)
+    counts = (s.offsets[1:] - s.offsets[:-1]).cpu()
+    expected = torch.ceil(chord * 64)
+    assert ((counts - expected).abs() <= 2).all(), (counts.tolist(), expected.tolist())
+    assert (s.positions.norm(dim=-1) <= 1.0 + 16 * ulp + 1e-5).all()
+
+
+# An origin 3e5 from the sphere, aimed at it: t + step rounds back to t there (with the textbook discriminant the
+# hit was also spurious and wide).
 FAR_O, FAR_D = [-118493.90625, 206870.015625, 182109.796875], [118494.0546875, -206869.671875, -182109.625]
 
 

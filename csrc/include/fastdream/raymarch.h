@@ -50,10 +50,14 @@ FD_HD Vec3 normalize_direction(Vec3 d) {
 }
 
 // Entry and exit distances through the sphere |x|^2 = radius2 along a unit direction; t_near >= 0.
+// The discriminant is radius2 - |q|^2 with q = o - (o.d) d, the ray's closest point to the centre: the textbook
+// (o.d)^2 - (|o|^2 - radius2) cancels catastrophically in float32 once |o| is ~1e3 x the radius.
 FD_HD bool ray_sphere_one(Vec3 o, Vec3 d, float radius2, float* t_near, float* t_far) {
   float b = o.x * d.x + o.y * d.y + o.z * d.z;
-  float c = (o.x * o.x + o.y * o.y + o.z * o.z) - radius2;
-  float disc = b * b - c;
+  float qx = o.x - b * d.x;
+  float qy = o.y - b * d.y;
+  float qz = o.z - b * d.z;
+  float disc = radius2 - (qx * qx + qy * qy + qz * qz);
   float sq = sqrtf(fmaxf(disc, 0.0f));
   float tn = fmaxf(-b - sq, 0.0f);
   float tf = -b + sq;
