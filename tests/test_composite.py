@@ -222,6 +222,22 @@ def test_no_samples_gives_background(device, backend):
     assert (out.opacity == 0).all() and out.weights.shape == (0,)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_offsets_past_the_samples_read_and_write_nothing_outside_them(device, backend):
+    """The compiled kernels read only ``offsets`` (checking them against the samples would cost a device sync per
+    step): entries below 0 or past S are clamped, so a bad ``offsets`` cannot touch memory outside the samples.
+    The first and last ray then see exactly their clamped ranges, forward and backward."""
+    sigmas, colors, s, bg = _inputs(6, seed=11, device=device)
+    n = s.n_samples
+    good = _run(backend, sigmas, colors, s, bg)
+    bad = s.offsets.clone()
+    bad[0], bad[-1] = -1000, n + 1000
+    fields = (s.ray_indices, s.t_starts, s.t_ends, s.positions, s.directions, bad)
+    out = _run(backend, sigmas, colors, RaySamples(*fields), bg)
+    for name, a, b in zip(NAMES, out, good):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 # --- input checks -----------------------------------------------------------------------------------------------
 
 
