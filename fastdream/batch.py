@@ -120,7 +120,9 @@ def folder_name(prompt: str, max_len: int = 40) -> str:
     from fastdream.config import slugify
 
     digest = hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:6]
-    return f"{slugify(prompt, max_len)}-{digest}"
+    # ASCII as in 0.1.0: a library's folder names must not change under a later version (a resumed batch would
+    # not find its finished prompts).
+    return f"{slugify(prompt, max_len, ascii_only=True)}-{digest}"
 
 
 # ----------------------------------------------------------------------------------------------------- status

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,10 +227,23 @@ def _from_dict(cls: type, d: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def slugify(prompt: str, max_len: int = 48) -> str:
-    """'A red cube!' -> 'a_red_cube' (the default run folder name)."""
-    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")
-    return slug[:max_len].rstrip("_") or "run"
+def _ascii_fold(ch: str) -> str:
+    """'é' -> 'e', 'ﬂ' -> 'fl'; a letter whose compatibility decomposition is not ASCII plus accents stays as it is
+    ('й' is not 'и', 'œ' is not 'oe' in Unicode's eyes)."""
+    base = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+    return base if base and base.isascii() else ch
+
+
+def slugify(prompt: str, max_len: int = 48, ascii_only: bool = False) -> str:
+    """The default run folder name: 'A red cube!' -> 'a_red_cube', 'Crème brûlée' -> 'creme_brulee',
+    '赤い立方体' -> '赤い立方体' (letters and digits of any script, accents dropped; ``ascii_only``: a-z and 0-9
+    as they are, 'Crème' -> 'cr_me').
+    'run' when nothing is left."""
+    if ascii_only:
+        slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower())
+    else:
+        slug = re.sub(r"[\W_]+", "_", "".join(_ascii_fold(ch) for ch in unicodedata.normalize("NFC", prompt.lower())))
+    return slug.strip("_")[:max_len].rstrip("_") or "run"
 
 
 def is_builtin(model: str) -> bool:

@@ -173,6 +173,15 @@ def test_plan_leaves_no_trace_on_disk(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_default_folder_of_a_prompt_in_another_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for prompt, folder in [("赤い立方体", "赤い立方体"), ("Crème brûlée", "creme_brulee"), ("🙂", "run")]:
+        cfg = RunConfig(prompt=prompt, device="cpu")  # a hub id: the builtin prior knows English prompts only
+        cfg.guidance.model = "stabilityai/stable-diffusion-2-1-base"
+        assert runs.plan_generate(cfg, set(), resume=False, overwrite=False).run_dir == Path("runs", folder)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_no_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -44,6 +44,21 @@ def test_folder_names_are_safe_unique_stable() -> None:
         assert all(c.isascii() and (c.isalnum() or c in "_-") for c in n)
     assert names == [batch.folder_name(p) for p in prompts]  # stable
     assert batch.folder_name("a red cube") == "a_red_cube-356cc2"  # across versions too
+    assert batch.folder_name("Crème brûlée") == "cr_me_br_l_e-e8f7a3"  # single runs drop accents; libraries do not
+
+
+def test_default_run_folder_keeps_letters_of_any_script() -> None:
+    """Without --out the folder is the prompt's slug: accents dropped, other scripts kept (they all became
+    ``runs/run`` before, so two such prompts shared one folder)."""
+    from fastdream.config import slugify
+
+    assert slugify("A red cube!") == "a_red_cube"
+    assert slugify("Crème  brûlée, ﬂambée") == "creme_brulee_flambee"
+    assert slugify("赤い立方体") == "赤い立方体" and slugify("빨간 큐브") == "빨간_큐브"
+    assert slugify("красный куб") == "красный_куб"
+    assert slugify("🙂 #!?") == "run" and slugify("__") == "run"
+    long = slugify("立方体 " * 40)
+    assert len(long) <= 48 and not long.endswith("_") and len(long.encode()) < 255
 
 
 class FakeRunner:
