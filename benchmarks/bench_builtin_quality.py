@@ -6,7 +6,7 @@ Ten prompts, five shapes in two colours each, every colour of the palette at lea
 ``fastdream evaluate``: Chamfer to the true primitive (goal <= 0.05, and the smallest of the five), silhouette
 IoU from novel views, mean albedo error (goal <= 0.15).
 
-Run all ten (about 10 x 5 min on a 2-core CPU)::
+Run all ten (about 10 x 2.5 min on a 2-core CPU, 72-274 s each at the current defaults)::
 
     python benchmarks/bench_builtin_quality.py --out /tmp/fd-bench [--prompts "a red cube" ...] [--seed N]
 
@@ -116,7 +116,7 @@ try:
 
     _OPT_IN = bool(os.environ.get("FASTDREAM_BENCH_PROMPTS")) or os.environ.get("FASTDREAM_BENCH_QUALITY") == "1"
 
-    @pytest.mark.skipif(not _OPT_IN, reason="ten 5-minute runs: set FASTDREAM_BENCH_QUALITY=1 to run them")
+    @pytest.mark.skipif(not _OPT_IN, reason="ten runs of a few minutes: set FASTDREAM_BENCH_QUALITY=1 to run them")
     @pytest.mark.parametrize("prompt", _SELECTED)
     def test_builtin_quality(benchmark, prompt, tmp_path):
         pytest.importorskip("pytest_benchmark")

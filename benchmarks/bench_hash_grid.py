@@ -9,7 +9,7 @@ Sizes: 2**18 points on the CPU, 2**20 on CUDA; ``FASTDREAM_BENCH_HASH_N`` overri
 Two point sets: ``uniform`` (independent uniform points in the cube: every gather a cache miss, the worst
 case) and, on CUDA, ``rays`` (what the renderer feeds the grid: N / 256 rays of a pinhole camera at distance
 2.5 looking at the origin, 256 evenly spaced samples each in [1.5, 3.5], ray after ray; for 2^20 points a 64x64
-image). On CUDA the ``cuda`` backend runs three times: ``cuda`` (its default, fp16 table reads), ``cuda-fp32``
+image). On CUDA the ``cuda`` backend runs four times: ``cuda`` (its default, fp16 table reads), ``cuda-fp32``
 (``CUDA_FP16_TABLE_READS = False``: fp32 reads), ``cuda-plain`` (``FASTDREAM_HASH_BACKWARD=plain``: one
 thread per point and level with paired float4 atomics, instead of the default warp-aggregated table gradient)
 and ``cuda-hybrid`` (``FASTDREAM_HASH_BACKWARD=hybrid``: aggregation where a warp has runs, paired atomics

@@ -2,7 +2,9 @@
 """The step benchmark behind ``fastdream bench``: one SDS step timed in parts.
 
 A step is the trainer's (:mod:`fastdream.train`) written out with the same public functions, with a clock mark
-between the parts:
+between the parts. One difference: the background is the learned environment map for every model, the costliest
+one, where a builtin ``generate`` run defaults to black (no background MLP), so a builtin bench step is slightly
+dearer than a builtin training step:
 
 ========================  ====================================================================================
 ``rays_march``            camera draw, ``get_rays``, ``march_rays`` through the occupancy grid

@@ -132,10 +132,10 @@ class OptimConfig:
 @dataclass
 class GuidanceConfig:
     model: str = DEFAULT_MODEL  # hub id, local diffusers folder, or "builtin"
-    guidance_scale: float | None = None  # auto: 100 for diffusion models, the builtin prior's own otherwise
+    guidance_scale: float | None = None  # auto: 100 for Stable Diffusion, 20 for DeepFloyd IF, 2 for the builtin prior
     t_range: tuple[float, float] = (0.02, 0.98)
     t_max_end: float | None = None  # if set, t_range's upper end falls linearly to this by the last step
-    weighting: str = "sds"  # w(t): "sds" (sigma_t^2) | "uniform"
+    weighting: str = "sds"  # w(t): "sds" (sigma_t^2) | "uniform" (1) | "sigma" (sigma_t)
     # Diffusion models: classifier-free guidance's unconditional branch is this text's embedding, so the render is
     # pushed away from it (empty: the empty prompt's, as in DreamFusion). The builtin prior has no text encoder.
     negative_prompt: str = ""

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Volume rendering of the field: rays -> marched samples -> field -> shading -> compositing.
 
-Used by the trainer, the previews, the turntable, the builtin prior's data and ``fastdream evaluate``; every
-step goes through the public ops (``march_rays``, ``shade``, ``composite``).
+Used by the trainer, the previews, the turntable and the CUDA-graph render (``render_graphs``); every step goes
+through the public ops (``march_rays``, ``shade``, ``composite``).
 
 Example:
     >>> import torch

@@ -420,6 +420,24 @@ def test_export_of_a_finished_run_adds_no_note(run_dir: Path, capsys: pytest.Cap
     assert out.startswith("exported step 4:") and err == ""
 
 
+def test_export_keeps_the_runs_mesh_settings_unless_given(
+    run_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, no_backend_env: None
+) -> None:
+    """A run made with ``--set export.mesh_resolution=...`` is re-exported at its own settings (both were reset to
+    128 and 10 before); an option given to export overrides only itself."""
+    import fastdream.export
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["export"].update(mesh_resolution=20, iso_level=7.5)
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    seen = []
+    monkeypatch.setattr(fastdream.export, "export_all", lambda f, b, g, c, d: seen.append(c.export) or ([], None))
+    assert main(["export", str(run_dir), "--device", "cpu"]) == 0
+    assert main(["export", str(run_dir), "--device", "cpu", "--mesh-resolution", "16"]) == 0
+    assert main(["export", str(run_dir), "--device", "cpu", "--iso-level", "3"]) == 0
+    assert [(e.mesh_resolution, e.iso_level) for e in seen] == [(20, 7.5), (16, 7.5), (20, 3.0)]
+
+
 def _as_diffusion_run(run_dir: Path, prompt: str) -> None:
     cfg = json.loads((run_dir / "config.json").read_text())
     cfg["prompt"], cfg["guidance"]["model"] = prompt, "stabilityai/stable-diffusion-2-1-base"

@@ -12,7 +12,8 @@ from pathlib import Path
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate",
-        help="score a --model builtin run: Chamfer to the true primitive, silhouette IoU, albedo error (JSON)",
+        help="score a run whose prompt the builtin prior knows: Chamfer to the true primitive, silhouette IoU, "
+        "albedo error (JSON)",
         description="Score a run whose prompt the builtin prior knows ('[a|an|the] COLOUR SHAPE'): Chamfer "
         "distance of DIR/mesh.obj to the true primitive (and to the others), silhouette IoU from novel views, and "
         "the mean albedo against the named colour. Prints JSON.",

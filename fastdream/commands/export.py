@@ -20,8 +20,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", metavar="DIR", help="a run folder written by fastdream generate")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--mesh-resolution", type=int, default=e.mesh_resolution, help="marching-cubes cells per axis")
-    p.add_argument("--iso-level", type=float, default=e.iso_level, help="density level of the surface")
+    p.add_argument(
+        "--mesh-resolution",
+        type=int,
+        default=None,
+        help=f"marching-cubes cells per axis (default: the run's, {e.mesh_resolution} unless it was set)",
+    )
+    p.add_argument(
+        "--iso-level",
+        type=float,
+        default=None,
+        help=f"density level of the surface (default: the run's, {e.iso_level:g} unless it was set)",
+    )
     p.add_argument("--frames", type=int, default=None, help="turntable frames (default: the run's)")
     p.add_argument("--turntable-resolution", type=int, default=None, help="turntable size (default: the run's)")
     return p
@@ -41,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         if v is not None and not lo <= v <= hi:
             raise UserError(f"{name} must be in [{lo}, {hi}], got {v}")
-    if not args.iso_level > 0:
+    if args.iso_level is not None and not args.iso_level > 0:
         raise UserError(f"--iso-level must be > 0, got {args.iso_level}")
     if Path(args.run_dir).is_dir():  # else load_run says what is wrong with it
         reason = unwritable_reason(args.run_dir)
@@ -52,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
             )
     trainer = load_run(args.run_dir, args.device)
     cfg = trainer.cfg
-    cfg.export.mesh_resolution, cfg.export.iso_level = args.mesh_resolution, args.iso_level
+    if args.mesh_resolution is not None:
+        cfg.export.mesh_resolution = args.mesh_resolution
+    if args.iso_level is not None:
+        cfg.export.iso_level = args.iso_level
     if args.frames is not None:
         cfg.render.turntable_frames = args.frames
     if args.turntable_resolution is not None:
