@@ -443,6 +443,7 @@ def run_prompts_command(args: Any) -> int:
     cfg = resolve(config_from_args(a), dev.type)
     cfg.device = str(dev)
     validate(cfg)
+    single._check_cheap(cfg, dev, prompt=False)  # CUDA-only options on a CPU, a missing model folder
     single._check_writable(out)
     progress = not args.quiet and not dist.distributed
     return run_batch(

@@ -328,6 +328,10 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
+
+
 def validate(cfg: RunConfig) -> None:
     """Every check of a run's settings, in one place: every field of the :class:`RunConfig` tree (``None``, "auto",
     is accepted where :func:`resolve` fills it in). Raises UserError naming the option (``--set KEY`` for the
@@ -349,6 +353,8 @@ def validate(cfg: RunConfig) -> None:
     def number(key: str, v: Any, lo: float | None = None, lo_open: bool = False, hi: float | None = None) -> None:
         if not _is_number(v):
             raise UserError(f"{option_name(key)} must be a finite number, got {v!r}")
+        if v != 0 and not FLOAT32_TINY <= abs(v) <= FLOAT32_MAX:  # training runs in float32: 1e300 overflows there
+            raise UserError(f"{option_name(key)} must be 0 or between 1e-38 and 3e38 in size (float32), got {v!r}")
         if lo is not None and (v <= lo if lo_open else v < lo):
             raise UserError(f"{option_name(key)} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
         if hi is not None and v > hi:

@@ -206,13 +206,16 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
     return Plan(cfg, run_dir, device, resume=False, clear=clear)
 
 
-def _check_cheap(cfg: RunConfig, device: torch.device) -> None:
-    """The checks of the model settings that need no model loaded."""
+def _check_cheap(cfg: RunConfig, device: torch.device, prompt: bool = True) -> None:
+    """The checks of the model settings that need no model loaded (``prompt``: the builtin prior's vocabulary
+    too; a --prompts batch checks each prompt as it comes)."""
     if cfg.guidance.cuda_graphs and device.type != "cuda":
         raise UserError(f"{option_name('guidance.cuda_graphs')} needs a CUDA device; drop it or use --device cuda")
     if cfg.guidance.compile_vae and device.type != "cuda":
         raise UserError(f"{option_name('guidance.compile_vae')} needs a CUDA device; drop it or use --device cuda")
     if is_builtin(cfg.guidance.model):
+        if not prompt:
+            return
         from fastdream.builtin.vocabulary import parse_prompt
 
         parse_prompt(cfg.prompt)  # UserError: outside the vocabulary (the message lists it)
@@ -298,6 +301,40 @@ def skipped_note(skipped: int, skipped_loss: int, fp16: bool) -> str:
     return f"{skipped} step(s) skipped: " + ", ".join(parts)
 
 
+def clear_outputs(run_dir: Path, paths: list[Path]) -> None:
+    """--overwrite: move the old run's outputs into one hidden folder of ``run_dir``, then delete that folder.
+
+    Renames either all succeed or are undone, so a file that cannot be removed (permissions, an immutable file)
+    stops the run with the old one intact, where deleting item by item left it half deleted.
+    """
+    if not paths:
+        return
+    trash = run_dir / f".overwritten-{os.getpid()}"
+    moved: list[tuple[Path, Path]] = []
+    try:
+        trash.mkdir()
+        for p in paths:
+            moved.append((p, trash / p.name))
+            p.rename(trash / p.name)
+    except OSError as e:
+        moved = moved[:-1] if moved and not moved[-1][1].exists() and not moved[-1][1].is_symlink() else moved
+        for p, dest in reversed(moved):
+            dest.rename(p)
+        if trash.is_dir():
+            trash.rmdir()
+        raise UserError(
+            f"--overwrite cannot move the old run's {e.filename or run_dir} aside ({e.strerror or e}); nothing "
+            f"was deleted: fix the permissions of {run_dir}, or pick another --out"
+        ) from e
+    try:
+        shutil.rmtree(trash)
+    except OSError as e:
+        raise UserError(
+            f"--overwrite moved the old run into {trash} but cannot delete it ({e.strerror or e}); delete that "
+            f"folder, then run again"
+        ) from e
+
+
 def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=None) -> RunResult:
     """Load the guidance, then (only then) write into the folder, train, and export."""
     from fastdream.export import export_all
@@ -321,8 +358,7 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
     if plan.resume:
         trainer.resume()
     else:
-        for p in plan.clear:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        clear_outputs(plan.run_dir, plan.clear)
     try:  # resumed: keep config.json in step with what the run does (steps may have grown)
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write(plan.run_dir / CONFIG, cfg.to_json() + "\n")

@@ -69,6 +69,10 @@ BAD_SETTINGS = [
     ("camera.azimuth_range=[180,-180]", ("--set camera.azimuth_range",)),
     ("camera.light_jitter=-1", ("--set camera.light_jitter",)),
     ('shading.ambient=["a",1,1]', ("--ambient",)),
+    ("optim.lr=1e300", ("--lr", "float32")),  # overflowed inside Adam, after --overwrite had deleted the old run
+    ("optim.eps=1e-300", ("--set optim.eps", "float32")),  # 0 in float32: NaN at the first step
+    ("optim.mlp_lr_scale=1e300", ("--set optim.mlp_lr_scale", "float32")),
+    ("out=null", ("--out",)),
 ]
 
 
@@ -356,3 +360,39 @@ def test_ctrl_c_before_this_run_saved_anything_gives_no_resume_hint(
     _, err = capsys.readouterr()
     assert rc == 130 and err.strip() == "fastdream generate: interrupted", err
     assert tree_hash(run_dir) == before
+
+
+def test_overwrite_that_cannot_remove_an_output_keeps_the_old_run_whole(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint folder that cannot be moved (an immutable folder, a permission): --overwrite deleted the outputs
+    one by one before, so config.json was gone and the run dead when the checkpoints refused. Now nothing is
+    deleted unless every output could be moved aside first."""
+    before = tree_hash(run_dir)
+    real_rename = Path.rename
+
+    def rename(self: Path, target):
+        if self.name == "checkpoints":
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(UserError, match="nothing was deleted"):
+        runs.clear_outputs(run_dir, [run_dir / n for n in runs.OUTPUTS if (run_dir / n).exists()])
+    assert tree_hash(run_dir) == before  # the outputs moved before the failure are back, no hidden folder left
+
+
+def test_overwrite_that_cannot_delete_the_moved_run_says_where_it_is(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    def rmtree(path, *a, **k):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(UserError, match=r"\.overwritten-\d+ but cannot delete it") as info:
+        runs.clear_outputs(run_dir, [run_dir / n for n in runs.OUTPUTS if (run_dir / n).exists()])
+    trash = Path(str(info.value).split(" into ", 1)[1].split(" but ", 1)[0])
+    assert (trash / "config.json").is_file() and (trash / "checkpoints").is_dir()  # the old run is still there
+    assert (run_dir / "notes.txt").is_file()  # the user's file was never touched

@@ -173,6 +173,9 @@ def test_index_is_never_torn(tmp_path: Path) -> None:
         ([], "--prompts FILE"),
         (["--prompts", "{good}", "--set", "out=/tmp/x"], "--set out does not go with --prompts"),
         (["--prompts", "{good}", "--set", "device=cpu"], "--set device does not go with --prompts"),
+        # once for the batch, not as each prompt's failure (exit 1, and the prompts then skipped as settled)
+        (["--prompts", "{good}", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
+        (["--prompts", "{good}", "--model", "{missing}"], "does not exist"),
     ],
 )
 def test_prompts_cli_bad_input(tmp_path: Path, extra: list[str], needle: str) -> None:

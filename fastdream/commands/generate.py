@@ -231,6 +231,8 @@ def config_from_args(args: argparse.Namespace):
     s.textureless_ratio, s.ambient, s.diffuse = args.textureless_ratio, tuple(args.ambient), tuple(args.diffuse)
     f.normals = args.normals
     cfg = apply_overrides(cfg, args.set) if args.set else cfg
+    if not isinstance(cfg.out, str):  # --set out=null
+        raise UserError(f"--out must be a folder path, got {cfg.out!r}")
     if not cfg.out.strip():
         raise UserError("--out is empty; give a run folder, or leave --out out to use runs/<prompt slug>")
     if is_builtin(cfg.guidance.model):  # "Builtin", " builtin": the builtin prior, spelt as config.json keeps it
