@@ -9,6 +9,7 @@ on stderr, exit status 2, no traceback unless ``--debug``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -94,6 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"fastdream {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A path the system cannot take, wherever it is first used (a stat, a mkdir, a probe): one line. Other
+        # OS errors are met where they happen, with what to do about them.
+        if e.errno != errno.ENAMETOOLONG or args.debug:
+            raise
+        print(
+            f"fastdream {args.command}: error: a file or folder name in {e.filename or 'a path'} is too long for "
+            f"the file system (255 bytes at most per name); choose a shorter one",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"fastdream {args.command}: interrupted", file=sys.stderr)

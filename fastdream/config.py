@@ -338,6 +338,14 @@ def validate(cfg: RunConfig) -> None:
     settings without one) and what it accepts."""
     if not isinstance(cfg.prompt, str) or not cfg.prompt.strip():
         raise UserError('the prompt is empty; give a text prompt, e.g. fastdream generate "a red cube"')
+    for what, text in (("the prompt", cfg.prompt), ("--negative-prompt", cfg.guidance.negative_prompt)):
+        if isinstance(text, str) and not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable bytes on the command line come through as lone surrogates
+                raise UserError(
+                    f"{what} is not valid UTF-8 text; check the terminal's or the file's encoding"
+                ) from None
     if not isinstance(cfg.guidance.model, str) or not cfg.guidance.model.strip():
         raise UserError("--model is empty; give a hub id, a local diffusers folder, or 'builtin'")
     for key in ("out", "device"):

@@ -398,8 +398,13 @@ def load_run(run_dir: str | Path, device: str = "auto"):
         raise UserError(f"{run_dir} is not a folder; pass a run folder written by fastdream generate")
     cfg = read_config(run_dir)
     dev = resolve_device(device)
-    cfg.device = str(dev)
-    cfg = resolve(cfg, dev.type)
+    cfg.out, cfg.device = str(run_dir), str(dev)
+    try:  # a hand-edited config.json, in one line as --resume refuses it (turntable_frames=0 divided by zero)
+        validate(cfg)
+        cfg = resolve(cfg, dev.type)
+        validate(cfg)
+    except UserError as e:
+        raise UserError(f"{run_dir / CONFIG} holds a setting fastdream refuses ({e}); fix or delete it") from None
     path = ckpt.latest_checkpoint(run_dir)
     if path is None:
         raise UserError(f"{run_dir} has no checkpoint to export from; run fastdream generate first")

@@ -178,6 +178,40 @@ def test_export_bad_inputs(run_dir: Path, tmp_path: Path) -> None:
     check(run_dir, "export", run_dir, "--device", "cpu", needles=("corrupt",))
 
 
+def test_export_inf_iso_level_and_a_hand_edited_config(run_dir: Path) -> None:
+    check(run_dir, "export", run_dir, "--iso-level", "inf", needles=("--iso-level", "finite"))
+    cfg = json.loads((run_dir / "config.json").read_text())
+    for section, key, bad, needle in [
+        ("render", "turntable_frames", 0, "turntable_frames"),  # ZeroDivisionError before
+        ("field", "levels", "abc", "field.levels"),  # TypeError before
+        ("render", "background", "pink", "background"),  # accepted before
+    ]:
+        edited = json.loads(json.dumps(cfg))
+        edited[section][key] = bad
+        (run_dir / "config.json").write_text(json.dumps(edited))
+        line = check(run_dir, "export", run_dir, "--device", "cpu", needles=("config.json", needle))
+        assert "fix or delete it" in line
+
+
+def test_names_too_long_for_the_file_system_are_one_line(run_dir: Path, tmp_path: Path) -> None:
+    long = tmp_path / ("a" * 300)
+    check(tmp_path, *GEN, "a red cube", *TINY, "--out", long, needles=("too long",))
+    check(tmp_path, "export", long, needles=("too long",))
+    check(tmp_path, "evaluate", long, needles=("too long",))
+
+
+def test_a_prompt_of_undecodable_bytes_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    prompt = os.fsdecode(b"a red \xff\xfe cube")  # what Python makes of bytes the locale cannot decode
+    args = ["generate", prompt, "--model", "stabilityai/stable-diffusion-2-1-base", "--out", str(tmp_path / "x")]
+    res = subprocess.run([sys.executable, "-m", "fastdream", *args], capture_output=True, text=True, errors="replace")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "UTF-8" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_resume_accepts_the_original_options_and_refuses_changed_ones(run_dir: Path) -> None:
     same = ("--model", "builtin", "--seed", "0", "--resolution", "16", "--samples-per-ray", "16")
     check(run_dir, *GEN, "a red cube", *RESUME, *same, "--lr", "0.5", "--out", run_dir, "--resume", needles=("--lr",))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -51,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     ):
         if v is not None and not lo <= v <= hi:
             raise UserError(f"{name} must be in [{lo}, {hi}], got {v}")
-    if args.iso_level is not None and not args.iso_level > 0:
-        raise UserError(f"--iso-level must be > 0, got {args.iso_level}")
+    if args.iso_level is not None and not 0 < args.iso_level < math.inf:
+        raise UserError(f"--iso-level must be a finite number > 0, got {args.iso_level}")
     if Path(args.run_dir).is_dir():  # else load_run says what is wrong with it
         reason = unwritable_reason(args.run_dir)
         if reason is not None:
