@@ -350,6 +350,39 @@ def test_unsupported_prediction_type_is_refused_when_the_model_loads(sd_folder, 
 
 
 @pytest.mark.parametrize("kind", ["sd", "if"])
+def _damaged(src, dst, part: str, edit) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / part
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps(edit(data)))
+    else:
+        path.write_bytes(path.read_bytes()[:50])
+    return str(dst)
+
+
+@pytest.mark.parametrize(
+    "part, edit, needle",
+    [
+        ("unet/config.json", lambda c: {**c, "in_channels": "abc"}, "ValueError"),
+        ("unet/config.json", lambda c: {**c, "in_channels": None}, "TypeError"),
+        ("unet/config.json", lambda c: [1, 2], "TypeError"),
+        ("text_encoder/model.safetensors", None, "SafetensorError"),
+        ("scheduler/scheduler_config.json", lambda c: {**c, "num_train_timesteps": 0}, "0 training timesteps"),
+    ],
+    ids=["in_channels-text", "in_channels-null", "config-a-list", "text-encoder-truncated", "no-timesteps"],
+)
+def test_a_damaged_model_folder_is_one_user_error(sd_folder, tmp_path, part, edit, needle):
+    """Files that parse but hold what no model has: tracebacks from int(), dict() or safetensors before (found by a
+    hunt for bad input), or an IndexError at the first SDS step for a schedule of no timesteps."""
+    folder = _damaged(sd_folder, tmp_path / "sd", part, edit)
+    with pytest.raises(UserError, match=needle) as info:
+        load_guidance(folder, "cpu")
+    assert "\n" not in str(info.value)
+
+
 def test_low_precision_models_with_fp32_renders(kind, sd_folder, if_folder):
     """The CUDA fp16 path's casts, exercised on CPU in bf16: models in low precision, renders and the SDS
     gradient in fp32."""

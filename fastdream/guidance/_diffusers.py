@@ -81,6 +81,11 @@ class DiffusersGuidance:
                 f"(fastdream reads {', '.join(PREDICTION_TYPES)})"
             )
         self.alphas_cumprod = scheduler.alphas_cumprod.detach().to(self.device, torch.float32)
+        if self.num_train_timesteps < 2 or self.alphas_cumprod.numel() != self.num_train_timesteps:
+            raise UserError(
+                f"{name or 'the model'}: its scheduler has {self.num_train_timesteps} training timesteps "
+                f"({self.alphas_cumprod.numel()} noise levels); SDS needs the model's own schedule (1000 for SD and IF)"
+            )
         self.text_encoder = freeze(text_encoder, self.device, dtype) if text_encoder is not None else None
         self.tokenizer = tokenizer
         self._text_encoder_loader = text_encoder_loader

@@ -340,8 +340,20 @@ def load_diffusers_guidance(model: str, device: torch.device, dtype: torch.dtype
     no VAE and a 3-channel UNet input means pixel diffusion (IF stage I). Other pipelines (SDXL, IF
     super-resolution, inpainting, transformer-based models) are refused with a one-line UserError.
     """
+    from safetensors import SafetensorError
+
     with quiet_hub_logs():
-        return _load_diffusers_guidance(model, device, dtype, **kw)
+        try:
+            return _load_diffusers_guidance(model, device, dtype, **kw)
+        except UserError:
+            raise
+        except (ValueError, TypeError, OverflowError, KeyError, IndexError, SafetensorError) as err:
+            # A model folder whose files parse but hold what no model has (in_channels "abc", a config that is a
+            # list, a truncated text encoder): the loaders above name the common cases, this catches the rest.
+            raise UserError(
+                f"cannot load {model}: one of its files is damaged or not a diffusers model's "
+                f"({type(err).__name__}: {one_line(err)}); re-download it {_BUILTIN_HINT}"
+            ) from err
 
 
 def _load_diffusers_guidance(model: str, device: torch.device, dtype: torch.dtype | None, **kw: Any):
