@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,6 +427,7 @@ class Trainer:
         start = time.perf_counter()
         last_ckpt = None
         bar = None
+        previews_off = False
         if progress:
             from tqdm import tqdm
 
@@ -439,8 +441,17 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{self.last_loss:.4g}", mode=self.last_info["mode"], skipped=self.skipped)
                     # and the last step's, so a run shorter than preview_every has one too
-                    if o.preview_every and (self.step % o.preview_every == 0 or self.step == o.steps):
-                        self.preview()
+                    due = o.preview_every and (self.step % o.preview_every == 0 or self.step == o.steps)
+                    if due and not previews_off:
+                        try:
+                            self.preview()
+                        except OSError as e:  # previews/ unwritable or a file: not worth the run (or this step)
+                            previews_off = True
+                            msg = (
+                                f"warning: cannot write a preview ({e.strerror or e}: {e.filename}); previews are off "
+                                f"for the rest of this run, training goes on"
+                            )
+                            bar.write(msg, file=sys.stderr) if bar is not None else print(msg, file=sys.stderr)
                     if self.step % o.save_every == 0 or self.step == o.steps:
                         last_ckpt = self.save(wait=False)  # written while the next steps train
                 if self._stop and (last_ckpt is None or self.step % o.save_every):

@@ -74,6 +74,19 @@ def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
     assert len(set(tr.guidance.words)) > 1
 
 
+def test_a_preview_that_cannot_be_written_does_not_stop_the_run(tmp_path, capsys):
+    """previews/ replaced by a file (or unwritable): a traceback that lost the step and its checkpoint before (found
+    by a hunt for bad input). Now one warning, no more previews, and the run trains and saves to the end."""
+    (tmp_path / "previews").write_text("not a folder")
+    res = Trainer(tiny_config(steps=6, preview_every=2), ColourGuidance(), tmp_path, "cpu").train(progress=False)
+    assert res.step == 6 and [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == [
+        "step_000003.pt",
+        "step_000006.pt",
+    ]
+    err = capsys.readouterr().err
+    assert err.count("cannot write a preview") == 1 and "training goes on" in err
+
+
 def test_checkpoints_are_written_while_training_goes_on(tmp_path, monkeypatch):
     """A periodic checkpoint is written in the background: its write can only finish once the trainer has taken
     two more steps (it would wait forever if saving blocked the loop). train() returns with every file on disk,
