@@ -372,6 +372,12 @@ def test_evaluate_cli_bad_input(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"prompt": "a red cube"}))
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "mesh.obj" in capsys.readouterr().err
+    # a NaN vertex was a traceback, vertices of 1e300 gave "chamfer": Infinity (not JSON)
+    for bad in ("nan 0 0", "1e300 0 0"):
+        (tmp_path / "mesh.obj").write_text(f"v {bad}\nv 0 1 0\nv 0 0 1\nf 1 2 3\n")
+        assert main(["evaluate", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "not finite or lie far outside" in err and len(err.strip().splitlines()) == 1
 
 
 # --- SDS with the builtin prior, end to end (CPU, reduced) ------------------------------------------------

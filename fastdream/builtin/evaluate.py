@@ -89,6 +89,13 @@ def _load_mesh(path: Path):
         raise UserError(f"cannot read {path}: {e}; re-export it with `fastdream export DIR`") from None
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
         raise UserError(f"{path} holds no triangles; the run produced an empty mesh (re-run or re-export it)")
+    v = np.asarray(mesh.vertices, dtype=np.float64)
+    if not (np.isfinite(v).all() and np.abs(v).max() <= 1e3):  # exported meshes lie in [-1, 1]^3
+        n_bad = int((~np.isfinite(v).all(axis=1) | (np.abs(v) > 1e3).any(axis=1)).sum())
+        raise UserError(
+            f"{path} holds vertices that are not finite or lie far outside the bounding sphere ({n_bad} of "
+            f"{len(v)}); it is not a mesh fastdream exported: re-export it with `fastdream export DIR`"
+        )
     return mesh
 
 
