@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import tempfile
@@ -118,12 +119,14 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _non_finite(obj: Any, prefix: str = "") -> str | None:
-    """Name of the first floating tensor holding NaN/inf in a nested dict/list, or None."""
+def _non_finite(obj: Any, prefix: str = "", floats: bool = False) -> str | None:
+    """Name of the first floating tensor (``floats``: or Python float) holding NaN/inf in a nested dict/list."""
     if isinstance(obj, torch.Tensor):
         if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
             return prefix or "tensor"
         return None
+    if floats and isinstance(obj, float):
+        return None if math.isfinite(obj) else (prefix or "value")
     if isinstance(obj, dict):
         items = obj.items()
     elif isinstance(obj, (list, tuple)):
@@ -131,7 +134,7 @@ def _non_finite(obj: Any, prefix: str = "") -> str | None:
     else:
         return None
     for k, v in items:
-        bad = _non_finite(v, f"{prefix}.{k}" if prefix else str(k))
+        bad = _non_finite(v, f"{prefix}.{k}" if prefix else str(k), floats)
         if bad:
             return bad
     return None
@@ -302,6 +305,24 @@ def state_mismatch(modules: Mapping[str, torch.nn.Module | None], state: Mapping
         if extra is not None:
             return f"{name}.{extra}: in the checkpoint, not in config"
     return None
+
+
+def check_state_finite(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint holding NaN/inf anywhere (tensors, learning rates) or a negative step: fastdream never
+    writes one, and resuming it failed at the first save with a traceback.
+
+    Raises:
+        UserError: one line naming the first bad entry.
+    """
+    bad = _non_finite(dict(state), floats=True)
+    step = state.get("step")
+    if bad is None and not (isinstance(step, int) and step >= 0):
+        bad = f"step {step!r}"
+    if bad is not None:
+        raise UserError(
+            f"checkpoint {path} holds an impossible value (in {bad}); fastdream never writes one, so the file was "
+            f"edited or damaged: delete it to go back to the checkpoint before, or start over with generate --overwrite"
+        )
 
 
 def check_state_matches(

@@ -222,6 +222,11 @@ class Trainer:
                 self.background.load_state_dict(state["background"])
             self.grid.load_state_dict(state["grid"])
             self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:  # load_state_dict checks the counts, not the shapes
+                for p in group["params"]:
+                    for k, v in self.optimizer.state.get(p, {}).items():
+                        if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                            raise ValueError(f"optimizer {k} of shape {tuple(v.shape)} for a {tuple(p.shape)} tensor")
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             # RNG states are CPU ByteTensors even for a CUDA generator; map_location=cuda moved them.
@@ -252,6 +257,7 @@ class Trainer:
             raise UserError(f"nothing to resume in {self.run_dir} (no checkpoint); run without --resume")
         state = ckpt.load_checkpoint(path, map_location=self.device)
         modules = {"field": self.field, "background": self.background, "grid": self.grid}
+        ckpt.check_state_finite(path, state)
         ckpt.check_state_matches(path, modules, state)  # one line naming the tensor, not load_state_dict's report
         self.load_state_dict(state)
         return path

@@ -212,6 +212,34 @@ def test_a_prompt_of_undecodable_bytes_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def _edit_last_checkpoint(run_dir: Path, edit) -> None:
+    path = ckpt.latest_checkpoint(run_dir)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    edit(state)
+    torch.save(state, path)
+
+
+def _first_adam_state(state: dict) -> dict:
+    return next(iter(state["optimizer"]["state"].values()))
+
+
+@pytest.mark.parametrize(
+    "edit, needles",
+    [
+        (lambda s: s["field"]["table"].view(-1)[0].fill_(float("nan")), ("impossible value", "field")),
+        (lambda s: s["optimizer"]["param_groups"][0].update(lr=float("nan")), ("impossible value", "lr")),
+        (lambda s: s.update(step=-5), ("impossible value", "step -5")),
+        (lambda s: _first_adam_state(s).update(exp_avg=torch.zeros(3)), ("exp_avg", "shape")),
+    ],
+    ids=["nan-table", "nan-lr", "negative-step", "adam-shape"],
+)
+def test_an_edited_checkpoint_is_refused_by_resume_and_export(run_dir: Path, edit, needles) -> None:
+    """Tracebacks at the first save (NaN), at the first step (Adam's shapes), or a run 'at step -5' before."""
+    _edit_last_checkpoint(run_dir, edit)
+    check(run_dir, *GEN, "a red cube", *RESUME, "--steps", "6", "--out", run_dir, "--resume", needles=needles)
+    check(run_dir, "export", run_dir, "--device", "cpu", needles=needles)
+
+
 def test_resume_accepts_the_original_options_and_refuses_changed_ones(run_dir: Path) -> None:
     same = ("--model", "builtin", "--seed", "0", "--resolution", "16", "--samples-per-ray", "16")
     check(run_dir, *GEN, "a red cube", *RESUME, *same, "--lr", "0.5", "--out", run_dir, "--resume", needles=("--lr",))
