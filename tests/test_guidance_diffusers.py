@@ -349,7 +349,6 @@ def test_unsupported_prediction_type_is_refused_when_the_model_loads(sd_folder, 
         load_guidance(str(folder), "cpu")
 
 
-@pytest.mark.parametrize("kind", ["sd", "if"])
 def _damaged(src, dst, part: str, edit) -> str:
     import shutil
 
@@ -383,6 +382,7 @@ def test_a_damaged_model_folder_is_one_user_error(sd_folder, tmp_path, part, edi
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("kind", ["sd", "if"])
 def test_low_precision_models_with_fp32_renders(kind, sd_folder, if_folder):
     """The CUDA fp16 path's casts, exercised on CPU in bf16: models in low precision, renders and the SDS
     gradient in fp32."""
