@@ -342,17 +342,10 @@ class BenchResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible here; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: only cpu and cuda are benchmarked")
-    return dev
+    """The same rules as ``fastdream generate --device`` (one resolver for every command)."""
+    from fastdream.run import resolve_device as resolve_run_device
+
+    return resolve_run_device(name)
 
 
 def validate(cfg: BenchConfig, device: torch.device) -> None:

@@ -242,6 +242,7 @@ def test_cli_profile_writes_the_op_table_and_a_trace(tmp_path, capsys):
         (["--model", "sd", "--device", "cpu"], "--tiny"),
         (["--steps", "0", "--device", "cpu"], "--steps"),
         (["--device", "tpu"], "--device"),
+        (["--device", "cpu:5"], "--device"),
         (["--device", "cpu", "--tiny", "--json", "/nonexistent-dir/x.json"], "--json"),
         (["--device", "cpu", "--tiny", "--profile", "/nonexistent-dir/p.txt"], "--profile"),
     ],
@@ -256,7 +257,7 @@ def test_cli_cuda_without_gpu_is_a_user_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     assert main(["bench", "--device", "cuda"]) == 2
-    assert "no CUDA device" in capsys.readouterr().err
+    assert "no CUDA GPU" in capsys.readouterr().err
 
 
 def test_model_configs_have_the_published_sizes():
