@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fastdream import checkpoint as ckpt
-from fastdream.config import RunConfig, is_builtin, option_name, resolve, slugify, validate
+from fastdream.config import RunConfig, field_state_bytes, is_builtin, option_name, resolve, slugify, validate
 from fastdream.errors import UserError
 
 CONFIG = "config.json"
@@ -48,7 +48,8 @@ def resolve_device(name: str) -> torch.device:
             raise UserError("--device cuda was asked but no CUDA GPU is visible; use --device cpu (or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-    elif dev.type != "cpu":
+    elif dev.type != "cpu" or dev.index not in (None, 0):
+        # torch takes "cpu:5" and puts everything on the one CPU device; refuse it rather than pretend.
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return dev
 
@@ -213,6 +214,7 @@ def _check_cheap(cfg: RunConfig, device: torch.device, prompt: bool = True) -> N
         raise UserError(f"{option_name('guidance.cuda_graphs')} needs a CUDA device; drop it or use --device cuda")
     if cfg.guidance.compile_vae and device.type != "cuda":
         raise UserError(f"{option_name('guidance.compile_vae')} needs a CUDA device; drop it or use --device cuda")
+    check_memory(cfg, device)
     if is_builtin(cfg.guidance.model):
         if not prompt:
             return
@@ -223,6 +225,46 @@ def _check_cheap(cfg: RunConfig, device: torch.device, prompt: bool = True) -> N
         from fastdream.guidance.loading import check_model_name
 
         check_model_name(cfg.guidance.model)  # a missing local folder, before --overwrite deletes anything
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on ``device`` now (free GPU memory; on the CPU the smaller of the kernel's
+    MemAvailable and what the cgroup limit leaves), or None when it cannot be told."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except RuntimeError:
+            return None
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # cgroup v2: a container's limit, which the OOM killer enforces whatever MemAvailable says
+        cg = Path("/sys/fs/cgroup")
+        limit = (cg / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int((cg / "memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_memory(cfg: RunConfig, device: torch.device) -> None:
+    """Refuse field settings whose training state alone cannot fit (the OOM killer ends such a run with no
+    message). ``cfg`` resolved. Renders need more on top; this only catches the settings that cannot work."""
+    need = field_state_bytes(cfg.field, device.type)
+    have = available_memory(device)
+    if have is not None and need > have:
+        f, gib = cfg.field, 2**30
+        where = "free on the GPU" if device.type == "cuda" else "available"
+        raise UserError(
+            f"the field's training state needs about {need / gib:.1f} GiB (hash table {f.levels} levels x "
+            f"2^{f.log2_table_size} entries x {f.features} features, float32, with gradients and Adam moments) but "
+            f"{have / gib:.1f} GiB is {where}; lower --set field.log2_table_size, field.levels or field.features"
+        )
 
 
 _OPTION_FIELDS = {"model": ("guidance", "model"), "albedo_warmup": ("shading", "albedo_warmup_steps")}
@@ -359,6 +401,11 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
         trainer.resume()
     else:
         clear_outputs(plan.run_dir, plan.clear)
+    created = []  # the folders this run makes: a new run that fails before its first checkpoint removes them
+    missing = plan.run_dir
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
     try:  # resumed: keep config.json in step with what the run does (steps may have grown)
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write(plan.run_dir / CONFIG, cfg.to_json() + "\n")
@@ -371,6 +418,13 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
         # plain run refuse the folder ("already holds a run") with nothing in it to resume.
         if not plan.resume and ckpt.latest_checkpoint(plan.run_dir) is None:
             (plan.run_dir / CONFIG).unlink(missing_ok=True)
+            # and no empty folders; previews, a partial checkpoint or anything else keeps its folder
+            for d in [plan.run_dir / ckpt.CHECKPOINT_DIR, *created]:
+                try:
+                    d.rmdir()
+                except OSError:
+                    if d in created:
+                        break
         raise
     outputs, notes = [], []
     if result.skipped:
@@ -405,6 +459,7 @@ def load_run(run_dir: str | Path, device: str = "auto"):
         validate(cfg)
     except UserError as e:
         raise UserError(f"{run_dir / CONFIG} holds a setting fastdream refuses ({e}); fix or delete it") from None
+    check_memory(cfg, dev)  # a run trained on a big GPU, exported on a small machine
     path = ckpt.latest_checkpoint(run_dir)
     if path is None:
         raise UserError(f"{run_dir} has no checkpoint to export from; run fastdream generate first")

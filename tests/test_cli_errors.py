@@ -50,6 +50,12 @@ RESUME = ("--device", "cpu", "--quiet", "--no-export")
         (("a red cube", "--lr", "-0.1"), ("--lr",)),
         (("a red cube", "--set", "render.nonsense=3"), ("--set", "unknown")),
         (("a red cube", "--device", "tpu"), ("--device",)),
+        (("a red cube", "--device", "cpu:5"), ("--device", "cpu:5")),
+        # 32 x 2^24 x 8 float32 entries with gradients and Adam moments (the OOM killer ended it silently before)
+        (
+            ("a red cube", *"--set field.log2_table_size=24 --set field.levels=32 --set field.features=8".split()),
+            ("field.log2_table_size", "GiB"),
+        ),
         (("a red cube", "--set", "guidance.builtin_cameras_per_view=0"), ("builtin_cameras_per_view",)),
         (("a red cube", "--compile-vae"), ("--compile-vae", "builtin")),  # the builtin prior has no VAE
     ],

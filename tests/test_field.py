@@ -80,3 +80,36 @@ def test_background():
     assert c.shape == (10, 3) and torch.all((c > 0) & (c < 1))
     c.sum().backward()
     assert all(p.grad is not None for p in bg.parameters())
+
+
+@pytest.mark.parametrize("kw", [{}, dict(levels=3, features=4, log2_table_size=9, hidden=24, hidden_layers=2)])
+def test_field_state_bytes_counts_every_parameter(kw):
+    from fastdream.config import STATE_BYTES_PER_PARAM, field_state_bytes
+
+    n = sum(p.numel() for p in make_field(**kw).parameters())
+    for device_type, per in STATE_BYTES_PER_PARAM.items():
+        assert field_state_bytes(small_cfg(**kw), device_type) == per * n
+
+
+def test_check_memory_refuses_a_field_that_cannot_fit(monkeypatch):
+    from fastdream import run
+    from fastdream.config import RunConfig, resolve
+    from fastdream.errors import UserError
+
+    cfg = resolve(RunConfig(prompt="a red cube"), "cpu")
+    need = 40 * sum(p.numel() for p in NeuralField(cfg.field, bound=1.0).parameters())
+    monkeypatch.setattr(run, "available_memory", lambda device: need)
+    run.check_memory(cfg, torch.device("cpu"))  # fits exactly
+    monkeypatch.setattr(run, "available_memory", lambda device: need - 1)
+    with pytest.raises(UserError, match=r"field.log2_table_size.*") as e:
+        run.check_memory(cfg, torch.device("cpu"))
+    assert "16 levels x 2^16 entries x 2 features" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(run, "available_memory", lambda device: None)  # unknown: no refusal
+    run.check_memory(cfg, torch.device("cpu"))
+
+
+def test_available_memory_on_this_machine():
+    from fastdream.run import available_memory
+
+    have = available_memory(torch.device("cpu"))
+    assert have is None or 0 < have < 1 << 50
