@@ -193,13 +193,26 @@ def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_no_config(
     from fastdream.train import Trainer
 
     def crash(self, progress=True):
+        if self.wrote_preview:  # as if a preview came out before the failure
+            (self.run_dir / "previews").mkdir()
+            (self.run_dir / "previews" / "step_000001.png").write_bytes(b"png")
         raise RuntimeError("boom")
 
     monkeypatch.setattr(Trainer, "train", crash)
-    out = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "wrote_preview", False, raising=False)
+    out = tmp_path / "runs" / "run"
     with pytest.raises(RuntimeError, match="boom"):
         main(["generate", PROMPT, *TINY, "--out", str(out)])
-    assert not (out / "config.json").exists()
+    assert list(tmp_path.iterdir()) == []  # no config.json, nor the empty folders it made
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "mine.txt").write_text("the user's")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["generate", PROMPT, *TINY, "--out", str(out)])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mine.txt"]  # a folder it did not make stays
+    monkeypatch.setattr(Trainer, "wrote_preview", True, raising=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["generate", PROMPT, *TINY, "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["previews"]  # what it wrote stays, with its folder
 
 
 @pytest.mark.parametrize("args", [("--out", ""), ("--out", "  "), ("--set", "out="), ("--set", 'out=""')])
