@@ -49,8 +49,32 @@ LOCK_FILE = ".index.lock"
 DONE, FAILED, RUNNING, PENDING = "done", "failed", "running", "pending"
 
 
+def _library_error(path: Path, err: OSError) -> UserError:
+    why = err.strerror or type(err).__name__
+    return UserError(f"cannot write {path} in the --prompts library ({why}); fix or move it aside, then run again")
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+    try:
+        atomic_write(path, json.dumps(obj, indent=2) + "\n")
+    except OSError as err:  # a folder where the file goes, a full disk: one line, the library kept as it is
+        raise _library_error(path, err) from err
+
+
+def check_library(out: Path, prompts: list[str]) -> None:
+    """Refuse a library folder whose files fastdream cannot write: a folder where ``index.json``, the lock or a
+    prompt's ``status.json`` goes, a file where a prompt's folder goes (found before any prompt runs)."""
+    files = [out / INDEX_FILE, out / LOCK_FILE]
+    for p in prompts:
+        run_dir = out / folder_name(p)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(
+                f"{run_dir} is a file where the --prompts library keeps the run of {p!r}; move it aside, then run again"
+            )
+        files.append(run_dir / STATUS_FILE)
+    for f in files:
+        if f.exists() and not f.is_file():
+            raise UserError(f"{f} is not a file (the --prompts library writes it); move it aside, then run again")
 
 
 @contextlib.contextmanager
@@ -147,7 +171,11 @@ def write_status(run_dir: Path, prompt: str, status: str, **extra: Any) -> None:
 @contextlib.contextmanager
 def _locked(out: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``out/.index.lock`` (advisory; the atomic rename is what prevents corruption)."""
-    with open(out / LOCK_FILE, "a+") as f:
+    try:
+        f = open(out / LOCK_FILE, "a+")
+    except OSError as err:
+        raise _library_error(out / LOCK_FILE, err) from err
+    with f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -321,7 +349,10 @@ def _run_prompt(
     # diverged run from its last checkpoint with the same settings and random state would diverge again.
     resume = latest_checkpoint(run_dir) is not None and read_status(run_dir)["status"] != FAILED
     log(f"{where} {'resuming' if resume else 'starting'} {prompt!r} in {run_dir.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _library_error(run_dir, err) from err
     write_status(run_dir, prompt, RUNNING, rank=dist.rank, pid=os.getpid(), host=socket.gethostname())
     rebuild_index(out, prompts)
     start = time.perf_counter()
@@ -445,6 +476,7 @@ def run_prompts_command(args: Any) -> int:
     validate(cfg)
     single._check_cheap(cfg, dev, prompt=False)  # CUDA-only options on a CPU, a missing model folder
     single._check_writable(out)
+    check_library(out, prompts)
     progress = not args.quiet and not dist.distributed
     return run_batch(
         prompts,

@@ -189,3 +189,39 @@ def test_prompts_cli_bad_input(tmp_path: Path, extra: list[str], needle: str) ->
     res = fastdream("generate", *TINY, *[e.format(**names) for e in extra], "--out", out)
     assert_user_error(res, needle)
     assert tree_hash(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["index_dir", "lock_dir", "status_dir", "prompt_file"])
+def test_damaged_library_is_refused_in_one_line(tmp_path: Path, damage: str) -> None:
+    """A folder where the library writes a file, or a file where a prompt's folder goes: refused before any prompt
+    runs (the CLI), and in one line if it turns up while the batch runs (run_batch). Both were tracebacks."""
+    from clitools import TINY, assert_user_error, fastdream, tree_hash
+
+    (tmp_path / "good.txt").write_text("a red cube\n")
+    out = tmp_path / "lib"
+    assert fastdream("generate", *TINY, "--prompts", tmp_path / "good.txt", "--out", out).returncode == 0
+    folder = out / batch.folder_name("a red cube")
+    target = {
+        "index_dir": out / "index.json",
+        "lock_dir": out / ".index.lock",
+        "status_dir": folder / "status.json",
+        "prompt_file": folder,
+    }[damage]
+    if target.is_dir():
+        import shutil
+
+        shutil.rmtree(target)
+        target.write_text("not a run folder")
+    else:
+        target.unlink()
+        target.mkdir()
+    if target.is_dir():
+        (target / "keep.txt").write_text("the user's")
+    before = tree_hash(tmp_path)
+    res = fastdream("generate", *TINY, "--prompts", tmp_path / "good.txt", "--retry-failed", "--out", out)
+    line = assert_user_error(res, str(target.relative_to(tmp_path)), "move it aside")
+    assert "is not a file" in line or "is a file where" in line  # check_library's words: found up front
+    assert tree_hash(tmp_path) == before
+    with pytest.raises(UserError, match="move it aside") as e:  # met mid-batch, past the CLI's check
+        batch.run_batch(["a red cube", "a blue sphere"], out, FakeRunner(), retry_failed=True, dist=batch.Dist())
+    assert "\n" not in str(e.value)
