@@ -245,6 +245,10 @@ def test_cli_profile_writes_the_op_table_and_a_trace(tmp_path, capsys):
         (["--device", "cpu:5"], "--device"),
         (["--device", "cpu", "--tiny", "--json", "/nonexistent-dir/x.json"], "--json"),
         (["--device", "cpu", "--tiny", "--profile", "/nonexistent-dir/p.txt"], "--profile"),
+        (["--device", "cpu", "--tiny", "--profile", ""], "--profile is empty"),
+        (["--device", "cpu", "--tiny", "--json", " "], "--json is empty"),
+        (["--device", "cpu", "--tiny", "--profile", "p.txt", "--json", "p.txt.trace.json"], "--profile's trace"),
+        (["--device", "cpu", "--tiny", "--profile", "p.txt", "--json", "./p.txt"], "both name"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(argv, words, capsys):

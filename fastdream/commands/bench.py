@@ -159,14 +159,19 @@ def run(args: argparse.Namespace) -> int:
         host_checks=args.host_checks,
     )
     # the output files are checked before the benchmark runs: a bad path must not cost a whole run
+    for option, value in (("--json", args.json), ("--profile", args.profile)):
+        if value is not None and not value.strip():  # "" was silently no profile, "." a folder
+            raise UserError(f"{option} is empty; give a file name or leave the option out")
     out = Path(args.json) if args.json not in (None, "-") else None
     if out is not None:
         check_output_file("--json", out)
-    prof = Path(args.profile) if args.profile else None
+    prof = Path(args.profile) if args.profile is not None else None
     if prof is not None:
-        check_output_file("--profile", prof, Path(f"{prof}.trace.json"))
-        if out is not None and out.resolve() == prof.resolve():
-            raise UserError(f"--json and --profile both name {out}; give them different files")
+        trace = Path(f"{prof}.trace.json")
+        check_output_file("--profile", prof, trace)
+        for written, what in ((prof, "--profile"), (trace, "--profile's trace")):
+            if out is not None and out.resolve() == written.resolve():
+                raise UserError(f"--json and {what} both name {out}; give them different files")
     result = run_bench(cfg, profile=prof)
     doc = json.dumps(result.to_dict(), indent=2)
     if args.json == "-":
