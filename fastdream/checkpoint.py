@@ -23,6 +23,7 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -257,7 +258,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str = 
     """
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would come before our one line
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError as e:
         raise UserError(f"checkpoint {path} does not exist") from e
     except Exception as e:  # truncated zip, pickle refusing a non-tensor global, ...

@@ -107,11 +107,16 @@ def test_local_folder_that_is_not_a_diffusers_model(run_dir: Path, tmp_path: Pat
     check(run_dir, *GEN, "a red cube", *args, "--out", run_dir, "--overwrite", needles=("not a diffusers",))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "pickle"])
 def test_corrupt_checkpoint_with_resume(run_dir: Path, damage: str) -> None:
     last = run_dir / "checkpoints" / "step_000004.pt"
     data = last.read_bytes()
-    last.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"PK\x03\x04" + os.urandom(200))
+    if damage == "pickle":  # a plain pickle: torch warned about its protocol on stderr before our one line
+        import pickle
+
+        last.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    else:
+        last.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"PK\x03\x04" + os.urandom(200))
     check(run_dir, *GEN, "a red cube", *RESUME, "--out", run_dir, "--resume", "--steps", "6", needles=("corrupt",))
 
 
