@@ -46,6 +46,8 @@ from fastdream.errors import UserError
 INDEX_FILE = "index.json"
 STATUS_FILE = "status.json"
 LOCK_FILE = ".index.lock"
+RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=15)
+BARRIER_TIMEOUT = datetime.timedelta(days=7)
 DONE, FAILED, RUNNING, PENDING = "done", "failed", "running", "pending"
 
 
@@ -239,8 +241,19 @@ def _init_group(dist: Dist) -> bool:
     import torch.distributed as td
 
     if not td.is_initialized():
-        # long timeout: the final barrier waits for the slowest rank's whole share of prompts
-        td.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        # The rendezvous (and the prompt-list broadcast just after it) gets torch's usual bound, so that a wrong
+        # MASTER_ADDR or a rank that never starts ends with a message (it waited 7 days before); the final barrier
+        # has its own, long timeout.
+        try:
+            td.init_process_group("gloo", timeout=RENDEZVOUS_TIMEOUT)
+        except (RuntimeError, ValueError) as err:  # DistNetworkError, DistStoreError; a bad MASTER_PORT
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT', '')}"
+            why = " ".join(str(err).split())[:200]
+            raise UserError(
+                f"rank {dist.rank} of {dist.world_size} could not join the others at MASTER_ADDR:MASTER_PORT {where} "
+                f"within {RENDEZVOUS_TIMEOUT.total_seconds():.0f} s ({why}); check the address and that every rank "
+                "started (launch with torchrun)"
+            ) from err
     return True
 
 
@@ -258,7 +271,8 @@ def _barrier(grouped: bool) -> None:
     if grouped:
         import torch.distributed as td
 
-        td.barrier()
+        # the slowest rank may still have its whole share of prompts to run
+        td.monitored_barrier(timeout=BARRIER_TIMEOUT, wait_all_ranks=True)
 
 
 def todo(out: Path, prompts: list[str], retry_failed: bool) -> list[str]:
@@ -301,12 +315,12 @@ def run_batch(
     tag = f"[rank {dist.rank}/{dist.world_size}] " if dist.distributed else ""
     log = log or (lambda msg: print(tag + msg, file=sys.stderr, flush=True))
     dev = _rank_device(device, dist)
+    grouped = _init_group(dist)  # first: a rank that cannot join leaves nothing behind
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --out {out} ({err.strerror}); choose another --out") from err
-    grouped = _init_group(dist)
-    try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create --out {out} ({err.strerror}); choose another --out") from err
         if dist.rank == 0:
             pending = todo(out, prompts, retry_failed)
             rebuild_index(out, prompts)

@@ -225,3 +225,26 @@ def test_damaged_library_is_refused_in_one_line(tmp_path: Path, damage: str) -> 
     with pytest.raises(UserError, match="move it aside") as e:  # met mid-batch, past the CLI's check
         batch.run_batch(["a red cube", "a blue sphere"], out, FakeRunner(), retry_failed=True, dist=batch.Dist())
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("rank, addr", [(1, "127.0.0.1"), (1, "no-such-host.invalid"), (0, "127.0.0.1")])
+def test_a_rank_that_cannot_join_is_a_user_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: int, addr: str
+) -> None:
+    """A wrong MASTER_ADDR, or ranks that never start, waited 7 days at the rendezvous; now the usual bound (cut
+    to 2 s here), one line naming the address, and no --out folder made."""
+    import datetime
+    import socket
+
+    import torch.distributed as td
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": addr, "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(batch, "RENDEZVOUS_TIMEOUT", datetime.timedelta(seconds=2))
+    out = tmp_path / "lib"
+    with pytest.raises(UserError, match=f"rank {rank} of 2 could not join .*{addr}:{port} within 2 s") as e:
+        batch.run_batch(["a red cube"], out, FakeRunner(), device="cpu")
+    assert "\n" not in str(e.value) and not out.exists() and not td.is_initialized()
