@@ -39,14 +39,20 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import math
+import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -747,6 +753,31 @@ def _device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+# libkineto's own log lines (written by C++ to file descriptor 2, past Python): "USDT:... profiler_start", and on a
+# machine without a GPU "ERROR:... gpuGetDeviceCount failed with code 35", which reads like a failure but is none.
+_KINETO_LOG = re.compile(rb"^(USDT|INFO|WARNING|ERROR):\d{4}-\d\d-\d\d [^\]]*\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_kineto_logs() -> Iterator[None]:
+    """Collect what is written to stderr (the file descriptor) meanwhile, then pass on all but libkineto's logs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            rest = [ln for ln in held.read().splitlines(keepends=True) if not _KINETO_LOG.match(ln)]
+            if rest:
+                sys.stderr.write(b"".join(rest).decode(errors="replace"))
+                sys.stderr.flush()
+
+
 def _profile(runner: StepRunner, device: torch.device, steps: int, path: Path) -> None:
     """``steps`` more steps under torch.profiler; write its table of ops and kernels by self time to ``path``
     (device time on CUDA, CPU time on the CPU), and a Chrome trace beside it (``path`` + ``.trace.json``)."""
@@ -754,7 +785,7 @@ def _profile(runner: StepRunner, device: torch.device, steps: int, path: Path) -
 
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    with _without_kineto_logs(), profile(activities=acts) as prof:
         for _ in range(steps):
             runner.step()
         if cuda:

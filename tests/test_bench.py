@@ -362,3 +362,23 @@ def test_sd_step_with_every_graph_on_cuda(compile_vae, cudnn_benchmark):
     note = next(n for n in result.notes if n.startswith("renderer CUDA graphs"))
     assert "turned off" not in note and " 0 replays" not in note, note
     assert math.isfinite(result.step_ms) and result.step_ms > 0
+
+
+def test_profile_keeps_stderr_but_kinetos_logs(capfd, tmp_path):
+    """libkineto writes "USDT:... profiler_start" and, without a GPU, "ERROR:... gpuGetDeviceCount failed" to
+    file descriptor 2; bench --profile drops those lines and passes everything else on."""
+    import os
+    import sys
+
+    with bench._without_kineto_logs():
+        os.write(2, b"USDT:2026-11-27 07:39:34 27200:27200 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
+        print("a warning of our own", file=sys.stderr)
+        os.write(2, b"ERROR:2026-11-27 07:39:34 27200:27200 DeviceProperties.cpp:56] gpuGetDeviceCount failed\n")
+        os.write(2, b"ERROR: something else\n")
+    assert capfd.readouterr().err == "a warning of our own\nERROR: something else\n"
+    out = tmp_path / "prof.txt"
+    argv = ["bench", "--model", "builtin", "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0"]
+    assert main([*argv, "--profile", str(out)]) == 0
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and ".cpp:" not in err, err
+    assert "Self CPU" in out.read_text()
