@@ -388,10 +388,6 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
 
         with library_progress_bars(progress):
             guidance = load_prepared_guidance(cfg, plan.device)
-    for note in getattr(guidance, "notes", ()):  # now, not after training: e.g. a prompt cut short
-        print(note, file=sys.stderr)
-    if cfg.guidance.compile_vae:  # else the first steps would look hung
-        print("note: --compile-vae: the first steps compile the VAE encoder (tens of seconds)", file=sys.stderr)
     if cfg.guidance.guidance_scale is None:  # the model's own default, recorded in config.json
         cfg.guidance.guidance_scale = float(getattr(guidance, "default_guidance_scale", 100.0))
     trainer = Trainer(cfg, guidance, plan.run_dir, plan.device)
@@ -411,6 +407,12 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
         ckpt.atomic_write(plan.run_dir / CONFIG, cfg.to_json() + "\n")
     except OSError as e:  # the folder passed probe_run_dir moments ago: a full disk, a mount gone away
         raise _cannot_write(plan.run_dir, e) from e
+    # Before training, not after (e.g. a prompt cut short), but after the setup's own checks, so that an error
+    # there is the only line printed.
+    for note in getattr(guidance, "notes", ()):
+        print(note, file=sys.stderr)
+    if cfg.guidance.compile_vae:  # else the first steps would look hung
+        print("note: --compile-vae: the first steps compile the VAE encoder (tens of seconds)", file=sys.stderr)
     try:
         result = trainer.train(progress=progress)
     except BaseException:

@@ -409,3 +409,27 @@ def test_overwrite_that_cannot_delete_the_moved_run_says_where_it_is(
     trash = Path(str(info.value).split(" into ", 1)[1].split(" but ", 1)[0])
     assert (trash / "config.json").is_file() and (trash / "checkpoints").is_dir()  # the old run is still there
     assert (run_dir / "notes.txt").is_file()  # the user's file was never touched
+
+
+def test_guidance_notes_come_after_the_setup_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A note of the loaded model (a prompt cut short) is printed just before training: an error in the setup
+    before it (here, outputs that cannot be moved aside) stays the only line; a run that trains prints it."""
+    load = runs.load_prepared_guidance
+
+    def with_note(cfg, device):
+        g = load(cfg, device)
+        g.notes = ["note: the prompt was cut short"]
+        return g
+
+    monkeypatch.setattr(runs, "load_prepared_guidance", with_note)
+    out = tmp_path / "run"
+    assert main(["generate", PROMPT, *TINY, "--out", str(out), "--no-export", "--quiet"]) == 0
+    assert "cut short" in capsys.readouterr().err
+
+    def cannot_clear(run_dir, paths):
+        raise UserError(f"--overwrite: cannot move {run_dir} aside")
+
+    monkeypatch.setattr(runs, "clear_outputs", cannot_clear)
+    cli_error(capsys, "generate", PROMPT, *TINY, "--out", str(out), "--overwrite", needles=("cannot move",))
