@@ -384,9 +384,12 @@ def validate(cfg: RunConfig) -> None:
         if hi is not None and v > hi:
             raise UserError(f"{option_name(key)} must be <= {hi}, got {v!r}")
 
+    def f32(x: Any) -> bool:  # a finite number that float32 holds without overflow or flush to zero
+        return _is_number(x) and (x == 0 or FLOAT32_TINY <= abs(x) <= FLOAT32_MAX)
+
     def pair(key: str, v: Any, lo: float, hi: float, what: str, strict: bool = False) -> None:
-        """Two finite numbers a <= b (a < b if ``strict``) inside [lo, hi]."""
-        ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) for x in v)
+        """Two finite float32 numbers a <= b (a < b if ``strict``) inside [lo, hi]."""
+        ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(f32(x) for x in v)
         ok = ok and lo <= v[0] and v[1] <= hi and (v[0] < v[1] if strict else v[0] <= v[1])
         if not ok:
             shown = list(v) if isinstance(v, tuple) else v
@@ -458,17 +461,22 @@ def validate(cfg: RunConfig) -> None:
     pair("camera.azimuth_range", c.azimuth_range, -360.0, 360.0, "two angles lo <= hi in [-360, 360] (degrees)")
     if c.azimuth_range[1] - c.azimuth_range[0] > 360.0:
         raise UserError(f"{option_name('camera.azimuth_range')} spans more than 360 degrees: {list(c.azimuth_range)}")
+    # The march resolves its step in float32 only while |origin| < step * 2^23 (fastdream.ops.raymarch): farther
+    # cameras would see nothing (1e300 overflowed to NaN cameras, and the run reported success).
+    far = 2 * r.bound / r.samples_per_ray * 2**23 if _is_number(r.bound) and isinstance(r.samples_per_ray, int) else 0
     for key, rng, lo_ok, hi_ok in (
-        ("camera.distance_range", c.distance_range, r.bound, math.inf),
+        ("camera.distance_range", c.distance_range, r.bound, far),
         ("camera.fov_range", c.fov_range, 0.0, 180.0),
     ):
         if rng is None:
             continue
-        ok = isinstance(rng, (list, tuple)) and len(rng) == 2 and all(_is_number(v) for v in rng)
+        ok = isinstance(rng, (list, tuple)) and len(rng) == 2 and all(f32(v) for v in rng)
         if not ok or not lo_ok < rng[0] <= rng[1] < hi_ok:
-            raise UserError(f"{option_name(key)} must be two numbers lo <= hi in ({lo_ok}, {hi_ok}), got {rng!r}")
+            shown = list(rng) if isinstance(rng, tuple) else rng
+            raise UserError(f"{option_name(key)} must be two numbers lo <= hi in ({lo_ok:g}, {hi_ok:g}), got {shown!r}")
     flag("camera.uniform_sphere_elevation", c.uniform_sphere_elevation)
-    pair("camera.light_distance_range", c.light_distance_range, 0.0, math.inf, "two numbers 0 <= lo <= hi")
+    # a multiple of the camera's distance: |light|^2 must stay inside float32 (1e300 made every shaded step NaN)
+    pair("camera.light_distance_range", c.light_distance_range, 0.0, 1e6, "two numbers 0 <= lo <= hi <= 1e6")
     number("camera.light_jitter", c.light_jitter, lo=0.0)
 
     # field

@@ -57,6 +57,17 @@ RESUME = ("--device", "cpu", "--quiet", "--no-export")
             ("field.log2_table_size", "GiB"),
         ),
         (("a red cube", "--set", "guidance.builtin_cameras_per_view=0"), ("builtin_cameras_per_view",)),
+        # a --set beside the option that sets the same thing: the --set won silently (the prompt, too)
+        (("a red cube", "--set", "prompt=a blue sphere"), ("--set prompt", "PROMPT")),
+        (("a red cube", "--set", "optim.steps=3"), ("--set optim.steps", "--steps")),
+        (("a red cube", "--set", "out=elsewhere"), ("--set out", "--out")),
+        (("a red cube", "--set", "guidance.model=builtin"), ("--set guidance.model", "--model")),
+        # outside float32, or past where the march resolves its step: NaN cameras, and the run said "done"
+        (("a red cube", "--set", "camera.distance_range=[1e300,1e300]"), ("camera.distance_range",)),
+        # TINY's 16 samples across the diameter: a step of 1/8, resolved in float32 out to 2^20
+        (("a red cube", "--set", "camera.distance_range=[3,2e6]"), ("camera.distance_range", "1.04858e+06")),
+        (("a red cube", "--set", "camera.fov_range=[1e-300,1e-300]"), ("camera.fov_range",)),
+        (("a red cube", "--set", "camera.light_distance_range=[1e300,1e300]"), ("light_distance_range", "1e6")),
         (("a red cube", "--compile-vae"), ("--compile-vae", "builtin")),  # the builtin prior has no VAE
     ],
 )

@@ -210,9 +210,15 @@ def config_from_args(args: argparse.Namespace):
     Raises:
         UserError: ``--out ""`` (or ``--set out=``): an empty folder name is a mistake, not the default folder.
     """
-    from fastdream.config import GuidanceConfig, RunConfig, apply_overrides, is_builtin
+    from fastdream.config import CLI_OPTIONS, GuidanceConfig, RunConfig, apply_overrides, is_builtin
     from fastdream.errors import UserError
 
+    explicit = getattr(args, "_explicit", set())
+    for item in args.set or []:  # a --set that contradicts an option given beside it won silently
+        key = item.partition("=")[0].strip()
+        flag = "PROMPT" if key == "prompt" and args.prompt is not None else CLI_OPTIONS.get(key)
+        if flag == "PROMPT" or (flag is not None and flag[2:].replace("-", "_") in explicit):
+            raise UserError(f"--set {key} and {flag} both give {key}; keep one of them")
     cfg = RunConfig(prompt=args.prompt, out=args.out, device=args.device)
     cfg.guidance = GuidanceConfig(
         model=args.model,
