@@ -321,6 +321,9 @@ def check_state_finite(path: str | os.PathLike, state: Mapping[str, Any]) -> Non
     step = state.get("step")
     if bad is None and not (isinstance(step, int) and step >= 0):
         bad = f"step {step!r}"
+    named = _NAME.match(Path(path).name)
+    if bad is None and named is not None and int(named.group(1)) != step:  # the run would claim steps it never did
+        bad = f"step {step!r}, where its name says {int(named.group(1))}"
     if bad is not None:
         raise UserError(
             f"checkpoint {path} holds an impossible value (in {bad}); fastdream never writes one, so the file was "

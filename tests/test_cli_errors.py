@@ -252,8 +252,10 @@ def _first_adam_state(state: dict) -> dict:
         (lambda s: s["optimizer"]["param_groups"][0].update(lr=float("nan")), ("impossible value", "lr")),
         (lambda s: s.update(step=-5), ("impossible value", "step -5")),
         (lambda s: _first_adam_state(s).update(exp_avg=torch.zeros(3)), ("exp_avg", "shape")),
+        # step_000004.pt saying step 1000000: the run reported "done: 1000000 steps" after 4
+        (lambda s: s.update(step=1000000), ("impossible value", "step 1000000", "name says 4")),
     ],
-    ids=["nan-table", "nan-lr", "negative-step", "adam-shape"],
+    ids=["nan-table", "nan-lr", "negative-step", "adam-shape", "step-not-its-name"],
 )
 def test_an_edited_checkpoint_is_refused_by_resume_and_export(run_dir: Path, edit, needles) -> None:
     """Tracebacks at the first save (NaN), at the first step (Adam's shapes), or a run 'at step -5' before."""
