@@ -152,6 +152,30 @@ def test_dataset_deterministic_and_cached(tmp_path, monkeypatch, small_data):
     assert torch.equal(first.views, small_data.views)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b.update(shade=b["shade"][:, :3], alpha=b["alpha"][:, :3]),  # loaded, then a traceback in training
+        lambda b: b.update(views=b["views"] + 7),
+        lambda b: b.update(elevation=b["elevation"][:2]),
+        lambda b: b.update(shade=b["shade"].float()),
+        lambda b: b.pop("alpha"),
+    ],
+    ids=["fewer-cameras", "views-out-of-range", "short-elevation", "float-shade", "no-alpha"],
+)
+def test_a_damaged_cache_file_is_rendered_again(tmp_path, monkeypatch, small_data, damage):
+    monkeypatch.setenv("FASTDREAM_CACHE", str(tmp_path))
+    load_dataset(SMALL)
+    (path,) = tmp_path.glob("builtin-*.pt")
+    blob = torch.load(path, weights_only=True)
+    damage(blob)
+    torch.save(blob, path)
+    again = load_dataset(SMALL)
+    assert again.shade.shape == small_data.shade.shape and torch.equal(again.alpha, small_data.alpha)
+    assert torch.equal(again.views, small_data.views)
+    assert torch.equal(torch.load(path, weights_only=True)["alpha"], small_data.alpha.bool())  # and cached again
+
+
 def test_dataset_images(small_data):
     ds = small_data
     assert ds.shade.shape == (5, 8, 16, 16)

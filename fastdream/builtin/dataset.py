@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -192,12 +193,41 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTDREAM_CACHE") or Path.home() / ".cache" / "fastdream")
 
 
+def _blob_fits(blob: object, cfg: DatasetConfig) -> bool:
+    """Whether a loaded cache file holds the arrays ``cfg`` makes (a damaged one that still loads failed later,
+    inside the guidance, with a traceback)."""
+    if not isinstance(blob, dict):
+        return False
+    j, res = len(VIEW_WORDS) * cfg.cameras_per_view, cfg.resolution
+    shade, alpha, views = blob.get("shade"), blob.get("alpha"), blob.get("views")
+    elevation, azimuth = blob.get("elevation"), blob.get("azimuth")
+    images = (len(SHAPES), j, res, res)
+    return (
+        isinstance(shade, torch.Tensor)
+        and shade.dtype == torch.uint8
+        and tuple(shade.shape) == images
+        and isinstance(alpha, torch.Tensor)
+        and tuple(alpha.shape) == images
+        and all(
+            isinstance(t, torch.Tensor) and t.shape == (j,) and bool(t.isfinite().all()) for t in (elevation, azimuth)
+        )
+        and isinstance(views, torch.Tensor)
+        and views.shape == (j,)
+        and not views.is_floating_point()
+        and bool(((views >= 0) & (views < len(VIEW_WORDS))).all())
+    )
+
+
 def load_dataset(cfg: DatasetConfig = DatasetConfig(), cache: bool = True) -> BuiltinDataset:
     """The data for ``cfg``: read from the cache, or rendered and cached (atomic write) on first use."""
     path = cache_dir() / f"builtin-v{DATA_VERSION}-{cfg.key()}.pt"
     if cache and path.exists():
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a foreign pickle's protocol warning: the file is rendered again
+                warnings.simplefilter("ignore")
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+            if not _blob_fits(blob, cfg):
+                raise ValueError("a cache file of other shapes")
             return BuiltinDataset(
                 shade=blob["shade"].float() / 255.0,
                 alpha=blob["alpha"].float(),
