@@ -46,6 +46,7 @@ from fastdream.errors import UserError
 INDEX_FILE = "index.json"
 STATUS_FILE = "status.json"
 LOCK_FILE = ".index.lock"
+MAX_PROMPTS_BYTES = 64 << 20
 RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=15)
 BARRIER_TIMEOUT = datetime.timedelta(days=7)
 DONE, FAILED, RUNNING, PENDING = "done", "failed", "running", "pending"
@@ -122,7 +123,14 @@ def read_prompts(path: str | Path) -> list[str]:
     """
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is no prompt text
+        with path.open("rb") as f:  # a bounded read: /dev/zero or a wrong multi-GB file filled the memory
+            data = f.read(MAX_PROMPTS_BYTES + 1)
+        if len(data) > MAX_PROMPTS_BYTES:
+            raise UserError(
+                f"--prompts {path} is larger than {MAX_PROMPTS_BYTES >> 20} MiB; a prompt list is a text file with "
+                "one prompt per line"
+            )
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is no prompt text
     except FileNotFoundError as err:
         raise UserError(f"--prompts {path} does not exist; give a text file with one prompt per line") from err
     except IsADirectoryError as err:

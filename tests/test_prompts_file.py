@@ -166,6 +166,7 @@ def test_index_is_never_torn(tmp_path: Path) -> None:
     [
         (["--prompts", "{missing}"], "does not exist"),
         (["--prompts", "{empty}"], "holds no prompt"),
+        (["--prompts", "/dev/zero"], "larger than 64 MiB"),  # read until the memory ran out
         (["a red cube", "--prompts", "{good}"], "not both"),
         (["--prompts", "{good}", "--resume"], "--retry-failed"),
         (["--prompts", "{good}", "--steps", "0"], "--steps"),
