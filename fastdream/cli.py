@@ -9,6 +9,7 @@ on stderr, exit status 2, no traceback unless ``--debug``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import os
@@ -83,38 +84,92 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
-        parser.print_help()
+        print(f"fastdream: error: give a command: {', '.join(COMMANDS)} (fastdream --help)", file=sys.stderr)
+        return 2
+    if sys.stdout is None:  # started with stdout closed (>&-): print() would drop the results without a word
+        print(
+            f"fastdream {args.command}: error: standard output is closed; give it a file (> out.txt) or /dev/null",
+            file=sys.stderr,
+        )
         return 2
     from fastdream._capture import hide_expected_warnings
 
     hide_expected_warnings()
+    stdout = sys.stdout
+    sys.stdout = _GuardedStdout(stdout)
     try:
         check_environment(args)
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a failure to write the last of it is the command's failure too
+        return code
     except UserError as e:
         if args.debug:
             raise
         print(f"fastdream {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        # A path the system cannot take, wherever it is first used (a stat, a mkdir, a probe): one line. Other
-        # OS errors are met where they happen, with what to do about them.
-        if e.errno != errno.ENAMETOOLONG or args.debug:
-            raise
-        print(
-            f"fastdream {args.command}: error: a file or folder name in {e.filename or 'a path'} is too long for "
-            f"the file system (255 bytes at most per name); choose a shorter one",
-            file=sys.stderr,
-        )
-        return 2
-    except KeyboardInterrupt:
-        print(f"fastdream {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # before OSError, its base class
         # stdout closed early (``fastdream bench | head -1``): not an error of ours. Point stdout at devnull so
         # the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:
+        # A path the system cannot take, wherever it is first used (a stat, a mkdir, a probe): one line. Other
+        # OS errors are met where they happen, with what to do about them.
+        if args.debug:
+            raise
+        if e.errno == errno.ENAMETOOLONG:
+            print(
+                f"fastdream {args.command}: error: a file or folder name in {e.filename or 'a path'} is too long "
+                f"for the file system (255 bytes at most per name); choose a shorter one",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+    except StdoutError as e:  # > /dev/full, a full disk under > file
+        if args.debug:
+            raise
+        err = e.__cause__
+        why = getattr(err, "strerror", None) or type(err).__name__
+        print(f"fastdream {args.command}: error: cannot write to standard output ({why})", file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError):  # the interpreter's final flush would fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastdream {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        sys.stdout = stdout
+
+
+class StdoutError(Exception):
+    """Writing standard output failed (the OSError is the cause): told apart from a file's write error."""
+
+
+class _GuardedStdout:
+    """``sys.stdout`` for the duration of a command: its write errors become :class:`StdoutError` (a broken pipe
+    stays a BrokenPipeError: ``| head`` is not an error)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutError() from e
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutError() from e
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 if __name__ == "__main__":

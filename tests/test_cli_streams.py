@@ -1,0 +1,46 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Standard output that cannot take the results, and no command: one line on stderr, exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from clitools import ROOT, assert_user_error
+
+from fastdream import cli
+from fastdream.commands import info
+
+
+def _fastdream_shell(command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["sh", "-c", f"exec {sys.executable} -m fastdream {command}"], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="no /dev/full here")
+def test_stdout_that_cannot_be_written() -> None:
+    res = _fastdream_shell("info > /dev/full")  # a traceback before (ENOSPC inside print)
+    assert_user_error(res, "cannot write to standard output", "No space left")
+
+
+def test_stdout_closed() -> None:
+    res = _fastdream_shell("info >&-")  # exit 0 before, and the results went nowhere
+    assert_user_error(res, "standard output is closed")
+
+
+def test_no_command() -> None:
+    res = _fastdream_shell("")  # the whole help on stdout before, nothing on stderr
+    assert_user_error(res, "give a command", "generate")
+
+
+def test_a_broken_pipe_is_not_an_error(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+    """``fastdream info | head -1``: BrokenPipeError is an OSError, and the OSError handler re-raised it."""
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(info, "run", broken)
+    assert cli.main(["info"]) == 141
+    assert "Traceback" not in capfd.readouterr().err
