@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 
 from fastdream.cameras import orbit_cameras
-from fastdream.checkpoint import atomic_write
+from fastdream.checkpoint import atomic_write, fsync_dir
 from fastdream.config import RunConfig
 from fastdream.errors import UserError
 from fastdream.field import Background, NeuralField
@@ -45,21 +48,28 @@ def _query(fn, points: torch.Tensor, device: torch.device, chunk: int = 1 << 16)
 
 
 @torch.no_grad()
-def sample_density(field: NeuralField, resolution: int) -> tuple[np.ndarray, float]:
+def sample_density(field: NeuralField, resolution: int, chunk: int = 1 << 16) -> tuple[np.ndarray, float]:
     """Density on a ``resolution^3`` lattice over ``[-bound, bound]^3`` (0 outside the bounding sphere).
 
-    Returns the volume indexed ``[x, y, z]`` and the lattice spacing."""
+    The lattice points are made ``chunk`` at a time, in the volume's flat order, and their densities written
+    into the volume: only the volume itself (4 GiB at resolution 1024) and one chunk are held, not every point's
+    coordinates (12 GiB more at 1024). Returns the volume indexed ``[x, y, z]`` and the lattice spacing."""
     b = field.bound
     lin = torch.linspace(-b, b, resolution)
-    pts = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1).reshape(-1, 3)
+    n = resolution**3
+    vol = torch.empty(n, dtype=torch.float32)
     was = field.training
     field.eval()
     try:
-        (sigma,) = _query(field.density, pts, field.table.device)
+        for s in range(0, n, chunk):
+            idx = torch.arange(s, min(s + chunk, n))
+            x, yz = idx.div(resolution * resolution, rounding_mode="floor"), idx % (resolution * resolution)
+            pts = torch.stack([lin[x], lin[yz.div(resolution, rounding_mode="floor")], lin[yz % resolution]], -1)
+            (sigma,) = _query(field.density, pts, field.table.device, chunk)
+            vol[s : s + len(idx)] = torch.where(pts.norm(dim=-1) <= b, sigma, torch.zeros_like(sigma))
     finally:
         field.train(was)
-    sigma = torch.where(pts.norm(dim=-1) <= b, sigma, torch.zeros_like(sigma))
-    return sigma.reshape(resolution, resolution, resolution).numpy(), 2 * b / (resolution - 1)
+    return vol.reshape(resolution, resolution, resolution).numpy(), 2 * b / (resolution - 1)
 
 
 def extract_mesh(field: NeuralField, cfg: RunConfig):
@@ -112,6 +122,7 @@ def write_meshes(mesh, run_dir: str | Path) -> list[Path]:
 
 
 _TMP_NAME = re.compile(r"^\.(.+)\.tmp-\d+$")
+_STAGE = ".export.tmp-"  # export_all's temporary folder in the run folder
 
 
 @dataclass
@@ -163,8 +174,6 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int) -> TurntableResu
                 ffmpeg_log_level="quiet",
             )
         data = tmp.read_bytes()
-        atomic_write(path, data)
-        return TurntableResult(path, "")
     except Exception as e:  # no ffmpeg binary, no codec, ...
         gif = path.with_suffix(".gif")
         buf = io.BytesIO()
@@ -175,6 +184,57 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int) -> TurntableResu
     finally:
         with contextlib.suppress(OSError):  # a read-only folder: the write's own error is the one to report
             tmp.unlink(missing_ok=True)
+    # Outside the fallback: a destination that cannot be written (a folder in the way, a full disk) is an error
+    # to report, not a reason to write a GIF beside it.
+    atomic_write(path, data)
+    return TurntableResult(path, "")
+
+
+OUTPUTS = ("turntable.mp4", "mesh.glb", "mesh.obj")  # turntable.gif instead of the mp4 when no mp4 writer works
+
+
+def check_outputs(run_dir: str | Path, names=OUTPUTS) -> None:
+    """Refuse a folder (not a link) where an output of ``run_dir`` goes: its rename would fail only after the
+    slow work, and the fallback to a GIF must not hide it.
+
+    Raises:
+        UserError: naming the first such folder.
+    """
+    for name in names:
+        path = Path(run_dir) / name
+        if path.is_dir() and not path.is_symlink():  # a link is replaced, not written through
+            raise UserError(
+                f"cannot write {path}: it is a folder where fastdream export writes a file; move it aside and run "
+                f"fastdream export {run_dir} again (the earlier outputs are kept)"
+            )
+
+
+# Peak memory of extract_mesh as a multiple of the density volume (4 bytes a lattice point): the volume (which
+# marching cubes takes without a copy), its pass over it, and the surface (which grows with the resolution's
+# square, not its cube). Measured with /usr/bin/time -f %M on `fastdream export --device cpu` of a 2-step builtin
+# "a red cube" run, against 889 MiB at --mesh-resolution 16: +74 MiB at 256 (volume 64 MiB: 1.15x), +234 MiB at
+# 384 (volume 216 MiB: 1.08x). 1.5 leaves room for a busier surface than that blob's.
+MESH_MEMORY_FACTOR = 1.5
+
+
+def check_mesh_memory(resolution: int, option: str = "--mesh-resolution") -> None:
+    """Refuse a mesh resolution whose marching cubes cannot fit in the memory available now (the OOM killer
+    would end the export with no message). The volume is sampled and meshed in host memory whatever the device.
+
+    Raises:
+        UserError: saying how much is needed and what is available.
+    """
+    from fastdream.run import available_memory
+
+    need = MESH_MEMORY_FACTOR * 4 * resolution**3
+    have = available_memory(torch.device("cpu"))
+    if have is not None and need > have:
+        gib = 2**30
+        raise UserError(
+            f"{option} {resolution} needs about {need / gib:.1f} GiB of memory for marching cubes "
+            f"({resolution}^3 densities) but {have / gib:.1f} GiB is available; lower {option} (memory "
+            f"grows with its cube)"
+        )
 
 
 def export_all(
@@ -182,18 +242,39 @@ def export_all(
 ) -> tuple[list[Path], str]:
     """Turntable and meshes into ``run_dir``; returns (paths written, a note for the user or '').
 
+    Every output is first written into a temporary folder in ``run_dir``, and renamed over its final name only
+    once all are written: a failure leaves every earlier output as it was.
+
     Raises:
-        UserError: the field is empty, or a file cannot be written (the earlier outputs are then kept: every
-            file is written beside its final name and renamed over it).
+        UserError: the field is empty, the mesh resolution cannot fit in memory, a folder stands where an output
+            goes, or a file cannot be written (the earlier outputs are then kept).
     """
+    run_dir = Path(run_dir)
+    check_outputs(run_dir)
+    check_mesh_memory(cfg.export.mesh_resolution)
+    staged = None
     try:
-        tt = render_turntable(field, background, grid, cfg, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=_STAGE, dir=run_dir))
+        tt = render_turntable(field, background, grid, cfg, staged)
         mesh = extract_mesh(field, cfg)
-        return [tt.path, *write_meshes(mesh, run_dir)], tt.note
+        names = [tt.path.name, *(p.name for p in write_meshes(mesh, staged))]
+        check_outputs(run_dir, names)  # the GIF's name too, and a folder made since the first check
+        for name in names:
+            os.replace(staged / name, run_dir / name)
+        fsync_dir(run_dir)
+        return [run_dir / name for name in names], tt.note
     except OSError as e:
         where = Path(e.filename2 or e.filename or run_dir)  # os.replace(tmp, final): filename2 is the final name
         where = where.with_name(_TMP_NAME.sub(r"\1", where.name))  # atomic_write's temporary: its final name
+        if where.parent.name.startswith(_STAGE):  # a staged file: its final name
+            where = run_dir / where.name
+        elif where.name.startswith(_STAGE):  # the staging folder could not be made
+            where = run_dir
         raise UserError(
             f"cannot write {where} ({e.strerror or type(e).__name__}); the earlier outputs are kept; fix the "
             f"folder (permissions, disk space) and run fastdream export {run_dir} again"
         ) from e
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)

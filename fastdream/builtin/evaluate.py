@@ -90,6 +90,11 @@ def _load_mesh(path: Path):
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
         raise UserError(f"{path} holds no triangles; the run produced an empty mesh (re-run or re-export it)")
     v = np.asarray(mesh.vertices, dtype=np.float64)
+    if v.ndim != 2 or v.shape[1] != 3:  # e.g. an OBJ with `v x y` lines: trimesh keeps them, sampling fails
+        raise UserError(
+            f"{path} holds vertices that are not x y z triples (shape {v.shape}, not (N, 3)); it is not a mesh "
+            f"fastdream exported: re-export it with `fastdream export DIR`"
+        )
     if not (np.isfinite(v).all() and np.abs(v).max() <= 1e3):  # exported meshes lie in [-1, 1]^3
         n_bad = int((~np.isfinite(v).all(axis=1) | (np.abs(v) > 1e3).any(axis=1)).sum())
         raise UserError(

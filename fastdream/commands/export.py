@@ -41,7 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from fastdream.checkpoint import unwritable_reason
     from fastdream.errors import UserError
-    from fastdream.export import export_all
+    from fastdream.export import check_outputs, export_all
     from fastdream.run import load_run
 
     # The limits generate checks too, before training (fastdream.config.validate).
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.run_dir} is not writable ({reason}); export writes turntable.mp4, mesh.glb and mesh.obj "
                 f"there: fix its permissions, or copy the run folder somewhere writable and export the copy"
             )
+        check_outputs(args.run_dir)  # before loading the run; export_all checks again
     trainer = load_run(args.run_dir, args.device)
     cfg = trainer.cfg
     if args.mesh_resolution is not None:
