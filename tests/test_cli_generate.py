@@ -163,11 +163,19 @@ def _turntable(out: Path) -> Path:
 
 
 def test_turntable_without_ffmpeg_is_a_gif_with_the_reason(tmp_path, monkeypatch):
+    import imageio.v2 as imageio
     import numpy as np
 
     from fastdream.export import write_video
 
-    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # the plugin missing
+    real = imageio.mimwrite
+
+    def no_ffmpeg(uri, frames, format=None, **kw):  # as imageio fails without the imageio-ffmpeg plugin
+        if format == "FFMPEG":  # (hiding the module is not enough once an earlier test in this process loaded it)
+            raise RuntimeError("No ffmpeg exe could be found. Install ffmpeg on your system")
+        return real(uri, frames, format=format, **kw)
+
+    monkeypatch.setattr(imageio, "mimwrite", no_ffmpeg)
     frames = [np.full((8, 8, 3), 40 * i, np.uint8) for i in range(3)]
     res = write_video(frames, tmp_path / "turntable.mp4", fps=10)
     assert res.path == tmp_path / "turntable.gif" and res.path.stat().st_size > 0
