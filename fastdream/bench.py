@@ -354,6 +354,10 @@ def resolve_device(name: str) -> torch.device:
     return resolve_run_device(name)
 
 
+MAX_BATCH = 64  # cameras a step
+MAX_RAYS = 1 << 22  # rays a step (batch x resolution^2): about 4 M
+
+
 def validate(cfg: BenchConfig, device: torch.device) -> None:
     """Every check of the settings, as UserErrors naming the option."""
     if cfg.model not in MODELS:
@@ -367,6 +371,12 @@ def validate(cfg: BenchConfig, device: torch.device) -> None:
         raise UserError(f"--seed must be an integer in [0, {2**63 - 1}], got {cfg.seed!r}")
     if cfg.resolution is not None and not (isinstance(cfg.resolution, int) and 8 <= cfg.resolution <= 1024):
         raise UserError(f"--resolution must be an integer in [8, 1024], got {cfg.resolution!r}")
+    rays = cfg.batch * (cfg.resolution or 64) ** 2
+    if cfg.batch > MAX_BATCH or rays > MAX_RAYS:  # --batch 100000 allocated until the memory ran out
+        raise UserError(
+            f"--batch {cfg.batch} at {cfg.resolution or 64}x{cfg.resolution or 64} is {rays} rays a step; bench takes "
+            f"at most {MAX_BATCH} cameras and {MAX_RAYS} rays (e.g. 16 at 512x512)"
+        )
     if cfg.shading not in ("shaded", "textureless", "albedo"):
         raise UserError(f"--shading must be shaded, textureless or albedo, got {cfg.shading!r}")
     if (cfg.compile or cfg.cuda_graphs) and cfg.model == "builtin":

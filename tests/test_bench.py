@@ -243,6 +243,8 @@ def test_cli_profile_writes_the_op_table_and_a_trace(tmp_path, capsys):
         (["--steps", "0", "--device", "cpu"], "--steps"),
         (["--device", "tpu"], "--device"),
         (["--device", "cpu:5"], "--device"),
+        (["--device", "cpu", "--tiny", "--batch", "100000"], "--batch 100000"),  # ran until the memory ran out
+        (["--device", "cpu", "--tiny", "--batch", "64", "--resolution", "512"], "at most 64 cameras"),
         (["--device", "cpu", "--tiny", "--json", "/nonexistent-dir/x.json"], "--json"),
         (["--device", "cpu", "--tiny", "--profile", "/nonexistent-dir/p.txt"], "--profile"),
         (["--device", "cpu", "--tiny", "--profile", ""], "--profile is empty"),
