@@ -235,6 +235,8 @@ class Dist:
         d = cls(num("RANK", 0), num("WORLD_SIZE", 1), num("LOCAL_RANK", 0))
         if not 0 <= d.rank < d.world_size:
             raise UserError(f"RANK={d.rank} is outside WORLD_SIZE={d.world_size}; launch with torchrun")
+        if d.local_rank < 0:
+            raise UserError(f"LOCAL_RANK={d.local_rank} is negative; launch with torchrun")
         return d
 
     @property
@@ -485,7 +487,7 @@ def run_prompts_command(args: Any) -> int:
             what = {"out": "give the library folder with --out", "device": "use --device", "prompt": "list it"}
             raise UserError(f"--set {key} does not go with --prompts ({what[key]} instead)")
     prompts = read_prompts(args.prompts)
-    out = Path(args.out).expanduser()
+    out = single.expand_user(args.out, "--out")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; choose another --out")
     dist = Dist.from_env()

@@ -352,7 +352,9 @@ def validate(cfg: RunConfig) -> None:
     """Every check of a run's settings, in one place: every field of the :class:`RunConfig` tree (``None``, "auto",
     is accepted where :func:`resolve` fills it in). Raises UserError naming the option (``--set KEY`` for the
     settings without one) and what it accepts."""
-    if not isinstance(cfg.prompt, str) or not cfg.prompt.strip():
+    if not isinstance(cfg.prompt, str):  # a hand-edited config.json ("prompt": 5) was called empty
+        raise UserError(f"the prompt must be text, got {cfg.prompt!r}")
+    if not cfg.prompt.strip():
         raise UserError('the prompt is empty; give a text prompt, e.g. fastdream generate "a red cube"')
     for what, text in (("the prompt", cfg.prompt), ("--negative-prompt", cfg.guidance.negative_prompt)):
         if isinstance(text, str) and not text.isascii():

@@ -32,6 +32,15 @@ RESUME_OVERRIDES = {"steps": ("optim", "steps"), "save_every": ("optim", "save_e
                     "compile_vae": ("guidance", "compile_vae")}  # fmt: skip
 
 
+def expand_user(path: str, option: str) -> Path:
+    """``~`` and ``~user`` expanded, or a UserError naming ``option`` (an unknown user was a traceback)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = str(path).split("/", 1)[0]
+        raise UserError(f"{option} {path}: {user} names no user's home folder here; give the path in full") from None
+
+
 def resolve_device(name: str) -> torch.device:
     """ "auto" | "cpu" | "cuda" | "cuda:N" -> a usable device, or UserError."""
     if not isinstance(name, str):
@@ -135,7 +144,7 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
     if not isinstance(cfg.out, str):
         raise UserError(f"--out must be a folder name, got {cfg.out!r}")
     out = cfg.out if cfg.out and cfg.out != "runs/<prompt slug>" else os.path.join("runs", slugify(cfg.prompt))
-    run_dir = Path(out).expanduser()
+    run_dir = expand_user(out, "--out")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file, not a folder; choose another --out")
     _check_writable(run_dir)

@@ -213,6 +213,8 @@ def test_export_inf_iso_level_and_a_hand_edited_config(run_dir: Path) -> None:
         (run_dir / "config.json").write_text(json.dumps(edited))
         line = check(run_dir, "export", run_dir, "--device", "cpu", needles=("config.json", needle))
         assert "fix or delete it" in line
+    (run_dir / "config.json").write_text(json.dumps({**cfg, "prompt": 5}))  # it was called "empty"
+    check(run_dir, "export", run_dir, "--device", "cpu", needles=("config.json", "prompt must be text, got 5"))
 
 
 def test_names_too_long_for_the_file_system_are_one_line(run_dir: Path, tmp_path: Path) -> None:

@@ -433,3 +433,11 @@ def test_guidance_notes_come_after_the_setup_checks(
 
     monkeypatch.setattr(runs, "clear_outputs", cannot_clear)
     cli_error(capsys, "generate", PROMPT, *TINY, "--out", str(out), "--overwrite", needles=("cannot move",))
+
+
+def test_out_under_an_unknown_users_home(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """``--out ~nosuchuser/x``: pathlib's RuntimeError was a traceback."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\n")
+    for args in ([PROMPT], ["--prompts", prompts]):
+        cli_error(capsys, "generate", *args, *TINY, "--out", "~fastdream_no_such_user/x", needles=("--out", "no user"))

@@ -249,3 +249,11 @@ def test_a_rank_that_cannot_join_is_a_user_error(
     with pytest.raises(UserError, match=f"rank {rank} of 2 could not join .*{addr}:{port} within 2 s") as e:
         batch.run_batch(["a red cube"], out, FakeRunner(), device="cpu")
     assert "\n" not in str(e.value) and not out.exists() and not td.is_initialized()
+
+
+def test_negative_local_rank_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "-7")
+    with pytest.raises(UserError, match="LOCAL_RANK=-7"):
+        batch.Dist.from_env()

@@ -116,7 +116,10 @@ def check_model_name(model: str) -> Path | None:
     if not isinstance(model, str) or not model.strip():
         raise UserError(f"--model must be a hub id (owner/name), a local diffusers folder or builtin; got {model!r}")
     model = model.strip()
-    local = Path(model).expanduser()
+    try:
+        local = Path(model).expanduser()
+    except RuntimeError:  # ~nosuchuser/...: no home folder to expand
+        local = Path(model)
     if local.is_dir():
         if not (local / "model_index.json").is_file():
             raise UserError(
