@@ -255,6 +255,8 @@ def export_all(
     staged = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(_STAGE + "*"):  # left by an export killed (kill -9) half-way
+            shutil.rmtree(stale, ignore_errors=True)
         staged = Path(tempfile.mkdtemp(prefix=_STAGE, dir=run_dir))
         tt = render_turntable(field, background, grid, cfg, staged)
         mesh = extract_mesh(field, cfg)

@@ -102,6 +102,7 @@ def test_a_folder_named_like_the_gif_fallback_is_refused(
 
 def test_export_replaces_all_outputs_and_leaves_no_temporary(run_dir: Path) -> None:
     old = {name: (run_dir / name).read_bytes() for name in fd_export.OUTPUTS}
+    (run_dir / ".export.tmp-killed" / "sub").mkdir(parents=True)  # an export killed half-way: cleaned up now
     res = fastdream("export", run_dir, *FAST)
     assert res.returncode == 0, res.stderr
     for name in fd_export.OUTPUTS:  # mesh resolution 16, not the run's: every file is new
