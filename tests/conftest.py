@@ -62,3 +62,23 @@ def run_dir(reference_run: Path, tmp_path: Path) -> Path:
     shutil.copytree(reference_run, d)
     (d / "notes.txt").write_text("the user's own file\n")
     return d
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run of "a red cube" with its exports: config.json, checkpoints 2 and 4, meshes, video
+    (shared: copy it with ``exported_run_dir`` before changing anything)."""
+    out = tmp_path_factory.mktemp("exported") / "run"
+    tiny = [a for a in TINY if a != "--no-export"]
+    res = fastdream("generate", "a red cube", *tiny, "--out", out, "--steps", "4", "--save-every", "2")
+    assert res.returncode == 0, res.stderr
+    assert (out / "mesh.obj").is_file() and (out / "checkpoints" / "step_000004.pt").is_file()
+    return out
+
+
+@pytest.fixture
+def exported_run_dir(exported_run: Path, tmp_path: Path) -> Path:
+    """A private copy of :func:`exported_run`."""
+    d = tmp_path / "run"
+    shutil.copytree(exported_run, d)
+    return d

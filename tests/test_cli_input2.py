@@ -25,22 +25,9 @@ from fastdream.errors import UserError
 from fastdream.ops import _dispatch
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished tiny run of "a red cube" with its exports: config.json, checkpoints 2 and 4, meshes, video."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    tiny = [a for a in TINY if a != "--no-export"]
-    res = fastdream("generate", "a red cube", *tiny, "--out", out, "--steps", "4", "--save-every", "2")
-    assert res.returncode == 0, res.stderr
-    assert (out / "mesh.obj").is_file() and (out / "checkpoints" / "step_000004.pt").is_file()
-    return out
-
-
 @pytest.fixture
-def run_dir(finished_run: Path, tmp_path: Path) -> Path:
-    d = tmp_path / "run"
-    shutil.copytree(finished_run, d)
-    return d
+def run_dir(exported_run_dir: Path) -> Path:  # the exported run, not conftest's run without exports
+    return exported_run_dir
 
 
 @pytest.fixture

@@ -23,22 +23,9 @@ from fastdream.cli import main
 FAST = ["--device", "cpu", "--frames", "2", "--turntable-resolution", "16", "--mesh-resolution", "16"]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished tiny run of "a red cube" with its exports (turntable.mp4, mesh.glb, mesh.obj)."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    tiny = [a for a in TINY if a != "--no-export"]
-    res = fastdream("generate", "a red cube", *tiny, "--out", out)
-    assert res.returncode == 0, res.stderr
-    assert all((out / name).is_file() for name in fd_export.OUTPUTS)
-    return out
-
-
 @pytest.fixture
-def run_dir(finished_run: Path, tmp_path: Path) -> Path:
-    d = tmp_path / "run"
-    shutil.copytree(finished_run, d)
-    return d
+def run_dir(exported_run_dir: Path) -> Path:  # the exported run, not conftest's run without exports
+    return exported_run_dir
 
 
 def _one_line(err: str) -> str:
@@ -197,11 +184,11 @@ def test_a_mesh_resolution_that_cannot_fit_is_refused_before_rendering(
 
 
 @pytest.mark.parametrize("obj", ["v 0 0\nv 1 0\nv 0 1\nf 1 2 3\n", "v 0\nv 1\nv 2\nf 1 2 3\n"])
-def test_evaluate_refuses_vertices_that_are_not_xyz(finished_run: Path, tmp_path: Path, obj: str) -> None:
+def test_evaluate_refuses_vertices_that_are_not_xyz(exported_run: Path, tmp_path: Path, obj: str) -> None:
     # trimesh reads `v x y` lines as vertices of 2 coordinates; sampling the surface then failed in a reshape
     d = tmp_path / "v"
     d.mkdir()
-    shutil.copy(finished_run / "config.json", d)
+    shutil.copy(exported_run / "config.json", d)
     (d / "mesh.obj").write_text(obj)
     res = fastdream("evaluate", d)
     assert_user_error(res, str(d / "mesh.obj"), "not x y z")
