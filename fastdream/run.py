@@ -262,8 +262,9 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def check_memory(cfg: RunConfig, device: torch.device) -> None:
-    """Refuse field settings whose training state alone cannot fit (the OOM killer ends such a run with no
-    message). ``cfg`` resolved. Renders need more on top; this only catches the settings that cannot work."""
+    """Refuse field settings whose training state alone cannot fit, and a mesh resolution whose export cannot
+    (the OOM killer ends such a run with no message, the mesh only at the very end). ``cfg`` resolved. Renders
+    need more on top; this only catches the settings that cannot work."""
     from fastdream.export import check_mesh_memory
 
     check_mesh_memory(cfg.export.mesh_resolution, option_name("export.mesh_resolution"))  # else at the very end
