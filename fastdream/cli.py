@@ -108,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastdream {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # before OSError, its base class
-        # stdout closed early (``fastdream bench | head -1``): not an error of ours. Point stdout at devnull so
-        # the interpreter's final flush does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # stdout closed early (``fastdream bench | head -1``): not an error of ours.
+        _stdout_to_devnull()
         return 141
     except OSError as e:
         # A path the system cannot take, wherever it is first used (a stat, a mkdir, a probe): one line. Other
@@ -131,14 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         err = e.__cause__
         why = getattr(err, "strerror", None) or type(err).__name__
         print(f"fastdream {args.command}: error: cannot write to standard output ({why})", file=sys.stderr)
-        with contextlib.suppress(OSError, ValueError):  # the interpreter's final flush would fail again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         return 2
     except KeyboardInterrupt:
         print(f"fastdream {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
         sys.stdout = stdout
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at /dev/null, so that the interpreter's final flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class StdoutError(Exception):
@@ -152,21 +156,23 @@ class _GuardedStdout:
     def __init__(self, stream) -> None:
         self._stream = stream
 
-    def write(self, text: str) -> int:
+    @staticmethod
+    @contextlib.contextmanager
+    def _errors():
         try:
-            return self._stream.write(text)
+            yield
         except BrokenPipeError:
             raise
         except OSError as e:
             raise StdoutError() from e
 
+    def write(self, text: str) -> int:
+        with self._errors():
+            return self._stream.write(text)
+
     def flush(self) -> None:
-        try:
+        with self._errors():
             self._stream.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise StdoutError() from e
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)

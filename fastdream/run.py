@@ -94,6 +94,15 @@ def _cannot_write(run_dir: Path, err: OSError) -> UserError:
     return UserError(f"--out {run_dir}: cannot create or write the folder ({why}); choose another --out")
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: what ``mkdir(parents=True)`` makes."""
+    found = []
+    while not path.exists() and path != path.parent:
+        found.append(path)
+        path = path.parent
+    return found
+
+
 def probe_run_dir(run_dir: Path) -> None:
     """Create ``run_dir`` and a file in it, then remove both: the only sure test that the folder can be written
     (``os.access`` says yes to root under /proc and /sys, and on read-only mounts). Leaves the disk as it was.
@@ -103,10 +112,7 @@ def probe_run_dir(run_dir: Path) -> None:
     """
     created = []
     try:
-        missing = run_dir
-        while not missing.exists() and missing != missing.parent:
-            created.append(missing)
-            missing = missing.parent
+        created = missing_folders(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".fastdream-probe-", dir=run_dir)
         os.close(fd)
@@ -410,11 +416,7 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
         trainer.resume()
     else:
         clear_outputs(plan.run_dir, plan.clear)
-    created = []  # the folders this run makes: a new run that fails before its first checkpoint removes them
-    missing = plan.run_dir
-    while not missing.exists() and missing != missing.parent:
-        created.append(missing)
-        missing = missing.parent
+    created = missing_folders(plan.run_dir)  # a new run that fails before its first checkpoint removes them
     try:  # resumed: keep config.json in step with what the run does (steps may have grown)
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write(plan.run_dir / CONFIG, cfg.to_json() + "\n")
