@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import signal
 import sys
 import time
@@ -445,7 +446,9 @@ class Trainer:
                     self.checkpoints.poll()
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{self.last_loss:.4g}", mode=self.last_info["mode"], skipped=self.skipped)
+                        # The loss lags by a step (settle=False): none is known before the first step is read.
+                        loss = "-" if math.isnan(self.last_loss) else f"{self.last_loss:.4g}"
+                        bar.set_postfix(loss=loss, mode=self.last_info["mode"], skipped=self.skipped)
                     # and the last step's, so a run shorter than preview_every has one too
                     due = o.preview_every and (self.step % o.preview_every == 0 or self.step == o.steps)
                     if due and not previews_off:

@@ -44,3 +44,15 @@ def test_a_broken_pipe_is_not_an_error(monkeypatch: pytest.MonkeyPatch, capfd: p
     monkeypatch.setattr(info, "run", broken)
     assert cli.main(["info"]) == 141
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("command", cli.COMMANDS)
+def test_help_shows_no_unset_default(command: str, capsys: pytest.CaptureFixture) -> None:
+    """An option left unset (None) says in its help what that means; argparse's "(default: None)" after it
+    ("default: the run's ... (default: None)") contradicted it."""
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"fastdream {command}" in out
+    assert "(default: None)" not in out and "(default: )" not in out

@@ -74,6 +74,19 @@ def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
     assert len(set(tr.guidance.words)) > 1
 
 
+def test_the_progress_bar_shows_no_loss_before_one_is_known(tmp_path, capsys):
+    """The bar's loss lags a step (the host does not wait for the step): after the first step none is known, and
+    the bar said "loss=nan", which reads as a diverged run."""
+    res = Trainer(tiny_config(steps=3), ColourGuidance(), tmp_path, "cpu").train(progress=True)
+    assert res.step == 3 and res.skipped == 0
+    err = capsys.readouterr().err
+    assert "nan" not in err
+    losses = [part.split(",")[0] for part in err.split("loss=")[1:]]
+    known = [x for x in losses if x != "-"]  # tqdm redraws the bar on update() too, with the postfix it had
+    assert losses[0] == "-" and losses == ["-"] * (len(losses) - len(known)) + known
+    assert known and all(float(x) > 0 for x in known)
+
+
 def test_a_preview_that_cannot_be_written_does_not_stop_the_run(tmp_path, capsys):
     """previews/ replaced by a file (or unwritable): a traceback that lost the step and its checkpoint before (found
     by a hunt for bad input). Now one warning, no more previews, and the run trains and saves to the end."""

@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from fastdream.commands import HelpFormatter
 from fastdream.config import EXPORT_MESH_RESOLUTION, TURNTABLE_FRAMES, TURNTABLE_RESOLUTION, ExportConfig
 
 
@@ -17,7 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="re-export mesh.glb, mesh.obj and turntable.mp4 of a run from its last checkpoint",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("run_dir", metavar="DIR", help="a run folder written by fastdream generate")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from fastdream.commands import HelpFormatter
 from fastdream.config import (
     BACKGROUNDS,
     DEFAULT_MODEL,
@@ -57,16 +58,6 @@ def _auto(kind: type):
     return parse
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's default in its help, but no "(default: None)" after the optional PROMPT, and no
-    "(default: )" after an empty text (the help says what empty means)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if (not action.option_strings and action.default is None) or action.default == "":
-            return action.help
-        return super()._get_help_string(action)
-
-
 def add_parser(sub) -> argparse.ArgumentParser:
     o, r, s, f = OptimConfig(), RenderConfig(), ShadingConfig(), FieldConfig()
     p = sub.add_parser(
@@ -74,7 +65,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="text to 3D: optimise a field by SDS and export mesh + turntable",
         description="Optimise a neural field so that its renders match PROMPT under a frozen diffusion model "
         "(Score Distillation Sampling), then export mesh.glb, mesh.obj and turntable.mp4 into --out.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("prompt", metavar="PROMPT", nargs="?", help="what to make, e.g. 'a red cube'")
     p.add_argument(
