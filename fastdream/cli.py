@@ -16,7 +16,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from fastdream.errors import UserError
+from fastdream.errors import UserError, out_of_memory
 
 if TYPE_CHECKING:
     import torch
@@ -131,6 +131,17 @@ def main(argv: list[str] | None = None) -> int:
         why = getattr(err, "strerror", None) or type(err).__name__
         print(f"fastdream {args.command}: error: cannot write to standard output ({why})", file=sys.stderr)
         _stdout_to_devnull()
+        return 2
+    except (RuntimeError, MemoryError) as e:
+        # Out of memory where no command met it with its own advice (loading a model, bench's sizes): one line.
+        oom = out_of_memory(e)
+        if oom is None or args.debug:
+            raise
+        print(
+            f"fastdream {args.command}: error: {oom}; free memory on the device (other processes) or lower the sizes "
+            f"given to fastdream {args.command}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"fastdream {args.command}: interrupted", file=sys.stderr)

@@ -32,7 +32,7 @@ import torch
 from fastdream.cameras import orbit_cameras
 from fastdream.checkpoint import atomic_write, fsync_dir
 from fastdream.config import RunConfig
-from fastdream.errors import UserError
+from fastdream.errors import UserError, out_of_memory
 from fastdream.field import Background, NeuralField
 from fastdream.renderer import render_views
 from fastdream.train import display_background
@@ -276,6 +276,15 @@ def export_all(
         raise UserError(
             f"cannot write {where} ({e.strerror or type(e).__name__}); the earlier outputs are kept; fix the "
             f"folder (permissions, disk space) and run fastdream export {run_dir} again"
+        ) from e
+    except (RuntimeError, MemoryError) as e:
+        oom = out_of_memory(e)
+        if oom is None:
+            raise
+        raise UserError(
+            f"{oom} while exporting; the earlier outputs and the checkpoints are kept; run fastdream export "
+            f"{run_dir} with a lower --turntable-resolution ({cfg.render.turntable_resolution}) or --mesh-resolution "
+            f"({cfg.export.mesh_resolution})"
         ) from e
     finally:
         if staged is not None:

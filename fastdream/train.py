@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
+import shlex
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ import torch
 from fastdream import checkpoint as ckpt
 from fastdream.cameras import make_cameras, sample_cameras, view_word
 from fastdream.config import RunConfig
-from fastdream.errors import UserError
+from fastdream.errors import UserError, out_of_memory
 from fastdream.field import Background, NeuralField
 from fastdream.guidance.base import SDSConfig
 from fastdream.losses import opacity_loss, orientation_loss
@@ -192,6 +195,8 @@ class Trainer:
         self.skipped_loss = 0  # of those, with a non-finite loss (the others had non-finite gradients)
         self.bad_in_a_row = 0
         self.last_loss = float("nan")
+        self._step_start: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None
+        self._updating = False
         self._stop = False
         self._pending: StepOutcome | None = None  # the last step's outcome, not read on the host yet
         self._pinned: torch.Tensor | None = None  # where it is copied on CUDA (one buffer: read before reused)
@@ -208,13 +213,22 @@ class Trainer:
             "grid": self.grid.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "rng": {
-                "schedule": self.schedule_gen.get_state(),
-                "noise": self.noise_gen.get_state().cpu(),
-                "torch": torch.get_rng_state(),
-            },
+            "rng": self._rng_states(),
             "stats": {"skipped": self.skipped, "skipped_loss": self.skipped_loss, "bad_in_a_row": self.bad_in_a_row},
         }
+
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        return {
+            "schedule": self.schedule_gen.get_state(),
+            "noise": self.noise_gen.get_state().cpu(),
+            "torch": torch.get_rng_state(),
+        }
+
+    def _set_rng_states(self, rng: dict[str, torch.Tensor]) -> None:
+        # CPU ByteTensors even for a CUDA generator; a checkpoint loaded with map_location=cuda moved them.
+        self.schedule_gen.set_state(rng["schedule"].cpu())
+        self.noise_gen.set_state(rng["noise"].cpu())
+        torch.set_rng_state(rng["torch"].cpu())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
@@ -230,10 +244,7 @@ class Trainer:
                             raise ValueError(f"optimizer {k} of shape {tuple(v.shape)} for a {tuple(p.shape)} tensor")
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
-            # RNG states are CPU ByteTensors even for a CUDA generator; map_location=cuda moved them.
-            self.schedule_gen.set_state(state["rng"]["schedule"].cpu())
-            self.noise_gen.set_state(state["rng"]["noise"].cpu())
-            torch.set_rng_state(state["rng"]["torch"].cpu())
+            self._set_rng_states(state["rng"])
             self.step = int(state["step"])
             self.skipped = int(state["stats"]["skipped"])
             self.skipped_loss = int(state["stats"].get("skipped_loss", 0))  # absent before 2026-11-26
@@ -357,18 +368,26 @@ class Trainer:
         :meth:`settle`, so the CPU does not wait for the GPU to finish the step (the counts, ``last_loss`` and the
         divergence check lag by one step); returns None."""
         o = self.cfg.optim
-        if self.step % o.grid_update_every == 0:
+        # What an allocation failing in this step must undo before the run is saved (_save_after_out_of_memory):
+        # the random streams the step draws from, and the grid it updates in place (a copy, every few steps).
+        grid_due = self.step % o.grid_update_every == 0
+        grid_before = {k: v.clone() for k, v in self.grid.state_dict().items()} if grid_due else None
+        self._step_start = (self._rng_states(), grid_before)
+        if grid_due:
             self._update_grid()
         self.optimizer.zero_grad(set_to_none=True)
         loss, info = self.compute_loss()
         self.settle()  # the previous step's outcome: its work is done by now (this step's render waited for it)
         finite_loss = scaled_backward(loss, self.scaler)
+        self._updating = True  # the parameters change from here: a failure cannot be undone
         ok = apply_step(self.optimizer, self.scaler, finite_loss)
+        self._updating = False
         if ok.is_cuda and self._pinned is None:
             self._pinned = torch.empty(3, pin_memory=True)
         self._pending = StepOutcome(self.step + 1, loss, finite_loss, ok, self._pinned)
         self.last_info = info
         self.step += 1
+        self._step_start = None
         return self.settle() if settle else None
 
     def settle(self) -> bool | None:
@@ -396,6 +415,34 @@ class Trainer:
                 f"saved settings, and from the same checkpoint and random state it would diverge again)"
             )
         return ok
+
+    def _save_after_out_of_memory(self, oom: str) -> str:
+        """After an allocation failed mid-run: save the last whole step, undoing what the failing one began (its
+        random draws, its grid update), unless it was changing the parameters. Returns the line for the user."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        where = f"at step {self.step + 1}" if self._step_start is not None else f"after step {self.step}"
+        found = ckpt.list_checkpoints(self.run_dir)
+        saved = found[-1][0] if found else 0
+        if not self._updating and self.step > saved:
+            if self._step_start is not None:
+                rng, grid = self._step_start
+                self._set_rng_states(rng)
+                if grid is not None:
+                    self.grid.load_state_dict(grid)
+                self._step_start = None
+            try:
+                self.save(wait=True)
+                saved = self.step
+            except Exception:  # (memory, disk, a diverged last step): the earlier checkpoint stands
+                pass
+        kept = f"step {saved} is saved" if saved else "no step was saved"
+        resume = shlex.join(["fastdream", "generate", self.cfg.prompt, "--out", str(self.run_dir), "--resume"])
+        return (
+            f"{oom} {where}; {kept}. Free memory on the device and continue with {resume}, or start over with a "
+            f"lower --resolution or --set render.samples_per_ray=N"
+        )
 
     # -- previews ---------------------------------------------------------------------------------------
 
@@ -435,6 +482,7 @@ class Trainer:
         last_ckpt = None
         bar = None
         previews_off = False
+        failed = None
         if progress:
             from tqdm import tqdm
 
@@ -454,28 +502,37 @@ class Trainer:
                     if due and not previews_off:
                         try:
                             self.preview()
-                        except OSError as e:  # previews/ unwritable or a file: not worth the run (or this step)
+                        except (OSError, RuntimeError, MemoryError) as e:  # not worth the run (or this step)
+                            oom = out_of_memory(e)
+                            if isinstance(e, OSError):  # previews/ unwritable or a file
+                                why = f"cannot write a preview ({e.strerror or e}: {e.filename})"
+                            elif oom is not None:  # a preview_resolution too large for what training left
+                                why = f"{oom} rendering a preview at {self.cfg.render.preview_resolution} pixels"
+                            else:
+                                raise
                             previews_off = True
-                            msg = (
-                                f"warning: cannot write a preview ({e.strerror or e}: {e.filename}); previews are off "
-                                f"for the rest of this run, training goes on"
-                            )
+                            msg = f"warning: {why}; previews are off for the rest of this run, training goes on"
                             bar.write(msg, file=sys.stderr) if bar is not None else print(msg, file=sys.stderr)
                     if self.step % o.save_every == 0 or self.step == o.steps:
                         last_ckpt = self.save(wait=False)  # written while the next steps train
                 if self._stop and (last_ckpt is None or self.step % o.save_every):
                     last_ckpt = self.save(wait=False)
                 self.settle()  # the last step's counts and loss (save() settles too)
-        except BaseException:
+        except BaseException as e:
             # The error in flight is the one to report; a background write still finishes (it loses nothing).
             with contextlib.suppress(Exception):
                 self.checkpoints.wait()
-            raise
+            if out_of_memory(e) is None:
+                raise
+            failed = e
+            traceback.clear_frames(e.__traceback__)  # the step's tensors: freed before the save below
         else:
             self.checkpoints.wait()  # every checkpoint is on disk when train() returns (or its error is raised)
         finally:
             if bar is not None:
                 bar.close()
+        if failed is not None:
+            raise UserError(self._save_after_out_of_memory(out_of_memory(failed))) from failed
         if last_ckpt is None:  # nothing to do (already at the end): the latest one
             last_ckpt = ckpt.latest_checkpoint(self.run_dir)
         seconds = time.perf_counter() - start

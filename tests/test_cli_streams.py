@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from clitools import ROOT, assert_user_error
 
 from fastdream import cli
@@ -56,3 +57,44 @@ def test_help_shows_no_unset_default(command: str, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert f"fastdream {command}" in out
     assert "(default: None)" not in out and "(default: )" not in out
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 1 has"),
+            "on cuda:1 (it asked for 20.00 GiB more)",
+        ),
+        (
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3221225472 bytes."),
+            "on the CPU (it asked for 3.00 GiB more)",
+        ),
+        (
+            MemoryError("Unable to allocate 256. TiB for an array with shape (35184372088832,)"),
+            "on the CPU (it asked for 256 TiB more)",
+        ),
+    ],
+)
+def test_out_of_memory_anywhere_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, error: BaseException, said: str
+) -> None:
+    """Where no command meets it with its own advice (loading a model, bench's sizes): a traceback before."""
+
+    def fails(args):
+        raise error
+
+    monkeypatch.setattr(info, "run", fails)
+    monkeypatch.setattr(cli, "check_environment", lambda args: None)
+    assert cli.main(["info"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"fastdream info: error: out of memory {said}; free memory on the device"), err
+    with pytest.raises(type(error)):
+        cli.main(["--debug", "info"])
+
+
+def test_other_runtime_errors_still_show_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(info, "run", lambda args: (_ for _ in ()).throw(RuntimeError("a kernel failed")))
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        cli.main(["info"])

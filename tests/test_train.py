@@ -203,6 +203,84 @@ def test_the_loop_reads_each_outcome_a_step_late_to_the_same_result(tmp_path):
     assert c.settle() is None  # nothing left to read
 
 
+class OutOfMemoryAt(ColourGuidance):
+    """Fails to allocate at the calls listed in ``oom_at``, after the step drew its camera and (every other step)
+    updated its grid, before the noise draw."""
+
+    def __init__(self, oom_at=()):
+        super().__init__()
+        self.oom_at = set(oom_at)
+
+    def sds_loss(self, images, view_words, cfg, generator=None):
+        if self.calls + 1 in self.oom_at:
+            self.calls += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1 GiB free.")
+        return super().sds_loss(images, view_words, cfg, generator)
+
+
+def test_out_of_memory_mid_run_saves_the_last_whole_step_and_resumes_to_the_same_result(tmp_path):
+    """A traceback before, and every step since the last checkpoint lost. Now the steps done are saved as they
+    were before the failing step began (its random draws and its grid update undone), so that resuming gives the
+    run that never failed."""
+    cfg = tiny_config(steps=6)  # checkpoints every 3 steps, grid updates every 2
+    a = Trainer(cfg, ColourGuidance(), tmp_path / "a", "cpu")
+    a.train(progress=False)
+    b = Trainer(cfg, OutOfMemoryAt(oom_at={5}), tmp_path / "b", "cpu")
+    with pytest.raises(UserError) as e:
+        b.train(progress=False)
+    msg = str(e.value)
+    assert "out of memory on cuda:0 (it asked for 2.00 GiB more) at step 5; step 4 is saved" in msg
+    assert "--resume" in msg and "--resolution" in msg
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [3, 4]
+    c = Trainer(cfg, ColourGuidance(), tmp_path / "b", "cpu")
+    c.resume()
+    assert c.step == 4
+    c.train(progress=False)
+    assert torch.equal(params(a), params(c))
+    assert torch.equal(a.grid.density, c.grid.density)
+
+
+def test_out_of_memory_while_the_parameters_change_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """Half-updated parameters are not saved: the checkpoint before them stands."""
+    tr = Trainer(tiny_config(steps=6), ColourGuidance(), tmp_path, "cpu")
+    step = tr.optimizer.step
+
+    def failing_step(*args, **kwargs):
+        if tr.step == 4:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes.")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(tr.optimizer, "step", failing_step)
+    with pytest.raises(
+        UserError, match=r"out of memory on the CPU \(it asked for 1.00 GiB more\) at step 5; step 3 is"
+    ):
+        tr.train(progress=False)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3]
+
+
+def test_out_of_memory_in_a_preview_turns_previews_off(tmp_path, capsys, monkeypatch):
+    tr = Trainer(tiny_config(steps=6, preview_every=2), ColourGuidance(), tmp_path, "cpu")
+    calls = []
+
+    def preview():
+        calls.append(tr.step)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB.")
+
+    monkeypatch.setattr(tr, "preview", preview)
+    res = tr.train(progress=False)
+    assert res.step == 6 and calls == [2]
+    err = capsys.readouterr().err
+    assert "warning: out of memory on the GPU (it asked for 8.00 GiB more) rendering a preview at 16 pixels" in err
+    assert "previews are off for the rest of this run, training goes on" in err
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(tmp_path, monkeypatch):
+    tr = Trainer(tiny_config(steps=6), ColourGuidance(), tmp_path, "cpu")
+    monkeypatch.setattr(tr, "compute_loss", lambda: (_ for _ in ()).throw(RuntimeError("a kernel failed")))
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        tr.train(progress=False)
+
+
 def test_nan_step_is_skipped_and_checkpoint_is_clean(tmp_path):
     cfg = tiny_config(steps=6)
     tr = Trainer(cfg, ColourGuidance(nan_at={2}), tmp_path, "cpu")
