@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fastdream.checkpoint import atomic_write, latest_checkpoint
-from fastdream.errors import UserError
+from fastdream.errors import OutOfMemory, UserError
 
 INDEX_FILE = "index.json"
 STATUS_FILE = "status.json"
@@ -387,6 +387,9 @@ def _run_prompt(
         write_status(run_dir, prompt, PENDING, rank=dist.rank, reason="interrupted")
         rebuild_index(out, prompts)
         raise
+    except OutOfMemory as err:  # its steps are saved: the next run of the library resumes it
+        write_status(run_dir, prompt, PENDING, rank=dist.rank, reason=" ".join(str(err).split())[:300])
+        log(f"{where} STOPPED {prompt!r}: {err}; run the same command again to resume it")
     except Exception as err:  # one prompt failing does not stop the others
         reason = " ".join(str(err).split()) or type(err).__name__
         if not isinstance(err, UserError):

@@ -6,6 +6,11 @@ class UserError(Exception):
     """Bad input or environment: the message says what is wrong and what to do."""
 
 
+class OutOfMemory(UserError):
+    """A run stopped by an allocation that failed; the steps it saved can be resumed (a ``--prompts`` library keeps
+    such a prompt pending, not failed)."""
+
+
 def out_of_memory(e: BaseException) -> str | None:
     """``e`` as "out of memory on <device> (it asked for <size> more)" when it is an allocation that failed, else
     None.

@@ -37,7 +37,7 @@ import torch
 from fastdream import checkpoint as ckpt
 from fastdream.cameras import make_cameras, sample_cameras, view_word
 from fastdream.config import RunConfig
-from fastdream.errors import UserError, out_of_memory
+from fastdream.errors import OutOfMemory, UserError, out_of_memory
 from fastdream.field import Background, NeuralField
 from fastdream.guidance.base import SDSConfig
 from fastdream.losses import opacity_loss, orientation_loss
@@ -532,7 +532,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
         if failed is not None:
-            raise UserError(self._save_after_out_of_memory(out_of_memory(failed))) from failed
+            raise OutOfMemory(self._save_after_out_of_memory(out_of_memory(failed))) from failed
         if last_ckpt is None:  # nothing to do (already at the end): the latest one
             last_ckpt = ckpt.latest_checkpoint(self.run_dir)
         seconds = time.perf_counter() - start

@@ -14,7 +14,7 @@ import torch
 
 from fastdream import batch
 from fastdream import checkpoint as ckpt
-from fastdream.errors import UserError
+from fastdream.errors import OutOfMemory, UserError
 
 
 def test_read_prompts(tmp_path: Path) -> None:
@@ -130,6 +130,23 @@ def test_interrupt_keeps_prompt_resumable(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         batch.run_batch(["a red cube"], tmp_path, interrupted, dist=batch.Dist())
     assert batch.read_status(tmp_path / batch.folder_name("a red cube"))["status"] == "pending"
+
+
+def test_a_prompt_stopped_by_out_of_memory_stays_resumable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Its steps are saved (the trainer's OutOfMemory): pending, so the next run resumes it, where a failed prompt
+    would wait for --retry-failed and then start over."""
+
+    def out_of_memory(prompt, run_dir, resume, device):
+        ckpt.save_checkpoint(run_dir, 3, {"format": 1, "field": {"w": torch.ones(1)}})
+        raise OutOfMemory("out of memory on cuda:0 at step 4; step 3 is saved")
+
+    assert batch.run_batch(["a red cube"], tmp_path, out_of_memory, dist=batch.Dist()) != 0
+    status = batch.read_status(tmp_path / batch.folder_name("a red cube"))
+    assert status["status"] == "pending" and status["reason"].startswith("out of memory on cuda:0 at step 4")
+    assert "run the same command again to resume it" in capsys.readouterr().err
+    run = FakeRunner()
+    assert batch.run_batch(["a red cube"], tmp_path, run, dist=batch.Dist()) == 0
+    assert run.calls == [("a red cube", True)]
 
 
 def test_index_is_never_torn(tmp_path: Path) -> None:
