@@ -12,8 +12,9 @@ and broadcasts the list (gloo: it is a few bytes, and it works on every machine)
 
 Restart safety: finished prompts are skipped, half-finished ones resume from their last checkpoint, failed
 ones are run again (from the start, with the current settings) only with ``--retry-failed``. A failing prompt
-(outside the vocabulary, diverged) is recorded with its one-line reason and the others go on; the exit status
-is 0 only when every prompt is done.
+(outside the vocabulary, diverged) is recorded with its one-line reason and the others go on; one stopped by
+running out of memory saved its steps and stays pending, so the next run resumes it. The exit status is 0 only
+when every prompt is done.
 
 Example:
     >>> read_prompts_text("a red cube\\n# comment\\n\\n  a blue sphere  \\na red cube\\n")
