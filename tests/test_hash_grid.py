@@ -148,6 +148,40 @@ def test_reference_outside_bound_is_clamped():
     assert jac[2].abs().sum() > 0
 
 
+# Points exactly on the cube's faces, edges and corners (u = 0 or 1): the cell clamp keeps their corners inside
+# the level's block (a dense level's last vertex, the table's end); random points never land there.
+FACE_POINTS = [
+    [1.0, 0.3, -0.2],
+    [-1.0, -0.45, 0.7],
+    [0.1, 1.0, 1.0],
+    [1.0, 1.0, 1.0],
+    [-1.0, 1.0, 0.5],
+    [-1.0, -1.0, -1.0],
+    [0.25, -0.6, 1.0],
+]
+
+
+def test_reference_on_the_faces_keeps_the_inside_derivative():
+    """Both references take a face point's derivative from inside the cube (the kernels' convention). The autograd
+    one took torch.clamp's, which is 0 on the bounds in PyTorch 2.14, and disagreed with the Jacobian reference."""
+    table = _table(SMALL, dtype=torch.float64)
+    x = torch.tensor(FACE_POINTS, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(len(FACE_POINTS), SMALL.out_dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (hash_encode_reference(x, table, SMALL) * g).sum().backward()
+    _, jac = hash_encode_with_jacobian_reference(x.detach(), table, SMALL)
+    torch.testing.assert_close(x.grad, torch.einsum("nk,nkd->nd", g, jac))
+    assert (x.grad.abs() > 1e-3).all()  # the face's own axis too
+    h = 1e-7  # one-sided, from inside
+    inward = -torch.sign(x.detach()) * (x.detach().abs() == 1)
+    for d in range(3):
+        step = torch.zeros(3, dtype=torch.float64)
+        step[d] = h
+        side = torch.where(inward[:, d : d + 1] != 0, inward[:, d : d + 1], torch.ones(1, dtype=torch.float64))
+        e1 = hash_encode_reference(x.detach() + side * step, table, SMALL)
+        fd = (e1 - hash_encode_reference(x.detach(), table, SMALL)) / (side * h)
+        torch.testing.assert_close(jac[..., d], fd, atol=1e-5, rtol=1e-5)
+
+
 def test_reference_nan_and_inf_are_defined():
     table = _table(SMALL)
     nan, inf = float("nan"), float("inf")
@@ -261,6 +295,35 @@ def test_backend_gradients_match_reference(backend, n):
     for name, a, b in zip(("x", "table", "table via jacobian"), got, ref):
         assert a is not None, name
         torch.testing.assert_close(a.cpu().double(), b, **scale, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def test_backend_on_the_faces_and_corners_matches_reference(backend):
+    """A kernel that drops the cell clamp reads vertex res + 1 at u = 1 (past a dense level's block, past the
+    table on the last one): encoding, Jacobian and both gradients differ then on exactly these points."""
+    device = _device_for(backend)
+    x = torch.tensor(FACE_POINTS)
+    table = _table(SMALL)
+    g = torch.Generator().manual_seed(11)
+    g_enc = torch.randn(len(x), SMALL.out_dim, generator=g)
+    g_jac = torch.randn(len(x), SMALL.out_dim, 3, generator=g)
+
+    def run(encode, with_jacobian, x_, t_):
+        x_ = x_.clone().requires_grad_(True)
+        t_ = t_.clone().requires_grad_(True)
+        enc = encode(x_, t_, SMALL)
+        (enc * g_enc.to(enc)).sum().backward()
+        t2 = t_.detach().clone().requires_grad_(True)
+        e2, jac = with_jacobian(x_.detach(), t2, SMALL)
+        (jac * g_jac.to(jac)).sum().backward()
+        return [v.detach().cpu().double() for v in (enc, e2, jac, x_.grad, t_.grad, t2.grad)]
+
+    want = run(hash_encode_reference, hash_encode_with_jacobian_reference, x.double(), table.double())
+    with use_backend(backend):
+        got = run(hash_encode, hash_encode_with_jacobian, x.to(device), table.to(device))
+    names = ("encoding", "encoding (with jacobian)", "jacobian", "grad x", "grad table", "grad table via jacobian")
+    scales = ((1, 1), (1, 1), (20, 20), (50, 10), (50, 10), (50, 10))
+    for name, a, b, (sa, sr) in zip(names, got, want, scales):
+        torch.testing.assert_close(a, b, **_tol(backend, device, sa, sr), msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_backend_nonfinite_inputs_are_defined(backend):

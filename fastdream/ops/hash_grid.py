@@ -153,9 +153,11 @@ _CORNERS = [(c & 1, (c >> 1) & 1, (c >> 2) & 1) for c in range(8)]
 def _normalise(x: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``u`` in ``[0, 1]^3`` (clamped, non-finite coordinates replaced) and where ``du/dx`` is non-zero."""
     u_raw = (x + bound) / (2 * bound)
-    inside = (u_raw >= 0) & (u_raw <= 1)  # False for NaN; torch.clamp's gradient mask (inclusive)
-    u = torch.nan_to_num(u_raw, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
-    return u, inside
+    inside = (u_raw >= 0) & (u_raw <= 1)  # False for NaN
+    # The kernels' convention: a point on a face (u = 0 or 1) keeps the inside's derivative. Not torch.clamp's
+    # gradient, which is 0 there in recent PyTorch (2.14) and would disagree with the Jacobian reference.
+    fixed = torch.nan_to_num(u_raw.detach(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+    return torch.where(inside, u_raw, fixed), inside
 
 
 def _level_corners(u: torch.Tensor, res: int, dense: bool, size: int):
