@@ -54,8 +54,11 @@ def test_normals_of_the_blob_point_outwards(method):
     x = torch.nn.functional.normalize(torch.randn(32, 3), dim=-1) * 0.4
     sigma, rho, n = f.density_and_normals(x, method=method)
     assert torch.allclose(n.norm(dim=-1), torch.ones(32), atol=1e-4)
-    cos = (n * torch.nn.functional.normalize(x, dim=-1)).sum(-1)
-    assert cos.min() > 0.999
+    if method == "analytic":  # exact up to fp32 (the blob's own gradient)
+        torch.testing.assert_close(n, torch.nn.functional.normalize(x, dim=-1), atol=1e-5, rtol=0)
+    else:  # central differences of the blob at the method's step
+        cos = (n * torch.nn.functional.normalize(x, dim=-1)).sum(-1)
+        assert cos.min() > 0.999
 
 
 def test_analytic_normals_match_finite_differences_and_train_the_table():
@@ -68,7 +71,8 @@ def test_analytic_normals_match_finite_differences_and_train_the_table():
     xg = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(f.density(xg).sum(), xg)
     nref = -torch.nn.functional.normalize(g, dim=-1)
-    assert (na * nref).sum(-1).min() > 0.999
+    # fp32 agrees to ~1e-7; a cosine bound (> 0.999) let a dropped ReLU mask in the MLP's gradient through (2e-3).
+    torch.testing.assert_close(na, nref, atol=1e-5, rtol=0)
     na.sum().backward()
     assert f.table.grad is not None and f.table.grad.abs().sum() > 0
 
@@ -80,6 +84,13 @@ def test_background():
     assert c.shape == (10, 3) and torch.all((c > 0) & (c < 1))
     c.sum().backward()
     assert all(p.grad is not None for p in bg.parameters())
+    # The encoding written out: d, then sin and cos of 2^k pi d for k = 0..3 (frequency-major, xyz inside).
+    want = [d]
+    for fn in (torch.sin, torch.cos):
+        want += [fn(2.0**k * torch.pi * d) for k in range(4)]
+    torch.testing.assert_close(bg.encode(d), torch.cat(want, -1))
+    lin0, lin1 = bg.net[0], bg.net[2]
+    torch.testing.assert_close(c, torch.sigmoid(lin1(torch.relu(lin0(torch.cat(want, -1))))))
 
 
 @pytest.mark.parametrize("kw", [{}, dict(levels=3, features=4, log2_table_size=9, hidden=24, hidden_layers=2)])
