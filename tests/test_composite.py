@@ -208,6 +208,11 @@ def test_nan_and_inf_sigmas_are_defined(device, backend):
     assert torch.isnan(opacity[1])  # NaN propagates along its own ray only
     torch.testing.assert_close(opacity[2], torch.tensor(1.0))  # an infinite density is opaque
     assert torch.isfinite(image[3:]).all() and torch.isfinite(image[0]).all()
+    if backend != "reference":  # and every output and gradient is the reference's, NaN where it has NaN
+        want = _run("reference", sigmas, colors, s, bg)
+        got = _run(backend, sigmas.to(device), colors.to(device), _to(s, device), bg.to(device))
+        for name, a, b in zip(NAMES, got, want):
+            torch.testing.assert_close(a.cpu(), b, equal_nan=True, atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("device,backend", EDGE_BACKENDS)

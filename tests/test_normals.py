@@ -159,6 +159,9 @@ def test_normals_from_gradient_is_safe_at_zero():
     torch.testing.assert_close(n.detach(), torch.tensor([[0.0, 0.0, 0.0], [0.0, -0.6, -0.8]]))
     n.sum().backward()
     assert torch.isfinite(g.grad).all()
+    # A tiny gradient that is not zero still gives a unit normal (the clamp is on |g|^2, at eps^2).
+    small = torch.tensor([[1e-8, 0.0, 0.0], [0.0, -3e-9, 4e-9]])
+    torch.testing.assert_close(normals_from_gradient(small), torch.tensor([[-1.0, 0.0, 0.0], [0.0, 0.6, -0.8]]))
 
 
 def test_density_gradient_without_grad_mode_and_with_frozen_table():

@@ -124,3 +124,37 @@ def test_orientation_loss_inputs_directions_point_from_camera_and_visible_normal
     facing = orientation_loss(args[0], out["normals"], *args[1:])
     away = orientation_loss(args[0], -out["normals"], *args[1:])
     assert away > 0.01 and facing < 0.02 * away
+
+
+def test_the_default_backends_render_like_the_reference():
+    """The whole render (march, encoding with its Jacobian, analytic normals, shading, compositing) on the default
+    fast backends against every op forced to its PyTorch reference: image, opacity, depth, normals, the
+    regularisers' inputs, and the gradients of every field and background parameter."""
+    from fastdream.field import Background
+    from fastdream.ops._dispatch import use_backend
+
+    def run(backend):
+        f = make_field()
+        with torch.no_grad():
+            f.table.normal_(0, 0.05, generator=torch.Generator().manual_seed(4))  # more than the blob
+        bg = Background(generator=torch.Generator().manual_seed(0))
+        cams = orbit_cameras(2)
+        with use_backend(backend):
+            out = render(f, bg, cams, 13, 17, shading_mode="shaded", samples_per_ray=40, jitter=True,
+                         generator=torch.Generator().manual_seed(5))  # fmt: skip
+        g = torch.Generator().manual_seed(6)
+        keys = ("image", "opacity", "depth", "normals_image")
+        loss = sum((out[k] * torch.randn(out[k].shape, generator=g)).sum() for k in keys)
+        loss = loss + (out["weights"] * torch.randn(out["weights"].shape, generator=g)).sum()
+        loss.backward()
+        params = list(f.named_parameters()) + [("bg." + n, p) for n, p in bg.named_parameters()]
+        return {k: out[k].detach() for k in (*keys, "weights")}, {n: p.grad for n, p in params}
+
+    (want, want_grads), (got, got_grads) = run("reference"), run(None)
+    assert want["weights"].shape == got["weights"].shape and want["weights"].numel() > 100
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4, msg=k)
+    assert want_grads.keys() == got_grads.keys()
+    for k in want_grads:
+        assert want_grads[k] is not None and want_grads[k].abs().sum() > 0, k
+        torch.testing.assert_close(got_grads[k], want_grads[k], atol=2e-5, rtol=1e-3, msg=f"grad {k}")

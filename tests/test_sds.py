@@ -98,6 +98,8 @@ def test_non_finite_predictions_are_zeroed_and_clip_applies():
     assert grad[0, 0, 0, 0] == 0 and grad[1, 0, 0, 1] == 0
     clipped = sds_grad(EPS_U, EPS_C, EPS, T, ALPHAS_CUMPROD, OMEGA, "uniform", grad_clip=1.6)
     torch.testing.assert_close(clipped, torch.tensor([[1.6, 1.5], [1.6, -1.0]]).reshape(2, 1, 1, 2))
+    clipped = sds_grad(EPS_U, EPS_C, EPS, T, ALPHAS_CUMPROD, OMEGA, "uniform", grad_clip=0.9)  # both signs
+    torch.testing.assert_close(clipped, torch.tensor([[0.9, 0.9], [0.9, -0.9]]).reshape(2, 1, 1, 2))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])

@@ -171,18 +171,20 @@ def test_shading_schedule():
 
 def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path):
     cfg = tiny_config(steps=6)
-    a = Trainer(cfg, ColourGuidance(), tmp_path / "a", "cpu")
+    a = Trainer(cfg, ColourGuidance(nan_at={3}), tmp_path / "a", "cpu")  # the checkpointed step is skipped
     a.train(progress=False)
 
-    b = Trainer(tiny_config(steps=3), ColourGuidance(), tmp_path / "b", "cpu")
+    b = Trainer(tiny_config(steps=3), ColourGuidance(nan_at={3}), tmp_path / "b", "cpu")
     b.train(progress=False)
     c = Trainer(cfg, ColourGuidance(), tmp_path / "b", "cpu")  # a fresh process' view: rebuilt, then resumed
     c.resume()
     assert c.step == 3
+    assert (c.skipped, c.skipped_loss, c.bad_in_a_row) == (1, 1, 1)  # the counts, and the skip streak
     c.train(progress=False)
     assert c.step == 6
     assert torch.equal(params(a), params(c))
     assert torch.equal(a.grid.density, c.grid.density)
+    assert (c.skipped, c.skipped_loss, c.bad_in_a_row) == (a.skipped, a.skipped_loss, a.bad_in_a_row) == (1, 1, 0)
 
 
 def test_the_loop_reads_each_outcome_a_step_late_to_the_same_result(tmp_path):
