@@ -214,3 +214,44 @@ def test_generate_refuses_a_mesh_resolution_that_cannot_fit_before_training(
     line = _one_line(capfd.readouterr().err)
     assert "--set export.mesh_resolution 1024" in line and "1.0 GiB is available" in line, line
     assert not out.exists()
+
+
+class _ColouredBall(torch.nn.Module):
+    """A ball of radius 0.4 off the centre, density 100 (0.5 - r) (level 10 on its surface), albedo varying with
+    x, y and z apart: where the mesh lies and what colour each vertex has are known exactly."""
+
+    bound = 1.0
+    centre = torch.tensor([0.2, -0.1, 0.05])
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.zeros(1)
+
+    def density(self, p: torch.Tensor) -> torch.Tensor:
+        return 100 * (0.5 - (p - self.centre).norm(dim=-1)).clamp_min(0)
+
+    @staticmethod
+    def albedo(p: torch.Tensor) -> torch.Tensor:
+        return torch.stack([0.5 + 0.4 * p[:, 0], 0.3 + 0.2 * p[:, 1], 0.8 - 0.3 * p[:, 2]], -1)
+
+    def forward(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.density(p), self.albedo(p)
+
+
+def test_extract_mesh_puts_the_surface_and_its_colours_where_the_field_has_them() -> None:
+    """Unit check of the mesh export (an offset, a flipped axis or swapped colour channels were only seen by the
+    slow trained-run scores before)."""
+    from fastdream.config import RunConfig, resolve
+    from fastdream.export import extract_mesh
+
+    cfg = resolve(RunConfig(prompt="x", device="cpu"), "cpu")
+    cfg.export.mesh_resolution, cfg.export.iso_level = 48, 10.0
+    ball = _ColouredBall()
+    mesh = extract_mesh(ball, cfg)
+    v = torch.as_tensor(mesh.vertices, dtype=torch.float32)
+    assert len(v) > 500 and mesh.metadata["iso_level"] == 10.0
+    r = (v - ball.centre).norm(dim=-1)  # the density is linear in r: marching cubes' interpolation is near exact
+    assert (r - 0.4).abs().max() < 0.1 * 2 / 47, (r.min(), r.max())
+    torch.testing.assert_close(v.mean(0), ball.centre, atol=2e-3, rtol=0)
+    rgb = torch.as_tensor(np.asarray(mesh.visual.vertex_colors)[:, :3], dtype=torch.float32) / 255
+    torch.testing.assert_close(rgb, ball.albedo(v), atol=0.5 / 255 + 1e-6, rtol=0)
