@@ -393,16 +393,27 @@ def test_backend_second_derivative_in_x_matches_reference(backend):
     _assert_second_order_close(got, want, run(hash_encode_reference, x, table), backend, device)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the fp16-read path of the cuda backend")
-@pytest.mark.parametrize("fp16_reads", [True, False])
-def test_cuda_table_reads_are_exact_on_the_table_they_read(fp16_reads, monkeypatch):
-    """fp16 reads: the only error is the rounding of the table (the reference on the fp16-rounded table agrees to
-    fp32 accuracy); every output and gradient stays fp32. fp32 reads: the reference on the table itself."""
+def _fp16_reads_switch(backend: str) -> tuple[object, str]:
+    """(module, attribute) of a CUDA backend's fp16-table-reads switch."""
+    if backend == "triton":
+        import fastdream.kernels.hash_grid as kernels
+
+        return kernels, "FP16_TABLE_READS_ON_CUDA"
     import fastdream.ops.hash_grid as hg
 
-    if "cuda" not in _dispatch.usable_backends(OP, torch.device("cuda")):
-        pytest.skip("the CUDA extension is not built")
-    monkeypatch.setattr(hg, "CUDA_FP16_TABLE_READS", fp16_reads)
+    return hg, "CUDA_FP16_TABLE_READS"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the fp16-read paths")
+@pytest.mark.parametrize("fp16_reads", [True, False])
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+def test_cuda_table_reads_are_exact_on_the_table_they_read(gpu_backend, fp16_reads, monkeypatch):
+    """fp16 reads: the only error is the rounding of the table (the reference on the fp16-rounded table agrees to
+    fp32 accuracy); every output and gradient stays fp32. fp32 reads: the reference on the table itself. For
+    Triton too, whose tests elsewhere allow fp16's error against the fp32 table."""
+    if gpu_backend not in _dispatch.usable_backends(OP, torch.device("cuda")):
+        pytest.skip(f"the {gpu_backend} backend is not usable here")
+    monkeypatch.setattr(*_fp16_reads_switch(gpu_backend), fp16_reads)
     n = 1025
     x = _mixed_points(n, seed=3)
     table = _table(SMALL) * 1e-2  # the scale of a trained table (init is 1e-4)
@@ -420,7 +431,7 @@ def test_cuda_table_reads_are_exact_on_the_table_they_read(fp16_reads, monkeypat
         return enc, e2, j2, xr.grad, tr.grad, t2.grad
 
     want = run(hash_encode_reference, hash_encode_with_jacobian_reference, x.double(), read)
-    with use_backend("cuda"):
+    with use_backend(gpu_backend):
         got = run(hash_encode, hash_encode_with_jacobian, x.cuda(), table.cuda())
     names = ("enc", "enc (jacobian pass)", "jac", "grad x", "grad table", "grad table (jacobian pass)")
     for name, a, b in zip(names, got, want):
@@ -430,6 +441,32 @@ def test_cuda_table_reads_are_exact_on_the_table_they_read(fp16_reads, monkeypat
     if fp16_reads:  # and the rounding is visible: the fp32 table would give other values
         exact = run(hash_encode_reference, hash_encode_with_jacobian_reference, x.double(), table.double())
         assert not torch.allclose(got[0].cpu().double(), exact[0], atol=0, rtol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the cached fp16 copy of the table")
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+def test_cuda_fp16_table_copy_follows_in_place_updates(gpu_backend, monkeypatch):
+    """The fp16 copy is cached while the table is unchanged: an optimiser's in-place step, and a new table that may
+    reuse the old one's memory, must each be read afresh (a stale copy would train on old values silently)."""
+    if gpu_backend not in _dispatch.usable_backends(OP, torch.device("cuda")):
+        pytest.skip(f"the {gpu_backend} backend is not usable here")
+    monkeypatch.setattr(*_fp16_reads_switch(gpu_backend), True)
+    x = _mixed_points(257, seed=4)
+    table = torch.nn.Parameter((_table(SMALL) * 1e-2).cuda())
+
+    def check() -> None:
+        with use_backend(gpu_backend), torch.no_grad():
+            got = hash_encode(x.cuda(), table, SMALL).cpu().double()
+        want = hash_encode_reference(x.double(), table.detach().half().double().cpu(), SMALL)
+        torch.testing.assert_close(got, want, atol=2e-6 * want.abs().max().item(), rtol=1e-5)
+
+    check()
+    check()  # the cached copy
+    with torch.no_grad():
+        table.add_(0.01 * torch.randn_like(table))  # an in-place step, same object
+    check()
+    table = torch.nn.Parameter((_table(SMALL, seed=8) * 1e-2).cuda())  # a new tensor (maybe the same address)
+    check()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the warp-aggregated table gradient")
