@@ -615,3 +615,43 @@ def test_missing_weights_and_unsupported_pipelines(sd_folder, tmp_path):
     with pytest.raises(UserError) as excinfo:
         load_guidance(str(broken), "cpu")
     assert "SDXL" in _one_line_user_error(excinfo)
+
+
+@pytest.mark.parametrize("old", ["stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1"])
+def test_withdrawn_stable_diffusion_2_ids_point_to_the_mirror(old, monkeypatch, tmp_path):
+    """Stability AI withdrew SD 2.x from the hub (November 2025): the old ids fail for anyone without them cached,
+    and the error names the mirror to use. The default model is that mirror."""
+    import huggingface_hub
+
+    from fastdream.config import DEFAULT_MODEL
+    from fastdream.guidance import loading
+
+    mirror = old.replace("stabilityai/", "sd2-community/")
+    assert (
+        loading.WITHDRAWN[old] == mirror and DEFAULT_MODEL == loading.WITHDRAWN["stabilityai/stable-diffusion-2-1-base"]
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(UserError) as excinfo:  # not cached, offline
+        load_guidance(old, "cpu")
+    msg = _one_line_user_error(excinfo)
+    assert f"hf download {mirror}" in msg and f"--model {mirror}" in msg and "withdrew" in msg, msg
+
+    from huggingface_hub import errors as hub_errors
+
+    def not_found(*args, **kwargs):
+        err = hub_errors.RepositoryNotFoundError.__new__(hub_errors.RepositoryNotFoundError)  # no HTTP response
+        Exception.__init__(err, f"404 Client Error: {old}")
+        raise err
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(loading, "hub_offline", lambda: False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_found)
+    with pytest.raises(UserError) as excinfo:  # online: the hub says 404
+        load_guidance(old, "cpu")
+    msg = _one_line_user_error(excinfo)
+    assert f"no model {old} on the Hugging Face hub" in msg and f"--model {mirror}" in msg, msg
+    with pytest.raises(UserError) as excinfo:  # another unknown id: no mirror to offer
+        load_guidance("nobody-here/no-such-model", "cpu")
+    assert "check the id" in _one_line_user_error(excinfo) and "withdrew" not in str(excinfo.value)

