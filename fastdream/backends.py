@@ -11,6 +11,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -35,6 +36,26 @@ def extension() -> ModuleType | None:
 def extension_error() -> str:
     """Why the extension failed to load ('' when it loaded)."""
     return _load_extension()[1]
+
+
+_warned = False
+
+
+def warn_if_extension_missing() -> None:
+    """Once per process, before long work: a line on stderr when the compiled extension did not load (a torch
+    other than the one it was built against, a plain ``pip install .`` gone wrong). Every op then runs on its
+    PyTorch reference, many times slower, and nothing else would say so. Not when the reference is asked for."""
+    global _warned
+    if _warned or extension() is not None or os.environ.get("FASTDREAM_BACKEND", "").strip().lower() == "reference":
+        return
+    _warned = True
+    why = " ".join(extension_error().split())[:160]
+    print(
+        f"warning: the compiled extension fastdream._C did not load ({why}); every op runs on its PyTorch "
+        f"reference, many times slower. Reinstall with pip install --no-build-isolation (see the README) and check "
+        f"fastdream info",
+        file=sys.stderr,
+    )
 
 
 def cuda_compiled() -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fastdream import checkpoint as ckpt
+from fastdream.backends import warn_if_extension_missing
 from fastdream.config import RunConfig, field_state_bytes, is_builtin, option_name, resolve, slugify, validate
 from fastdream.errors import UserError
 
@@ -426,6 +427,7 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
     # there is the only line printed.
     for note in getattr(guidance, "notes", ()):
         print(note, file=sys.stderr)
+    warn_if_extension_missing()
     if cfg.guidance.compile_vae:  # else the first steps would look hung
         print("note: --compile-vae: the first steps compile the VAE encoder (tens of seconds)", file=sys.stderr)
     try:

@@ -73,3 +73,42 @@ def test_info_command_reports_backends():
     assert "cpp" in out and "reference" in out and "torch" in out
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("cpp"))
     assert "usable=yes" in line
+
+
+def test_a_missing_extension_is_said_once_before_long_work(monkeypatch, capsys):
+    """A torch mismatch (or a broken plain ``pip install .``) left every op on its reference, tens of times slower,
+    with nothing on the terminal saying so; only ``fastdream info`` showed it."""
+    from fastdream import run as fd_run
+
+    monkeypatch.setattr(backends, "extension", lambda: None)
+    monkeypatch.setattr(backends, "extension_error", lambda: "ImportError: _C.so: undefined symbol: _ZN3c10\n x")
+    monkeypatch.setattr(backends, "_warned", False)
+    monkeypatch.delenv("FASTDREAM_BACKEND", raising=False)
+    assert fd_run.warn_if_extension_missing is backends.warn_if_extension_missing  # what generate calls
+    backends.warn_if_extension_missing()
+    backends.warn_if_extension_missing()  # once: a --prompts library calls it for every prompt
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("warning: the compiled extension fastdream._C did not load (ImportError: _C.so: undefined")
+    assert "PyTorch reference" in err and "--no-build-isolation" in err
+    monkeypatch.setattr(backends, "_warned", False)
+    monkeypatch.setenv("FASTDREAM_BACKEND", "reference")  # asked for: nothing to say
+    backends.warn_if_extension_missing()
+    monkeypatch.setattr(backends, "extension", lambda: object())  # loaded: nothing to say
+    monkeypatch.delenv("FASTDREAM_BACKEND")
+    backends.warn_if_extension_missing()
+    assert capsys.readouterr().err == ""
+
+
+def test_generate_says_so_before_training(monkeypatch, capfd, tmp_path):
+    from clitools import TINY
+
+    from fastdream.cli import main
+
+    monkeypatch.setattr(backends, "extension", lambda: None)  # every op on its reference (the dispatch asks too)
+    monkeypatch.setattr(backends, "extension_error", lambda: "ImportError: undefined symbol")
+    monkeypatch.setattr(backends, "_warned", False)
+    monkeypatch.delenv("FASTDREAM_BACKEND", raising=False)
+    assert main(["generate", "a red cube", *TINY, "--out", str(tmp_path / "run")]) == 0
+    err = capfd.readouterr().err
+    assert "warning: the compiled extension fastdream._C did not load (ImportError: undefined symbol)" in err

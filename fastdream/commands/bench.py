@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fastdream.backends import warn_if_extension_missing
 from fastdream.bench import MODELS, BenchConfig, run_bench
 from fastdream.checkpoint import unwritable_reason
 from fastdream.errors import UserError
@@ -172,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         for written, what in ((prof, "--profile"), (trace, "--profile's trace")):
             if out is not None and out.resolve() == written.resolve():
                 raise UserError(f"--json and {what} both name {out}; give them different files")
+    warn_if_extension_missing()
     result = run_bench(cfg, profile=prof)
     doc = json.dumps(result.to_dict(), indent=2)
     if args.json == "-":
