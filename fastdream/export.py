@@ -264,6 +264,10 @@ def export_all(
         check_outputs(run_dir, names)  # the GIF's name too, and a folder made since the first check
         for name in names:
             os.replace(staged / name, run_dir / name)
+        # the other format's turntable, from an earlier export, would show an older field beside the new one
+        other = run_dir / ("turntable.gif" if tt.path.suffix == ".mp4" else "turntable.mp4")
+        if other.is_file() or other.is_symlink():
+            other.unlink()
         fsync_dir(run_dir)
         return [run_dir / name for name in names], tt.note
     except OSError as e:

@@ -95,6 +95,28 @@ def test_a_folder_named_like_the_gif_fallback_is_refused(
     assert tree_hash(run_dir) == before
 
 
+def test_the_turntable_of_the_other_format_is_not_left_beside_the_new_one(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export that fell back to a GIF left the earlier export's mp4 (an older field) beside it, and back."""
+    import imageio.v2 as imageio
+
+    real = imageio.mimwrite
+
+    def no_ffmpeg(uri, frames, format=None, **kwargs):
+        if format == "FFMPEG":
+            raise RuntimeError("no ffmpeg")
+        return real(uri, frames, format=format, **kwargs)
+
+    assert (run_dir / "turntable.mp4").is_file()
+    with monkeypatch.context() as m:
+        m.setattr(imageio, "mimwrite", no_ffmpeg)
+        assert main(["export", str(run_dir), *FAST]) == 0
+    assert (run_dir / "turntable.gif").is_file() and not (run_dir / "turntable.mp4").exists()
+    assert main(["export", str(run_dir), *FAST]) == 0  # ffmpeg back
+    assert (run_dir / "turntable.mp4").is_file() and not (run_dir / "turntable.gif").exists()
+
+
 def test_export_replaces_all_outputs_and_leaves_no_temporary(run_dir: Path) -> None:
     old = {name: (run_dir / name).read_bytes() for name in fd_export.OUTPUTS}
     (run_dir / ".export.tmp-killed" / "sub").mkdir(parents=True)  # an export killed half-way: cleaned up now
