@@ -14,6 +14,7 @@ import errno
 import importlib
 import os
 import sys
+import traceback
 from typing import TYPE_CHECKING
 
 from fastdream.errors import UserError, out_of_memory
@@ -79,6 +80,12 @@ def check_environment(args: argparse.Namespace) -> None:
     _dispatch.check_env(_command_device(args))
 
 
+def _traceback_if_debug(args: argparse.Namespace) -> None:
+    """--debug: the traceback of the error being handled, before its one line (the exit status stays 2)."""
+    if args.debug:
+        traceback.print_exc(file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -103,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a failure to write the last of it is the command's failure too
         return code
     except UserError as e:
-        if args.debug:
-            raise
+        _traceback_if_debug(args)
         print(f"fastdream {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # before OSError, its base class
@@ -114,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         # A path the system cannot take, wherever it is first used (a stat, a mkdir, a probe): one line. Other
         # OS errors are met where they happen, with what to do about them.
-        if args.debug:
-            raise
         if e.errno == errno.ENAMETOOLONG:
+            _traceback_if_debug(args)
             print(
                 f"fastdream {args.command}: error: a file or folder name in {e.filename or 'a path'} is too long "
                 f"for the file system (255 bytes at most per name); choose a shorter one",
@@ -125,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     except StdoutError as e:  # > /dev/full, a full disk under > file
-        if args.debug:
-            raise
+        _traceback_if_debug(args)
         err = e.__cause__
         why = getattr(err, "strerror", None) or type(err).__name__
         print(f"fastdream {args.command}: error: cannot write to standard output ({why})", file=sys.stderr)
@@ -135,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, MemoryError) as e:
         # Out of memory where no command met it with its own advice (loading a model, bench's sizes): one line.
         oom = out_of_memory(e)
-        if oom is None or args.debug:
+        if oom is None:
             raise
+        _traceback_if_debug(args)
         print(
             f"fastdream {args.command}: error: {oom}; free memory on the device (other processes) or lower the sizes "
             f"given to fastdream {args.command}",

@@ -184,7 +184,9 @@ def test_device_cuda_without_gpu(run_dir: Path) -> None:
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     res = fastdream("--debug", *GEN, "", *TINY, "--out", tmp_path / "x")
-    assert res.returncode != 0 and "Traceback" in res.stderr and "UserError" in res.stderr
+    assert "Traceback" in res.stderr and "UserError" in res.stderr
+    # and then the same line and exit status as without --debug (it was 1, Python's, before)
+    assert res.returncode == 2 and res.stderr.rstrip().splitlines()[-1].startswith("fastdream generate: error: ")
 
 
 # ------------------------------------------------------------------------------------------------- export
