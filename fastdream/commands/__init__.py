@@ -7,10 +7,10 @@ import argparse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's default in its help, except an unset one (``None``) or an empty text: their help says what
-    they mean (no "(default: None)" after "default: the run's")."""
+    """Every option's default in its help, except an unset one (``None``), an empty text or an empty list: their
+    help says what they mean (no "(default: None)" after "default: the run's", no "(default: [])" after --set)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default == "":
+        if action.default is None or action.default in ("", []):
             return action.help
         return super()._get_help_string(action)

@@ -24,7 +24,13 @@ from fastdream.errors import UserError
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="time one SDS step in parts (medians, peak memory)")
+    p = sub.add_parser(
+        "bench",
+        help="time one SDS step in parts (medians, peak memory)",
+        description="Time one SDS step part by part (marching, field, shading and compositing, the guidance's "
+        "encode and denoise, backward, optimizer, grid update), with the builtin prior or a random-weight model of "
+        "Stable Diffusion's or DeepFloyd IF's size: medians over --steps after --warmup, and the peak memory.",
+    )
     d = BenchConfig()
     p.add_argument("--model", choices=MODELS, default=d.model, help="guidance: builtin | sd | if (default builtin)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default auto)")

@@ -18,6 +18,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="re-export mesh.glb, mesh.obj and turntable.mp4 of a run from its last checkpoint",
+        description="Re-render the turntable and re-extract the meshes of the run in DIR from its last checkpoint, "
+        "with the run's settings unless given here. The new outputs replace the old ones only once all are written.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("run_dir", metavar="DIR", help="a run folder written by fastdream generate")

@@ -15,7 +15,12 @@ from fastdream import backends
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("info", help="versions, devices and usable backends")
+    p = sub.add_parser(
+        "info",
+        help="versions, devices and usable backends",
+        description="Versions (fastdream, Python, torch, Triton, diffusers, transformers), the devices, and which "
+        "backend of the ops is compiled and usable here, with why not where one is not.",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
