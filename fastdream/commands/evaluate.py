@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``fastdream evaluate DIR``: score a finished builtin run against its prompt's true primitive (JSON)."""
+"""``fastdream evaluate DIR``: score a run whose prompt the builtin prior knows (a builtin run, or a diffusion
+model's run of such a prompt, with a note) against its true primitive, from its last checkpoint (JSON)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,10 @@
 """``fastdream generate "PROMPT"``: optimise a 3D asset by SDS and write the run folder.
 
 The command is a thin layer over :class:`fastdream.config.RunConfig`, :mod:`fastdream.run` and
-:class:`fastdream.train.Trainer`; every check of the settings happens in :func:`fastdream.config.validate`
-and of the output folder in :func:`fastdream.run.plan_generate`, before anything is loaded or written.
+:class:`fastdream.train.Trainer`. The settings are checked before anything is loaded or written: each value in
+:func:`fastdream.config.validate`, a ``--set`` that contradicts an option beside it in :func:`config_from_args`,
+what needs the model or the machine (the prompt's vocabulary, memory, CUDA-only options) in
+:func:`fastdream.run._check_cheap`, and the output folder in :func:`fastdream.run.plan_generate`.
 """
 
 from __future__ import annotations
