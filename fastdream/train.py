@@ -437,11 +437,13 @@ class Trainer:
                 saved = self.step
             except Exception:  # (memory, disk, a diverged last step): the earlier checkpoint stands
                 pass
-        kept = f"step {saved} is saved" if saved else "no step was saved"
+        lower = "a lower --resolution or --set render.samples_per_ray=N"
+        if not saved:  # nothing to resume (a new run's folder is cleared by fastdream.run.execute)
+            return f"{oom} {where}; no step was saved. Free memory on the device, or start over with {lower}"
         resume = shlex.join(["fastdream", "generate", self.cfg.prompt, "--out", str(self.run_dir), "--resume"])
         return (
-            f"{oom} {where}; {kept}. Free memory on the device and continue with {resume}, or start over with a "
-            f"lower --resolution or --set render.samples_per_ray=N"
+            f"{oom} {where}; step {saved} is saved. Free memory on the device and continue with {resume}, or start "
+            f"over with {lower}"
         )
 
     # -- previews ---------------------------------------------------------------------------------------

@@ -242,6 +242,14 @@ def test_out_of_memory_mid_run_saves_the_last_whole_step_and_resumes_to_the_same
     assert torch.equal(a.grid.density, c.grid.density)
 
 
+def test_out_of_memory_at_the_first_step_offers_no_resume(tmp_path):
+    tr = Trainer(tiny_config(steps=6), OutOfMemoryAt(oom_at={1}), tmp_path, "cpu")
+    with pytest.raises(UserError) as e:
+        tr.train(progress=False)
+    assert "at step 1; no step was saved. Free memory on the device, or start over with a lower" in str(e.value)
+    assert "--resume" not in str(e.value) and not ckpt.list_checkpoints(tmp_path)
+
+
 def test_out_of_memory_while_the_parameters_change_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     """Half-updated parameters are not saved: the checkpoint before them stands."""
     tr = Trainer(tiny_config(steps=6), ColourGuidance(), tmp_path, "cpu")
