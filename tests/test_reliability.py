@@ -203,3 +203,42 @@ def test_cli_divergence_is_one_line_and_keeps_the_checkpoints(
         state = ckpt.load_checkpoint(p)
         assert_all_finite(state)
         assert state["stats"]["skipped"] == max(0, state["step"] - 4)
+
+
+def test_cli_out_of_memory_is_one_line_and_the_run_resumes_to_the_same_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``fastdream generate`` whose step 4 cannot allocate (after its camera draw and grid update): exit 2, one line
+    saying step 3 is saved; then the command it names finishes the run as if nothing had happened."""
+    from clitools import TINY
+
+    from fastdream import cli
+    from fastdream.train import Trainer
+
+    real = Trainer.compute_loss
+    failed = []
+
+    def out_of_memory_once(self):
+        loss, info = real(self)
+        if self.step == 3 and not failed:
+            failed.append(self.step)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has 0 bytes free.")
+        return loss, info
+
+    common = [*TINY, "--steps", "6", "--save-every", "2", "--no-export"]
+    assert cli.main(["generate", "a red cube", *common, "--out", str(tmp_path / "whole")]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(Trainer, "compute_loss", out_of_memory_once)
+    out = tmp_path / "run"
+    assert cli.main(["generate", "a red cube", *common, "--out", str(out)]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fastdream generate: error: out of memory on cuda:0"), lines
+    assert "at step 4; step 3 is saved" in lines[0] and f"--out {out} --resume" in lines[0]
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2, 3]
+    assert cli.main(["generate", "a red cube", "--out", str(out), "--resume", "--device", "cpu", "--no-export"]) == 0
+    whole = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "whole"))
+    resumed = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
+    assert resumed["step"] == whole["step"] == 6
+    for key, value in whole["field"].items():
+        assert torch.equal(resumed["field"][key], value), key
+    assert torch.equal(resumed["grid"]["density"], whole["grid"]["density"])
