@@ -267,7 +267,8 @@ def export_all(
         # the other format's turntable, from an earlier export, would show an older field beside the new one
         other = run_dir / ("turntable.gif" if tt.path.suffix == ".mp4" else "turntable.mp4")
         if other.is_file() or other.is_symlink():
-            other.unlink()
+            with contextlib.suppress(OSError):  # the new outputs are in place: not worth an error
+                other.unlink()
         fsync_dir(run_dir)
         return [run_dir / name for name in names], tt.note
     except OSError as e:

@@ -381,13 +381,12 @@ class Trainer:
         finite_loss = scaled_backward(loss, self.scaler)
         self._updating = True  # the parameters change from here: a failure cannot be undone
         ok = apply_step(self.optimizer, self.scaler, finite_loss)
-        self._updating = False
         if ok.is_cuda and self._pinned is None:
             self._pinned = torch.empty(3, pin_memory=True)
         self._pending = StepOutcome(self.step + 1, loss, finite_loss, ok, self._pinned)
         self.last_info = info
         self.step += 1
-        self._step_start = None
+        self._step_start, self._updating = None, False  # a whole step again
         return self.settle() if settle else None
 
     def settle(self) -> bool | None:
@@ -432,15 +431,27 @@ class Trainer:
                 if grid is not None:
                     self.grid.load_state_dict(grid)
                 self._step_start = None
+            self.settle()  # the last step's outcome: a run it ends (diverged) is reported as that, not resumed
             try:
                 self.save(wait=True)
                 saved = self.step
-            except Exception:  # (memory, disk, a diverged last step): the earlier checkpoint stands
+            except Exception:  # (memory, disk): the earlier checkpoint stands
                 pass
         lower = "a lower --resolution or --set render.samples_per_ray=N"
         if not saved:  # nothing to resume (a new run's folder is cleared by fastdream.run.execute)
             return f"{oom} {where}; no step was saved. Free memory on the device, or start over with {lower}"
-        resume = shlex.join(["fastdream", "generate", self.cfg.prompt, "--out", str(self.run_dir), "--resume"])
+        resume = shlex.join(
+            [
+                "fastdream",
+                "generate",
+                self.cfg.prompt,
+                "--out",
+                str(self.run_dir),
+                "--resume",
+                "--device",
+                str(self.device),
+            ]
+        )
         return (
             f"{oom} {where}; step {saved} is saved. Free memory on the device and continue with {resume}, or start "
             f"over with {lower}"
@@ -534,7 +545,17 @@ class Trainer:
             if bar is not None:
                 bar.close()
         if failed is not None:
-            raise OutOfMemory(self._save_after_out_of_memory(out_of_memory(failed))) from failed
+            oom = out_of_memory(failed)
+            try:
+                try:
+                    msg = self._save_after_out_of_memory(oom)
+                except UserError as e:  # the last step's outcome, read now, ended the run (diverged)
+                    raise e from failed
+                except Exception:  # the save's own failure must not hide the out-of-memory error
+                    msg = f"{oom}; the steps since the last checkpoint could not be saved after it"
+                raise OutOfMemory(msg) from failed
+            finally:
+                failed = None  # this frame must not keep the error (and through it the trainer) alive
         if last_ckpt is None:  # nothing to do (already at the end): the latest one
             last_ckpt = ckpt.latest_checkpoint(self.run_dir)
         seconds = time.perf_counter() - start

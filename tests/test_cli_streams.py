@@ -99,3 +99,60 @@ def test_other_runtime_errors_still_show_their_traceback(monkeypatch: pytest.Mon
     monkeypatch.setattr(info, "run", lambda args: (_ for _ in ()).throw(RuntimeError("a kernel failed")))
     with pytest.raises(RuntimeError, match="a kernel failed"):
         cli.main(["info"])
+
+
+def _raised(error: BaseException, wrapper=None, how: str = "cause") -> BaseException:
+    try:
+        try:
+            raise error
+        except BaseException as inner:
+            if wrapper is None:
+                raise
+            if how == "cause":
+                raise wrapper from inner
+            if how == "inner":  # inductor's BackendCompilerFailed(..., inner) from None
+                wrapper.inner_exception = inner
+                raise wrapper from None
+            raise wrapper  # noqa: B904 (the context only, as an error in a handler has)
+    except BaseException as e:
+        return e
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (
+            RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be reported later"),
+            "out of memory on the GPU",
+        ),
+        (
+            RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+            "out of memory on the GPU",
+        ),
+        (
+            RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1048576 bytes."),
+            "out of memory on the CPU (it asked for 1.0 MiB more)",
+        ),
+        (
+            _raised(
+                torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), RuntimeError("compile failed")
+            ),
+            "out of memory on the GPU (it asked for 2.00 GiB more)",
+        ),
+        (
+            _raised(torch.OutOfMemoryError("CUDA out of memory."), RuntimeError("BackendCompilerFailed"), "inner"),
+            "out of memory on the GPU",
+        ),
+        (_raised(MemoryError(), ValueError("while handling it"), "context"), "out of memory on the CPU"),
+        (
+            _raised(torch.OutOfMemoryError("CUDA out of memory."), KeyboardInterrupt(), "context"),
+            None,
+        ),  # Ctrl-C is Ctrl-C
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), None),
+        (_raised(KeyError("k"), ValueError("v"), "context"), None),
+    ],
+)
+def test_out_of_memory_is_recognised_in_its_other_forms(error: BaseException, said: str | None) -> None:
+    from fastdream.errors import out_of_memory
+
+    assert out_of_memory(error) == said

@@ -250,22 +250,58 @@ def test_out_of_memory_at_the_first_step_offers_no_resume(tmp_path):
     assert "--resume" not in str(e.value) and not ckpt.list_checkpoints(tmp_path)
 
 
-def test_out_of_memory_while_the_parameters_change_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    """Half-updated parameters are not saved: the checkpoint before them stands."""
-    tr = Trainer(tiny_config(steps=6), ColourGuidance(), tmp_path, "cpu")
-    step = tr.optimizer.step
+@pytest.mark.parametrize("where", ["after the optimiser's step", "after the update, before the step is counted"])
+def test_out_of_memory_once_the_parameters_changed_keeps_the_last_checkpoint(tmp_path, monkeypatch, where):
+    """Parameters (and Adam's moments) of step 5 must not be saved as step 4: the checkpoint before them stands,
+    and resuming from it gives the run that never failed."""
+    import fastdream.train as fd_train
 
-    def failing_step(*args, **kwargs):
-        if tr.step == 4:
-            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes.")
-        return step(*args, **kwargs)
+    cfg = tiny_config(steps=6)
+    tr = Trainer(cfg, ColourGuidance(), tmp_path / "b", "cpu")
+    oom = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes.")
+    if where == "after the optimiser's step":
+        step = tr.optimizer.step
 
-    monkeypatch.setattr(tr.optimizer, "step", failing_step)
+        def failing_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            if tr.step == 4:
+                raise oom
+            return out
+
+        monkeypatch.setattr(tr.optimizer, "step", failing_step)
+    else:
+        outcome = fd_train.StepOutcome
+
+        def failing_outcome(*args, **kwargs):
+            if tr.step == 4:
+                raise oom
+            return outcome(*args, **kwargs)
+
+        monkeypatch.setattr(fd_train, "StepOutcome", failing_outcome)
     with pytest.raises(
         UserError, match=r"out of memory on the CPU \(it asked for 1.00 GiB more\) at step 5; step 3 is"
     ):
         tr.train(progress=False)
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [3]
+    monkeypatch.undo()
+    a = Trainer(cfg, ColourGuidance(), tmp_path / "a", "cpu")
+    a.train(progress=False)
+    c = Trainer(cfg, ColourGuidance(), tmp_path / "b", "cpu")
+    c.resume()
+    c.train(progress=False)
+    assert torch.equal(params(a), params(c))
+
+
+def test_a_run_that_diverged_is_not_offered_a_resume_after_out_of_memory(tmp_path):
+    """The step before the failing one is read only when the run is saved; when it was the last of
+    max_bad_steps skipped steps in a row, the run diverged: that is the error, not "resume from here"."""
+    cfg = tiny_config(steps=8, max_bad_steps=2)
+    guidance = OutOfMemoryAt(oom_at={5})
+    guidance.nan_at = {3, 4}
+    with pytest.raises(UserError) as e:
+        Trainer(cfg, guidance, tmp_path, "cpu").train(progress=False)
+    assert "2 steps in a row" in str(e.value) and "out of memory" not in str(e.value)
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
 
 
 def test_out_of_memory_in_a_preview_turns_previews_off(tmp_path, capsys, monkeypatch):
