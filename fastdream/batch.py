@@ -13,8 +13,8 @@ and broadcasts the list (gloo: it is a few bytes, and it works on every machine)
 Restart safety: finished prompts are skipped, half-finished ones resume from their last checkpoint, failed
 ones are run again (from the start, with the current settings) only with ``--retry-failed``. A failing prompt
 (outside the vocabulary, diverged) is recorded with its one-line reason and the others go on; one stopped by
-running out of memory saved its steps and stays pending, so the next run resumes it. The exit status is 0 only
-when every prompt is done.
+running out of memory saved its steps and stays pending, so the next run resumes it (failed instead when it runs
+out again with no step gained). The exit status is 0 only when every prompt is done.
 
 Example:
     >>> read_prompts_text("a red cube\\n# comment\\n\\n  a blue sphere  \\na red cube\\n")
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastdream.checkpoint import atomic_write, latest_checkpoint
-from fastdream.errors import OutOfMemory, UserError
+from fastdream.checkpoint import atomic_write, latest_checkpoint, list_checkpoints
+from fastdream.errors import OutOfMemory, UserError, out_of_memory
 
 INDEX_FILE = "index.json"
 STATUS_FILE = "status.json"
@@ -372,7 +372,8 @@ def _run_prompt(
     run_dir = out / folder_name(prompt)
     # A failed prompt (only run again with --retry-failed) starts over with the current settings: resuming a
     # diverged run from its last checkpoint with the same settings and random state would diverge again.
-    resume = latest_checkpoint(run_dir) is not None and read_status(run_dir)["status"] != FAILED
+    before = read_status(run_dir)
+    resume = latest_checkpoint(run_dir) is not None and before["status"] != FAILED
     log(f"{where} {'resuming' if resume else 'starting'} {prompt!r} in {run_dir.name}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -388,22 +389,52 @@ def _run_prompt(
         write_status(run_dir, prompt, PENDING, rank=dist.rank, reason="interrupted")
         rebuild_index(out, prompts)
         raise
-    except OutOfMemory as err:  # its steps are saved: the next run of the library resumes it
-        write_status(run_dir, prompt, PENDING, rank=dist.rank, reason=" ".join(str(err).split())[:300])
-        log(f"{where} STOPPED {prompt!r}: {err}; run the same command again to resume it")
     except Exception as err:  # one prompt failing does not stop the others
         reason = " ".join(str(err).split()) or type(err).__name__
-        if not isinstance(err, UserError):
-            reason = f"{type(err).__name__}: {reason}"
-            traceback.print_exc(file=sys.stderr)
-        write_status(run_dir, prompt, FAILED, rank=dist.rank, reason=reason[:300])
-        log(f"{where} FAILED {prompt!r}: {reason}")
+        # (a UserError raised from one, e.g. a run the last step made diverge, is that error, not this one)
+        oom = out_of_memory(err) if isinstance(err, OutOfMemory) or not isinstance(err, UserError) else None
+        if oom is not None:
+            # Out of memory: the steps the trainer saved are kept and the prompt stays pending, so the next run of
+            # the library resumes it; but when that gained no step since the last time, it would fail the same way
+            # at every rerun: failed, and --retry-failed starts it over with the settings given then.
+            found = list_checkpoints(run_dir)
+            saved = found[-1][0] if found else 0
+            if not isinstance(err, UserError):
+                reason = f"{oom} ({type(err).__name__} outside the training loop)"
+            if saved and before.get("out_of_memory_at") != saved:
+                write_status(run_dir, prompt, PENDING, rank=dist.rank, reason=reason[:300], out_of_memory_at=saved)
+                log(f"{where} STOPPED {prompt!r}: {reason}; run the same command again to resume it")
+            else:
+                if saved:
+                    reason = (
+                        f"out of memory again with no step gained since (step {saved}); --retry-failed starts it "
+                        f"over with the settings given then (e.g. a lower --resolution): {reason}"
+                    )
+                write_status(run_dir, prompt, FAILED, rank=dist.rank, reason=reason[:300])
+                log(f"{where} FAILED {prompt!r}: {reason}")
+        else:
+            if not isinstance(err, UserError):
+                reason = f"{type(err).__name__}: {reason}"
+                traceback.print_exc(file=sys.stderr)
+            write_status(run_dir, prompt, FAILED, rank=dist.rank, reason=reason[:300])
+            log(f"{where} FAILED {prompt!r}: {reason}")
     else:
         status = info.pop("status", DONE)
         secs = round(time.perf_counter() - start, 1)
         write_status(run_dir, prompt, status, rank=dist.rank, seconds=secs, **info)
         log(f"{where} {status} {prompt!r} in {secs:.1f}s")
+    _release_memory()  # the failed prompt's trainer and model, before the next prompt loads its own
     rebuild_index(out, prompts)
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _rank_device(device: str, dist: Dist) -> str:

@@ -134,19 +134,51 @@ def test_interrupt_keeps_prompt_resumable(tmp_path: Path) -> None:
 
 def test_a_prompt_stopped_by_out_of_memory_stays_resumable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Its steps are saved (the trainer's OutOfMemory): pending, so the next run resumes it, where a failed prompt
-    would wait for --retry-failed and then start over."""
+    would wait for --retry-failed and then start over. Out of memory again with no step gained: failed (a rerun
+    would fail the same way forever)."""
+    steps = iter([3, 5, 5])
 
     def out_of_memory(prompt, run_dir, resume, device):
-        ckpt.save_checkpoint(run_dir, 3, {"format": 1, "field": {"w": torch.ones(1)}})
-        raise OutOfMemory("out of memory on cuda:0 at step 4; step 3 is saved")
+        step = next(steps)
+        ckpt.save_checkpoint(run_dir, step, {"format": 1, "field": {"w": torch.ones(1)}})
+        err = OutOfMemory(f"out of memory on cuda:0 at step {step + 1}; step {step} is saved")
+        raise err from torch.OutOfMemoryError("CUDA out of memory.")
 
+    status = lambda: batch.read_status(tmp_path / batch.folder_name("a red cube"))  # noqa: E731
     assert batch.run_batch(["a red cube"], tmp_path, out_of_memory, dist=batch.Dist()) != 0
-    status = batch.read_status(tmp_path / batch.folder_name("a red cube"))
-    assert status["status"] == "pending" and status["reason"].startswith("out of memory on cuda:0 at step 4")
+    assert status()["status"] == "pending" and status()["reason"].startswith("out of memory on cuda:0 at step 4")
     assert "run the same command again to resume it" in capsys.readouterr().err
+    assert batch.run_batch(["a red cube"], tmp_path, out_of_memory, dist=batch.Dist()) != 0  # resumed: 3 -> 5
+    assert status()["status"] == "pending" and status()["out_of_memory_at"] == 5
+    assert batch.run_batch(["a red cube"], tmp_path, out_of_memory, dist=batch.Dist()) != 0  # 5 again
+    assert status()["status"] == "failed" and "no step gained since (step 5)" in status()["reason"]
     run = FakeRunner()
-    assert batch.run_batch(["a red cube"], tmp_path, run, dist=batch.Dist()) == 0
-    assert run.calls == [("a red cube", True)]
+    assert batch.run_batch(["a red cube"], tmp_path, run, dist=batch.Dist(), retry_failed=True) == 0
+    assert run.calls == [("a red cube", False)]  # started over, with the settings given then
+
+
+def test_out_of_memory_outside_the_training_loop(tmp_path: Path) -> None:
+    """Loading the model, say: a raw torch error. With steps saved the prompt stays pending; with none, failed."""
+
+    def load_fails(prompt, run_dir, resume, device):
+        if prompt == "a red cube":
+            ckpt.save_checkpoint(run_dir, 2, {"format": 1, "field": {"w": torch.ones(1)}})
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB. GPU 0 has 10 MiB free.")
+
+    batch.run_batch(["a red cube", "a green cone"], tmp_path, load_fails, dist=batch.Dist())
+    cube, cone = (batch.read_status(tmp_path / batch.folder_name(p)) for p in ("a red cube", "a green cone"))
+    assert cube["status"] == "pending" and cube["reason"].startswith("out of memory on cuda:0 (it asked for 1.00 GiB")
+    assert cone["status"] == "failed" and cone["reason"].startswith("out of memory on cuda:0")
+
+
+def test_a_run_that_diverged_after_out_of_memory_fails(tmp_path: Path) -> None:
+    def diverged(prompt, run_dir, resume, device):
+        ckpt.save_checkpoint(run_dir, 2, {"format": 1, "field": {"w": torch.ones(1)}})
+        raise UserError("the run diverged") from torch.OutOfMemoryError("CUDA out of memory.")
+
+    batch.run_batch(["a red cube"], tmp_path, diverged, dist=batch.Dist())
+    got = batch.read_status(tmp_path / batch.folder_name("a red cube"))
+    assert got["status"] == "failed" and got["reason"] == "the run diverged"
 
 
 def test_index_is_never_torn(tmp_path: Path) -> None:
