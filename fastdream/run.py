@@ -20,7 +20,16 @@ import torch
 
 from fastdream import checkpoint as ckpt
 from fastdream.backends import warn_if_extension_missing
-from fastdream.config import RunConfig, field_state_bytes, is_builtin, option_name, resolve, slugify, validate
+from fastdream.config import (
+    WITHDRAWN_MODELS,
+    RunConfig,
+    field_state_bytes,
+    is_builtin,
+    option_name,
+    resolve,
+    slugify,
+    validate,
+)
 from fastdream.errors import UserError
 
 CONFIG = "config.json"
@@ -175,6 +184,9 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
                 target = getattr(saved, section) if section else saved
                 src = getattr(cfg, section) if section else cfg
                 setattr(target, key, getattr(src, key))
+        # --model with the mirror of the withdrawn hub id the run began with: the same weights, so the same run
+        if "model" in explicit and WITHDRAWN_MODELS.get(saved.guidance.model.strip().lower()) == cfg.guidance.model:
+            saved.guidance.model = cfg.guidance.model
         # repeating the original command line with --resume is fine: only options that change the run are refused
         ignored = sorted(n for n in explicit - set(RESUME_OVERRIDES) - {"out"} if _changes_saved(n, cfg, saved))
         if ignored:

