@@ -208,8 +208,9 @@ def test_cli_divergence_is_one_line_and_keeps_the_checkpoints(
 def test_cli_out_of_memory_is_one_line_and_the_run_resumes_to_the_same_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    """``fastdream generate`` whose step 4 cannot allocate (after its camera draw and grid update): exit 2, one line
-    saying step 3 is saved; then the command it names finishes the run as if nothing had happened."""
+    """``fastdream generate`` whose step 4 cannot allocate (after its random draws for the camera and the render):
+    exit 2, one line saying step 3 is saved; then the command it names finishes the run as if nothing had happened.
+    (The undone grid update: tests/test_train.py.)"""
     from clitools import TINY
 
     from fastdream import cli

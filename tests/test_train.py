@@ -74,9 +74,10 @@ def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
     assert len(set(tr.guidance.words)) > 1
 
 
-def test_the_progress_bar_shows_no_loss_before_one_is_known(tmp_path, capsys):
+def test_the_progress_bar_shows_no_loss_before_one_is_known(tmp_path, capsys, monkeypatch):
     """The bar's loss lags a step (the host does not wait for the step): after the first step none is known, and
     the bar said "loss=nan", which reads as a diverged run."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # a bar to read
     res = Trainer(tiny_config(steps=3), ColourGuidance(), tmp_path, "cpu").train(progress=True)
     assert res.step == 3 and res.skipped == 0
     err = capsys.readouterr().err
