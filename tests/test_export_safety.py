@@ -74,9 +74,8 @@ def test_a_failed_mesh_step_keeps_the_earlier_turntable(
     assert tree_hash(run_dir) == before  # the turntable too, and no temporary left behind
 
 
-def test_a_folder_named_like_the_gif_fallback_is_refused(
-    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
-) -> None:
+def _without_ffmpeg(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No mp4 writer: the turntable becomes a GIF."""
     import imageio.v2 as imageio
 
     real = imageio.mimwrite
@@ -86,7 +85,13 @@ def test_a_folder_named_like_the_gif_fallback_is_refused(
             raise RuntimeError("no ffmpeg")
         return real(uri, frames, format=format, **kwargs)
 
-    monkeypatch.setattr(imageio, "mimwrite", no_ffmpeg)  # no mp4 writer: the turntable becomes a GIF
+    monkeypatch.setattr(imageio, "mimwrite", no_ffmpeg)
+
+
+def test_a_folder_named_like_the_gif_fallback_is_refused(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    _without_ffmpeg(monkeypatch)
     (run_dir / "turntable.gif").mkdir()
     before = tree_hash(run_dir)
     assert main(["export", str(run_dir), *FAST]) == 2
@@ -99,18 +104,9 @@ def test_the_turntable_of_the_other_format_is_not_left_beside_the_new_one(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An export that fell back to a GIF left the earlier export's mp4 (an older field) beside it, and back."""
-    import imageio.v2 as imageio
-
-    real = imageio.mimwrite
-
-    def no_ffmpeg(uri, frames, format=None, **kwargs):
-        if format == "FFMPEG":
-            raise RuntimeError("no ffmpeg")
-        return real(uri, frames, format=format, **kwargs)
-
     assert (run_dir / "turntable.mp4").is_file()
     with monkeypatch.context() as m:
-        m.setattr(imageio, "mimwrite", no_ffmpeg)
+        _without_ffmpeg(m)
         assert main(["export", str(run_dir), *FAST]) == 0
     assert (run_dir / "turntable.gif").is_file() and not (run_dir / "turntable.mp4").exists()
     assert main(["export", str(run_dir), *FAST]) == 0  # ffmpeg back
