@@ -254,5 +254,5 @@ def test_help_documents_every_option_with_its_default():
         for action in p._actions:
             if action.option_strings and action.default not in (None, False) and action.dest != "help":
                 assert action.help and action.option_strings[0] in text
-        assert "(default: stabilityai/stable-" in text or name == "export"
+        assert "(default: sd2-community/stable-" in text or name == "export"
         assert "(default: auto)" in text
