@@ -393,6 +393,7 @@ def _run_prompt(
         reason = " ".join(str(err).split()) or type(err).__name__
         # (a UserError raised from one, e.g. a run the last step made diverge, is that error, not this one)
         oom = out_of_memory(err) if isinstance(err, OutOfMemory) or not isinstance(err, UserError) else None
+        status, extra = FAILED, {}
         if oom is not None:
             # Out of memory: the steps the trainer saved are kept and the prompt stays pending, so the next run of
             # the library resumes it; but when that gained no step since the last time, it would fail the same way
@@ -402,21 +403,19 @@ def _run_prompt(
             if not isinstance(err, UserError):
                 reason = f"{oom} ({type(err).__name__} outside the training loop)"
             if saved and before.get("out_of_memory_at") != saved:
-                write_status(run_dir, prompt, PENDING, rank=dist.rank, reason=reason[:300], out_of_memory_at=saved)
-                log(f"{where} STOPPED {prompt!r}: {reason}; run the same command again to resume it")
-            else:
-                if saved:
-                    reason = (
-                        f"out of memory again with no step gained since (step {saved}); --retry-failed starts it "
-                        f"over with the settings given then (e.g. a lower --resolution): {reason}"
-                    )
-                write_status(run_dir, prompt, FAILED, rank=dist.rank, reason=reason[:300])
-                log(f"{where} FAILED {prompt!r}: {reason}")
+                status, extra = PENDING, {"out_of_memory_at": saved}
+            elif saved:
+                reason = (
+                    f"out of memory again with no step gained since (step {saved}); --retry-failed starts it over "
+                    f"with the settings given then (e.g. a lower --resolution): {reason}"
+                )
+        elif not isinstance(err, UserError):
+            reason = f"{type(err).__name__}: {reason}"
+            traceback.print_exc(file=sys.stderr)
+        write_status(run_dir, prompt, status, rank=dist.rank, reason=reason[:300], **extra)
+        if status == PENDING:
+            log(f"{where} STOPPED {prompt!r}: {reason}; run the same command again to resume it")
         else:
-            if not isinstance(err, UserError):
-                reason = f"{type(err).__name__}: {reason}"
-                traceback.print_exc(file=sys.stderr)
-            write_status(run_dir, prompt, FAILED, rank=dist.rank, reason=reason[:300])
             log(f"{where} FAILED {prompt!r}: {reason}")
     else:
         status = info.pop("status", DONE)
