@@ -37,6 +37,11 @@
 # the bench's --host-checks puts the waits back. The next call:
 #   STAGES=tests,steps,sdgen TEST_K="cuda or graphs or triton" STEP_CAP=200 \
 #     STEP_LIST=sd-best,sd-hostchecks,builtin-rgraphs,builtin-hostchecks,sd-cvae SDGEN_STEPS=1000 benchmarks/device_run.sh
+# then, on the warm machine (the build is reused): sd-cunet, which is sd-cvae plus the UNet compiled by inductor in
+# its CUDA-graph mode (--compile; never yet timed on a GPU; the UNet's 10.2 ms is the step's largest part), beside
+# sd-cvae, and generate with the compiled encoder:
+#   STAGES=steps,sdgen STEP_CAP=240 STEP_LIST=sd-cvae,sd-cunet SDGEN_ARGS="--cuda-graphs --compile-vae" \
+#     SDGEN_STEPS=1000 benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -176,6 +181,7 @@ stage_steps() {
     sd-cvae) step sd-cvae --model sd --cuda-graphs --render-graphs --compile-vae --steps 20 --warmup 10 ;;
     sd-cvae-native) step sd-cvae-native --model sd --cuda-graphs --render-graphs --compile-vae --vae-groupnorm native --steps 20 --warmup 10 ;;
     sd-cvae-cl) step sd-cvae-cl --model sd --cuda-graphs --render-graphs --compile-vae --vae-layout channels_last --vae-groupnorm native --steps 20 --warmup 10 ;;
+    sd-cunet) step sd-cunet --model sd --compile --cuda-graphs --render-graphs --compile-vae --steps 20 --warmup 10 ;;
     sd-compiled) step sd-compiled --model sd --compile --cuda-graphs --render-graphs --compile-vae --vae-groupnorm native --steps 20 --warmup 10 ;;
     sd-best-prof) step sd-best-prof --model sd --cuda-graphs --render-graphs --steps 10 --warmup 10 --profile "$OUT/prof-sd-best.txt" ;;
     sd-graphs-prof) step sd-graphs-prof --model sd --cuda-graphs --steps 10 --warmup 5 --profile "$OUT/prof-sd-graphs.txt" ;;
