@@ -88,7 +88,9 @@ def extract_mesh(field: NeuralField, cfg: RunConfig):
     if not np.isfinite(peak) or peak <= 1e-6:
         raise UserError("the field is empty (zero density everywhere): nothing to export; train longer")
     level = e.iso_level if peak > e.iso_level else 0.5 * peak
-    verts, faces, _, _ = marching_cubes(vol, level=level, spacing=(spacing,) * 3)
+    # Density rises into the object: "ascent" winds the triangles counter-clockwise seen from outside (outward
+    # normals, glTF's front faces). skimage's default, "descent", made every mesh inside-out.
+    verts, faces, _, _ = marching_cubes(vol, level=level, spacing=(spacing,) * 3, gradient_direction="ascent")
     verts = verts - field.bound
     mesh = trimesh.Trimesh(vertices=verts, faces=faces, process=True)
     parts = mesh.split(only_watertight=False)

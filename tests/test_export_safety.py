@@ -273,3 +273,29 @@ def test_extract_mesh_puts_the_surface_and_its_colours_where_the_field_has_them(
     torch.testing.assert_close(v.mean(0), ball.centre, atol=2e-3, rtol=0)
     rgb = torch.as_tensor(np.asarray(mesh.visual.vertex_colors)[:, :3], dtype=torch.float32) / 255
     torch.testing.assert_close(rgb, ball.albedo(v), atol=0.5 / 255 + 1e-6, rtol=0)
+
+
+def test_exported_meshes_face_outward_in_the_mesh_and_in_both_files(tmp_path: Path) -> None:
+    """Triangles wind counter-clockwise seen from outside (glTF's front faces; viewers cull the back ones): a
+    positive enclosed volume and face normals pointing away from the ball's centre, in the mesh and as the
+    written glb and obj read it back. skimage's default gradient direction made every exported mesh inside-out."""
+    import trimesh
+
+    from fastdream.config import RunConfig, resolve
+    from fastdream.export import extract_mesh, write_meshes
+
+    cfg = resolve(RunConfig(prompt="x", device="cpu"), "cpu")
+    cfg.export.mesh_resolution, cfg.export.iso_level = 40, 10.0
+    ball = _ColouredBall()
+    mesh = extract_mesh(ball, cfg)
+    glb, obj = write_meshes(mesh, tmp_path)
+    read = {
+        "mesh": mesh,
+        "glb": trimesh.load(glb, force="mesh"),
+        "obj": trimesh.load(obj, force="mesh", process=False),
+    }
+    for name, m in read.items():
+        assert m.is_watertight and m.is_winding_consistent, name
+        assert m.volume == pytest.approx(4 / 3 * np.pi * 0.4**3, rel=0.05), (name, m.volume)
+        out = m.triangles_center - ball.centre.numpy()
+        assert (np.einsum("ij,ij->i", m.face_normals, out) > 0).all(), name
