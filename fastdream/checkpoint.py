@@ -266,10 +266,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str = 
     except Exception as e:  # truncated zip, pickle refusing a non-tensor global, ...
         raise UserError(
             f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); delete it to use an earlier "
-            f"one, or start over with --overwrite"
+            f"one, or start over (fastdream generate --overwrite)"
         ) from e
     if not isinstance(state, dict) or state.get("format") != 1 or "field" not in state:
-        raise UserError(f"{path} is not a fastdream checkpoint; delete it or start over with --overwrite")
+        raise UserError(
+            f"{path} is not a fastdream checkpoint; delete it or start over (fastdream generate --overwrite)"
+        )
     return state
 
 

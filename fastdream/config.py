@@ -167,7 +167,7 @@ class GuidanceConfig:
 
 @dataclass
 class ExportConfig:
-    mesh_resolution: int = 128  # marching-cubes grid cells per axis over [-bound, bound]^3
+    mesh_resolution: int = 128  # marching cubes' lattice points per axis over [-bound, bound]^3
     iso_level: float = 10.0  # density level of the surface (falls back to half the maximum when above it)
     min_component_ratio: float = 0.05  # drop connected components with fewer faces than this * the largest
 

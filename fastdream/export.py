@@ -66,32 +66,43 @@ def sample_density(field: NeuralField, resolution: int, chunk: int = 1 << 16) ->
             x, yz = idx.div(resolution * resolution, rounding_mode="floor"), idx % (resolution * resolution)
             pts = torch.stack([lin[x], lin[yz.div(resolution, rounding_mode="floor")], lin[yz % resolution]], -1)
             (sigma,) = _query(field.density, pts, field.table.device, chunk)
-            vol[s : s + len(idx)] = torch.where(pts.norm(dim=-1) <= b, sigma, torch.zeros_like(sigma))
+            vol[s : s + len(idx)] = torch.where(pts.norm(dim=-1) < b, sigma, torch.zeros_like(sigma))
     finally:
         field.train(was)
     return vol.reshape(resolution, resolution, resolution).numpy(), 2 * b / (resolution - 1)
 
 
 def extract_mesh(field: NeuralField, cfg: RunConfig):
-    """Marching cubes at ``cfg.export.iso_level`` (half the maximum density when nothing reaches it), small
-    connected components dropped, vertex colours from the albedo. Returns a ``trimesh.Trimesh``.
+    """Marching cubes at ``cfg.export.iso_level`` (half the maximum density when nothing reaches it, noted in
+    ``mesh.metadata["note"]``), small connected components dropped, vertex colours from the albedo. Returns a
+    ``trimesh.Trimesh`` whose triangles face outward (counter-clockwise seen from outside).
 
     Raises:
-        UserError: the field is empty (no density anywhere): nothing to export.
+        UserError: the field is empty (no density anywhere), or its density is NaN or infinite somewhere.
     """
     import trimesh
     from skimage.measure import marching_cubes
 
     e = cfg.export
     vol, spacing = sample_density(field, e.mesh_resolution)
+    bad = int(np.count_nonzero(~np.isfinite(vol)))
+    if bad:
+        raise UserError(
+            f"the field's density is NaN or infinite at {bad} of {vol.size} lattice points: the field is damaged "
+            "and cannot be meshed; export an earlier checkpoint's run or train again"
+        )
     peak = float(vol.max())
-    if not np.isfinite(peak) or peak <= 1e-6:
+    if peak <= 1e-6:
         raise UserError("the field is empty (zero density everywhere): nothing to export; train longer")
     level = e.iso_level if peak > e.iso_level else 0.5 * peak
-    # Density rises into the object: "ascent" winds the triangles counter-clockwise seen from outside (outward
-    # normals, glTF's front faces). skimage's default, "descent", made every mesh inside-out.
+    # One empty lattice layer around the volume: a surface that reaches the lattice's faces is closed there, not
+    # left open (sample_density zeroes the sphere's six axis poles, the only points of those faces inside the
+    # bound, so nothing reaches them today; an odd resolution had a hole at each pole before). Density rises into
+    # the object: "ascent" winds the triangles counter-clockwise seen from outside (outward normals, glTF's front
+    # faces); skimage's default, "descent", made every mesh inside-out.
+    vol = np.pad(vol, 1)
     verts, faces, _, _ = marching_cubes(vol, level=level, spacing=(spacing,) * 3, gradient_direction="ascent")
-    verts = verts - field.bound
+    verts = verts - field.bound - spacing
     mesh = trimesh.Trimesh(vertices=verts, faces=faces, process=True)
     parts = mesh.split(only_watertight=False)
     if len(parts) > 1:
@@ -109,13 +120,45 @@ def extract_mesh(field: NeuralField, cfg: RunConfig):
         mesh, vertex_colors=np.concatenate([rgb, np.full_like(rgb[:, :1], 255)], 1)
     )
     mesh.metadata["iso_level"] = level
+    if level != e.iso_level:
+        mesh.metadata["note"] = (
+            f"note: no density reaches the iso level {e.iso_level:g} (the peak is {peak:.3g}): the mesh is the "
+            f"surface at half the peak, {level:.3g}; a field this faint may be a haze rather than an object (train "
+            "longer, or fastdream export with a lower --iso-level)"
+        )
     return mesh
 
 
+def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """sRGB-encoded values in [0, 1] to linear light (IEC 61966-2-1)."""
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def gltf_mesh(mesh):
+    """The mesh as ``mesh.glb`` holds it. The albedo is a display (sRGB-encoded) colour, as the renders show it, but
+    glTF's COLOR_0 is linear: the colours are converted, so that a viewer shows the turntable's colours (written
+    unconverted, a mid grey of 128 showed as 188). A material of metallic 0 and roughness 1 (a matte surface: the
+    Lambertian albedo; without one, glTF's default is a fully metallic surface, dark in most viewers) multiplies
+    COLOR_0 by white; vertex normals give smooth shading."""
+    import trimesh
+
+    srgb = np.asarray(mesh.visual.vertex_colors)[:, :3].astype(np.float64) / 255
+    linear = (_srgb_to_linear(srgb) * 255 + 0.5).astype(np.uint8)
+    material = trimesh.visual.material.PBRMaterial(
+        name="albedo", baseColorFactor=[255, 255, 255, 255], metallicFactor=0.0, roughnessFactor=1.0
+    )
+    out = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    out.visual = trimesh.visual.TextureVisuals(material=material)
+    out.visual.vertex_attributes["color"] = np.concatenate([linear, np.full_like(linear[:, :1], 255)], 1)
+    return out
+
+
 def write_meshes(mesh, run_dir: str | Path) -> list[Path]:
-    """``mesh.glb`` and ``mesh.obj`` (with vertex colours), written atomically."""
+    """``mesh.glb`` (:func:`gltf_mesh`: linear vertex colours, a matte material, vertex normals) and ``mesh.obj``
+    (vertex colours as displayed, sRGB: OBJ has no colour space, and viewers show them as they are), written
+    atomically."""
     run_dir = Path(run_dir)
-    glb = mesh.export(file_type="glb")
+    glb = gltf_mesh(mesh).export(file_type="glb", include_normals=True)
     obj = mesh.export(file_type="obj", include_color=True)
     paths = [run_dir / "mesh.glb", run_dir / "mesh.obj"]
     atomic_write(paths[0], glb)
@@ -156,8 +199,13 @@ def render_turntable(
 
 
 def write_video(frames: list[np.ndarray], path: Path, fps: int) -> TurntableResult:
-    """mp4 through imageio-ffmpeg; when that fails, a GIF beside it (and the reason)."""
+    """mp4 through imageio-ffmpeg; when that fails, a GIF beside it (and the reason). H.264 in yuv420p needs even
+    sizes: an odd height or width is padded by one row or column (repeating the edge) rather than failing."""
     import imageio.v2 as imageio
+
+    h, w = frames[0].shape[:2]
+    if h % 2 or w % 2:
+        frames = [np.pad(f, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") for f in frames]
 
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
@@ -179,7 +227,7 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int) -> TurntableResu
     except Exception as e:  # no ffmpeg binary, no codec, ...
         gif = path.with_suffix(".gif")
         buf = io.BytesIO()
-        imageio.mimwrite(buf, frames, format="GIF", duration=1.0 / fps, loop=0)
+        imageio.mimwrite(buf, frames, format="GIF", duration=1000 / fps, loop=0)  # milliseconds (imageio >= 2.28)
         atomic_write(gif, buf.getvalue())
         why = " ".join(str(e).split())[:100]
         return TurntableResult(gif, f"could not write mp4 ({type(e).__name__}: {why}); wrote a GIF")
@@ -263,6 +311,7 @@ def export_all(
         tt = render_turntable(field, background, grid, cfg, staged)
         mesh = extract_mesh(field, cfg)
         names = [tt.path.name, *(p.name for p in write_meshes(mesh, staged))]
+        note = "\n".join(n for n in (tt.note, mesh.metadata.get("note", "")) if n)
         check_outputs(run_dir, names)  # the GIF's name too, and a folder made since the first check
         for name in names:
             os.replace(staged / name, run_dir / name)
@@ -272,7 +321,7 @@ def export_all(
             with contextlib.suppress(OSError):  # the new outputs are in place: not worth an error
                 other.unlink()
         fsync_dir(run_dir)
-        return [run_dir / name for name in names], tt.note
+        return [run_dir / name for name in names], note
     except OSError as e:
         where = Path(e.filename2 or e.filename or run_dir)  # os.replace(tmp, final): filename2 is the final name
         where = where.with_name(_TMP_NAME.sub(r"\1", where.name))  # atomic_write's temporary: its final name

@@ -252,7 +252,7 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise UserError(
                 f"the checkpoint does not match this run's settings ({type(e).__name__}: {str(e)[:120]}); "
-                f"start over with --overwrite"
+                f"start over (fastdream generate --overwrite)"
             ) from e
 
     def save(self, wait: bool = True) -> Path:

@@ -2,6 +2,7 @@
 """``fastdream generate`` / ``fastdream export`` end to end through the CLI, on the CPU, with a tiny random
 Stable Diffusion pipeline written with save_pretrained and loaded by the same loader as real checkpoints."""
 
+import importlib.util
 import json
 import os
 import re
@@ -181,6 +182,30 @@ def test_turntable_without_ffmpeg_is_a_gif_with_the_reason(tmp_path, monkeypatch
     assert res.path == tmp_path / "turntable.gif" and res.path.stat().st_size > 0
     assert not (tmp_path / "turntable.mp4").exists() and list(tmp_path.iterdir()) == [res.path]
     assert "could not write mp4" in res.note and "ffmpeg" in res.note.lower(), res.note
+    from PIL import Image
+
+    with Image.open(res.path) as gif:  # Pillow reads each frame's delay in milliseconds
+        delays = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            delays.append(gif.info["duration"])
+    assert delays == [100] * 3, delays  # 10 fps (imageio's GIF duration is in ms: 1 / fps gave 0, as fast as can be)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("imageio_ffmpeg") is None, reason="needs imageio-ffmpeg")
+def test_an_odd_turntable_size_is_an_mp4_padded_to_even(tmp_path):
+    """H.264 in yuv420p has no odd sizes: an odd turntable resolution failed the mp4 and fell back to a GIF."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    from fastdream.export import write_video
+
+    frames = [np.full((97, 97, 3), 60 * i, np.uint8) for i in range(3)]
+    res = write_video(frames, tmp_path / "turntable.mp4", fps=10)
+    assert res.path == tmp_path / "turntable.mp4" and res.note == "", res.note
+    video = iio.imread(res.path, plugin="FFMPEG")
+    assert video.shape == (3, 98, 98, 3), video.shape
+    assert abs(float(video[2].mean()) - 120) < 3  # the frames, not black
 
 
 def test_resume_ends_like_an_uninterrupted_run(sd_model, tmp_path):

@@ -390,6 +390,7 @@ def test_export_of_an_interrupted_run_says_it_is_unfinished(
     (run_dir / "checkpoints" / "step_000004.pt").unlink()
     capsys.readouterr()
     args = ["--device", "cpu", "--frames", "2", "--turntable-resolution", "16", "--mesh-resolution", "16"]
+    args += ["--iso-level", "1"]  # the tiny run's peak density is about 5: no note that it is faint
     assert main(["export", str(run_dir), *args]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("exported step 2:")
@@ -402,6 +403,7 @@ def test_export_of_an_interrupted_run_says_it_is_unfinished(
 def test_export_of_a_finished_run_adds_no_note(run_dir: Path, capsys: pytest.CaptureFixture, no_backend_env: None):
     capsys.readouterr()
     args = ["--device", "cpu", "--frames", "2", "--turntable-resolution", "16", "--mesh-resolution", "16"]
+    args += ["--iso-level", "1"]  # the tiny run's peak density is about 5: no note that it is faint
     assert main(["export", str(run_dir), *args]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("exported step 4:") and err == ""
@@ -464,3 +466,13 @@ def test_evaluate_notes_a_mesh_older_than_the_last_checkpoint(run_dir: Path, cap
     assert main(["evaluate", str(run_dir)]) == 0
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("note:") and "older than the last checkpoint" in line and "fastdream export" in line
+
+
+def test_export_says_when_no_density_reaches_the_iso_level(
+    run_dir: Path, capsys: pytest.CaptureFixture, no_backend_env: None
+) -> None:
+    """The mesh is then the surface at half the peak: exported, with a note on stderr (it was silent)."""
+    assert main(["export", str(run_dir), "--device", "cpu", "--iso-level", "1e9", "--mesh-resolution", "24"]) == 0
+    err = capsys.readouterr().err
+    assert "note: no density reaches the iso level 1e+09" in err and "half the peak" in err, err
+    assert (run_dir / "mesh.glb").stat().st_size > 0

@@ -19,6 +19,7 @@ from clitools import TINY, assert_user_error, env, fastdream, tree_hash
 
 from fastdream import export as fd_export
 from fastdream.cli import main
+from fastdream.errors import UserError
 
 FAST = ["--device", "cpu", "--frames", "2", "--turntable-resolution", "16", "--mesh-resolution", "16"]
 
@@ -299,3 +300,103 @@ def test_exported_meshes_face_outward_in_the_mesh_and_in_both_files(tmp_path: Pa
         assert m.volume == pytest.approx(4 / 3 * np.pi * 0.4**3, rel=0.05), (name, m.volume)
         out = m.triangles_center - ball.centre.numpy()
         assert (np.einsum("ij,ij->i", m.face_normals, out) > 0).all(), name
+
+
+def _glb_json_and_bin(data: bytes) -> tuple[dict, bytes]:
+    """The two chunks of a binary glTF (the container format, glTF 2.0 section 4.4)."""
+    import json
+    import struct
+
+    (json_len,) = struct.unpack_from("<I", data, 12)
+    header = json.loads(data[20 : 20 + json_len])
+    (bin_len,) = struct.unpack_from("<I", data, 20 + json_len)
+    return header, data[28 + json_len : 28 + json_len + bin_len]
+
+
+def _accessor(header: dict, blob: bytes, index: int, dtype, width: int) -> np.ndarray:
+    acc = header["accessors"][index]
+    view = header["bufferViews"][acc["bufferView"]]
+    start = view.get("byteOffset", 0) + acc.get("byteOffset", 0)
+    n = acc["count"] * width
+    return np.frombuffer(blob, dtype=dtype, count=n, offset=start).reshape(acc["count"], width)
+
+
+def test_the_glb_holds_linear_colours_a_matte_material_and_normals(tmp_path: Path) -> None:
+    """glTF's COLOR_0 is linear light, the albedo a display (sRGB) colour: written unconverted, a viewer showed a
+    mid grey of 128 as 188 and the turntable's colours washed out. No material meant glTF's default, a fully
+    metallic surface; no normals meant faceted shading. The OBJ keeps the displayed (sRGB) values."""
+    from fastdream.config import RunConfig, resolve
+    from fastdream.export import extract_mesh, write_meshes
+
+    cfg = resolve(RunConfig(prompt="x", device="cpu"), "cpu")
+    cfg.export.mesh_resolution, cfg.export.iso_level = 32, 10.0
+    ball = _ColouredBall()
+    mesh = extract_mesh(ball, cfg)
+    glb, obj = write_meshes(mesh, tmp_path)
+    header, blob = _glb_json_and_bin(glb.read_bytes())
+    (prim,) = header["meshes"][0]["primitives"]
+    material = header["materials"][prim["material"]]["pbrMetallicRoughness"]
+    assert material["metallicFactor"] == 0 and material["roughnessFactor"] == 1, material
+    assert material.get("baseColorFactor", [1, 1, 1, 1]) == [1, 1, 1, 1], material
+    assert header["accessors"][prim["attributes"]["COLOR_0"]]["componentType"] == 5121  # normalised uint8
+    pos = _accessor(header, blob, prim["attributes"]["POSITION"], np.float32, 3)
+    col = _accessor(header, blob, prim["attributes"]["COLOR_0"], np.uint8, 4).astype(np.float64) / 255
+    nrm = _accessor(header, blob, prim["attributes"]["NORMAL"], np.float32, 3)
+    srgb = ball.albedo(torch.as_tensor(pos.copy())).numpy()
+    linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
+    np.testing.assert_allclose(col[:, :3], linear, atol=1.5 / 255)
+    assert (col[:, 3] == 1).all()
+    out = pos - ball.centre.numpy()
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    assert np.einsum("ij,ij->i", nrm, out).min() > 0.9  # smooth, outward, unit
+    rows = [ln.split()[1:] for ln in obj.read_text().splitlines() if ln.startswith("v ")]
+    v = np.array(rows, dtype=np.float64)
+    np.testing.assert_allclose(
+        v[:, 3:6], ball.albedo(torch.as_tensor(v[:, :3], dtype=torch.float32)).numpy(), atol=1 / 255
+    )
+
+
+class _Haze(torch.nn.Module):
+    """A field dense everywhere inside the bounding sphere, at a chosen level (NaN inside radius 0.1 if asked)."""
+
+    bound = 1.0
+
+    def __init__(self, level: float, nan_core: bool = False) -> None:
+        super().__init__()
+        self.table, self.level, self.nan_core = torch.zeros(1), level, nan_core
+
+    def density(self, p: torch.Tensor) -> torch.Tensor:
+        d = torch.full(p.shape[:1], self.level)
+        return torch.where(p.norm(dim=-1) < 0.1, float("nan"), d) if self.nan_core else d
+
+    def forward(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.density(p), torch.full((p.shape[0], 3), 0.5)
+
+
+@pytest.mark.parametrize("resolution", [33, 48])
+def test_a_field_dense_up_to_the_bound_gives_a_closed_mesh_and_a_faint_one_a_note(resolution: int) -> None:
+    """At odd resolutions the lattice holds the axis poles of the bounding sphere, on the lattice's faces: marching
+    cubes left a hole at each of the six. A field whose peak is below the iso level was meshed at half its peak
+    without a word."""
+    from fastdream.config import RunConfig, resolve
+    from fastdream.export import extract_mesh
+
+    cfg = resolve(RunConfig(prompt="x", device="cpu"), "cpu")
+    cfg.export.mesh_resolution, cfg.export.iso_level = resolution, 10.0
+    mesh = extract_mesh(_Haze(50.0), cfg)
+    assert mesh.is_watertight and mesh.volume > 0, (mesh.is_watertight, mesh.volume)
+    assert np.abs(mesh.vertices).max() <= 1.0 + 1e-6 and "note" not in mesh.metadata
+    faint = extract_mesh(_Haze(0.02), cfg)
+    assert faint.metadata["iso_level"] == pytest.approx(0.01) and faint.is_watertight
+    note = faint.metadata["note"]
+    assert "no density reaches the iso level 10" in note and "peak is 0.02" in note and "haze" in note, note
+
+
+def test_nan_densities_are_named_not_taken_for_an_empty_field() -> None:
+    from fastdream.config import RunConfig, resolve
+    from fastdream.export import extract_mesh
+
+    cfg = resolve(RunConfig(prompt="x", device="cpu"), "cpu")
+    cfg.export.mesh_resolution = 24
+    with pytest.raises(UserError, match=r"NaN or infinite at \d+ of 13824 lattice points: the field is damaged"):
+        extract_mesh(_Haze(50.0, nan_core=True), cfg)

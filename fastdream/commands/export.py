@@ -28,7 +28,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--mesh-resolution",
         type=int,
         default=None,
-        help=f"marching-cubes cells per axis (default: the run's, {e.mesh_resolution} unless it was set)",
+        help=f"marching cubes' lattice points per axis (default: the run's, {e.mesh_resolution} unless it was set)",
     )
     p.add_argument(
         "--iso-level",
