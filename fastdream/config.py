@@ -518,6 +518,14 @@ def validate(cfg: RunConfig) -> None:
     choice("guidance.weighting", g.weighting, WEIGHTINGS)
     if not isinstance(g.negative_prompt, str):
         raise UserError(f"{option_name('guidance.negative_prompt')} must be a string, got {g.negative_prompt!r}")
+    if is_builtin(cfg.guidance.model):
+        for key, col in (("shading.ambient", s.ambient), ("shading.diffuse", s.diffuse)):
+            if len(set(col)) != 1:
+                raise UserError(
+                    f"{option_name(key)} {' '.join(f'{v:g}' for v in col)}: the builtin prior's images are lit by "
+                    f"grey (white) light, so --model builtin takes three equal values, e.g. "
+                    f"{option_name(key)} {col[0]:g} {col[0]:g} {col[0]:g}"
+                )
     if g.negative_prompt.strip() and is_builtin(cfg.guidance.model):
         raise UserError(
             f"{option_name('guidance.negative_prompt')} needs a diffusion model: the builtin prior has no text "

@@ -339,6 +339,13 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
             distance_range=tuple(cam.distance_range),
             fov_range=tuple(cam.fov_range),
             cameras_per_view=cfg.guidance.builtin_cameras_per_view,
+            ambient=float(cfg.shading.ambient[0]),  # grey: config.validate refuses coloured light here
+            diffuse=float(cfg.shading.diffuse[0]),
+            elevation_range=tuple(cam.elevation_range),
+            azimuth_range=tuple(cam.azimuth_range),
+            uniform_sphere_elevation=bool(cam.uniform_sphere_elevation),
+            light_distance_range=tuple(cam.light_distance_range),
+            light_jitter=float(cam.light_jitter),
         )
         kw["gamut_clip"] = bool(cfg.guidance.builtin_gamut_clip)
         kw["pose_width"] = cfg.guidance.builtin_pose_width

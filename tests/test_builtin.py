@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from fastdream.builtin.dataset import BuiltinDataset, DatasetConfig, balanced_ca
 from fastdream.builtin.evaluate import chamfer, evaluate_mesh, evaluate_run
 from fastdream.builtin.primitives import normals, sample_surface, sdf
 from fastdream.builtin.vocabulary import COLOURS, SHAPES, parse_prompt
-from fastdream.cameras import VIEW_WORDS, view_word
+from fastdream.cameras import VIEW_WORDS, sample_cameras, view_word
 from fastdream.errors import UserError
 from fastdream.guidance import SDSConfig
 from fastdream.guidance.builtin import BuiltinGuidance, ImageSet, corner_background, ddpm_alphas_cumprod
@@ -507,6 +508,69 @@ def test_data_follow_the_runs_camera_distribution(monkeypatch, small_data):
     cams, _ = balanced_cameras(2, 0, DatasetConfig().camera())
     assert torch.allclose(cams.distance, torch.full_like(cams.distance, 2.25))
     assert torch.allclose(cams.fov, torch.full_like(cams.fov, math.radians(50.0)))
+
+
+def test_data_follow_the_runs_lights_and_angles(monkeypatch, small_data):
+    """The run's ambient and diffuse light, elevation and azimuth ranges and light distribution reach the data (the
+    data were lit and posed by the defaults whatever the run set: the field was asked for shading it cannot make)."""
+    from fastdream.config import GuidanceConfig, RunConfig, resolve
+    from fastdream.run import load_prepared_guidance
+
+    seen = []
+    monkeypatch.setattr("fastdream.guidance.builtin.load_dataset", lambda cfg: seen.append(cfg) or small_data)
+    cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin"), device="cpu")
+    cfg.shading.ambient, cfg.shading.diffuse = (0.1,) * 3, (0.9,) * 3
+    cfg.camera.elevation_range, cfg.camera.azimuth_range = (0.0, 30.0), (-90.0, 90.0)
+    cfg.camera.light_distance_range, cfg.camera.light_jitter = (1.0, 1.2), 0.25
+    cfg.camera.uniform_sphere_elevation = True
+    load_prepared_guidance(resolve(cfg), torch.device("cpu"))
+    d = seen[-1]
+    assert (d.ambient, d.diffuse) == (pytest.approx(0.1), pytest.approx(0.9))
+    assert d.elevation_range == (0.0, 30.0) and d.azimuth_range == (-90.0, 90.0)
+    assert d.light_distance_range == (1.0, 1.2) and d.light_jitter == 0.25 and d.uniform_sphere_elevation
+    assert d.camera() == dataclasses.replace(cfg.camera, distance_range=d.distance_range, fov_range=d.fov_range)
+    data = render_dataset(dataclasses.replace(d, resolution=16, cameras_per_view=4))
+    on = data.alpha > 0
+    assert data.shade[on].min() == pytest.approx(0.1, abs=2e-3)  # unlit parts: the run's ambient, not 0.3
+    assert data.shade[on].max() > 0.9
+
+
+def test_view_words_the_runs_angles_exclude_are_drawn_from_the_default_angles():
+    """elevation in [0, 30] has no overhead views: the data still hold every word's cameras (the default angles
+    give the missing ones; before, the draw doubled forever), the reachable words keep the run's angles, and the
+    default distribution gives the same cameras as before."""
+    from fastdream.builtin.dataset import MAX_CAMERA_DRAW
+    from fastdream.cameras import CameraConfig, view_word
+
+    narrow = CameraConfig(elevation_range=(0.0, 30.0), azimuth_range=(-180.0, 180.0))
+    cams, views = balanced_cameras(8, 0, narrow)
+    assert views.tolist() == [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
+    words = [view_word(float(e), float(a)) for e, a in zip(cams.elevation, cams.azimuth)]
+    assert words == [VIEW_WORDS[v] for v in views.tolist()]
+    assert ((cams.elevation[:24] >= 0) & (cams.elevation[:24] <= 30)).all()  # front, side, back: the run's
+    assert (cams.elevation[24:] > 60).all()  # overhead: from the default range
+    # The default distribution never reaches the fallback: its cameras are the first draws that fill each word.
+    g = torch.Generator().manual_seed(0)
+    pool = sample_cameras(CameraConfig(), 8 * 8, g)
+    first = {w: [] for w in VIEW_WORDS}
+    for i in range(len(pool)):
+        w = view_word(float(pool.elevation[i]), float(pool.azimuth[i]))
+        if len(first[w]) < 8:
+            first[w].append(i)
+    cams, _ = balanced_cameras(8, 0, CameraConfig())
+    torch.testing.assert_close(cams.c2w, pool.c2w[torch.tensor([i for w in VIEW_WORDS for i in first[w]])])
+    assert MAX_CAMERA_DRAW >= 4096 * 8
+
+
+def test_builtin_refuses_coloured_light():
+    from fastdream.config import GuidanceConfig, RunConfig, resolve, validate
+
+    cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin"), device="cpu")
+    cfg.shading.ambient = (0.3, 0.2, 0.3)
+    with pytest.raises(UserError, match=r"--ambient 0.3 0.2 0.3: the builtin prior's images are lit by grey"):
+        validate(resolve(cfg))
+    cfg.shading.ambient = (0.2, 0.2, 0.2)
+    validate(resolve(cfg))
 
 
 def test_clip_to_gamut_keeps_hue_and_caps_at_the_label_colour():

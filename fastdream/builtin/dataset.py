@@ -2,7 +2,7 @@
 """The builtin prior's data: every primitive, in every colour and shading mode, from the generator's cameras.
 
 What the trainer renders, the data shows. The trainer draws cameras and point lights from
-:func:`fastdream.cameras.sample_cameras` with the default :class:`~fastdream.cameras.CameraConfig`, casts one
+:func:`fastdream.cameras.sample_cameras` with the run's :class:`~fastdream.cameras.CameraConfig`, casts one
 ray per pixel centre (:func:`fastdream.cameras.get_rays`) and shades with :func:`fastdream.ops.shade` in one
 of three modes. So the data are, for each primitive and each of ``cameras_per_view`` cameras of every view
 word (front, side, back, overhead: balanced, drawn from that same distribution with a fixed seed):
@@ -30,6 +30,7 @@ fastdream's own shade op. The arrays are cached as uint8 under ``$FASTDREAM_CACH
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import warnings
@@ -40,7 +41,7 @@ import torch
 
 from fastdream.builtin.primitives import BOUNDING_RADIUS, normals, sdf
 from fastdream.builtin.vocabulary import COLOURS, SHAPES
-from fastdream.cameras import VIEW_WORDS, CameraConfig, get_rays, sample_cameras, view_word
+from fastdream.cameras import VIEW_WORDS, CameraConfig, Cameras, get_rays, sample_cameras, view_word
 from fastdream.config import BUILTIN_DISTANCE, BUILTIN_FOV, ShadingConfig
 from fastdream.ops import shade
 
@@ -59,6 +60,9 @@ class DatasetConfig:
         background: RGB of the background, 0..1.
         distance_range, fov_range: the run's camera distance and vertical fov (degrees); fixed by default
             (``fastdream.config.BUILTIN_DISTANCE`` / ``BUILTIN_FOV``).
+        elevation_range, azimuth_range, uniform_sphere_elevation, light_distance_range, light_jitter: the rest of
+            the run's camera and light distribution (:class:`~fastdream.cameras.CameraConfig`'s defaults unless the
+            run set them).
     """
 
     resolution: int = 64
@@ -69,10 +73,23 @@ class DatasetConfig:
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
     distance_range: tuple[float, float] = (BUILTIN_DISTANCE, BUILTIN_DISTANCE)  # the run's camera distribution
     fov_range: tuple[float, float] = (BUILTIN_FOV, BUILTIN_FOV)
+    elevation_range: tuple[float, float] = CameraConfig().elevation_range
+    azimuth_range: tuple[float, float] = CameraConfig().azimuth_range
+    uniform_sphere_elevation: bool = CameraConfig().uniform_sphere_elevation
+    light_distance_range: tuple[float, float] = CameraConfig().light_distance_range
+    light_jitter: float = CameraConfig().light_jitter
 
     def camera(self) -> CameraConfig:
         """The run's camera distribution that the data are drawn from."""
-        return CameraConfig(distance_range=tuple(self.distance_range), fov_range=tuple(self.fov_range))
+        return CameraConfig(
+            elevation_range=tuple(self.elevation_range),
+            azimuth_range=tuple(self.azimuth_range),
+            distance_range=tuple(self.distance_range),
+            fov_range=tuple(self.fov_range),
+            uniform_sphere_elevation=bool(self.uniform_sphere_elevation),
+            light_distance_range=tuple(self.light_distance_range),
+            light_jitter=float(self.light_jitter),
+        )
 
     def key(self) -> str:
         blob = repr((DATA_VERSION, sorted(asdict(self).items()), SHAPES, self.camera()))
@@ -113,21 +130,49 @@ class BuiltinDataset:
         return VIEW_WORDS[int(self.views[camera])]
 
 
-def balanced_cameras(per_view: int, seed: int, cfg: CameraConfig | None = None):
-    """``per_view`` cameras of each view word, in order front.., side.., back.., overhead.., drawn from ``cfg``."""
-    cfg = cfg or CameraConfig()
-    g = torch.Generator().manual_seed(seed)
-    picked: dict[str, list[int]] = {w: [] for w in VIEW_WORDS}
-    pool = None
+# balanced_cameras draws at most this many cameras at once from the run's distribution (a word it has not filled
+# by then is all but unreachable there).
+MAX_CAMERA_DRAW = 1 << 16
+
+
+def _pick(cfg: CameraConfig, per_view: int, g: torch.Generator, words) -> tuple[Cameras, dict[str, list[int]]]:
+    """Draws of ``cfg``, doubling from ``8 * per_view``, until each of ``words`` has ``per_view`` cameras or a draw
+    of MAX_CAMERA_DRAW is done: (the last draw, the picked indices per word, maybe fewer than ``per_view``)."""
     n = 8 * per_view
-    while any(len(v) < per_view for v in picked.values()):
+    while True:
         pool = sample_cameras(cfg, n, g)
-        picked = {w: [] for w in VIEW_WORDS}
+        picked: dict[str, list[int]] = {w: [] for w in words}
         for i in range(n):
             w = view_word(float(pool.elevation[i]), float(pool.azimuth[i]))
-            if len(picked[w]) < per_view:
+            if w in picked and len(picked[w]) < per_view:
                 picked[w].append(i)
+        if all(len(v) == per_view for v in picked.values()) or n >= MAX_CAMERA_DRAW:
+            return pool, picked
         n *= 2
+
+
+def balanced_cameras(per_view: int, seed: int, cfg: CameraConfig | None = None):
+    """``per_view`` cameras of each view word, in order front.., side.., back.., overhead.., drawn from ``cfg``.
+
+    A run's ranges may all but exclude a word (``--set camera.elevation_range=[0,30]``: no overhead views). The
+    trainer then never asks the prior about it, but the prior still needs the word's images: what that word lacks
+    is drawn from the default elevation and azimuth ranges (with the run's distance, lens and lights)."""
+    cfg = cfg or CameraConfig()
+    g = torch.Generator().manual_seed(seed)
+    pool, picked = _pick(cfg, per_view, g, VIEW_WORDS)
+    short = [w for w in VIEW_WORDS if len(picked[w]) < per_view]
+    if short:
+        wide = dataclasses.replace(
+            cfg,
+            elevation_range=CameraConfig().elevation_range,
+            azimuth_range=CameraConfig().azimuth_range,
+            uniform_sphere_elevation=False,
+        )
+        extra, more = _pick(wide, per_view, g, short)
+        offset = len(pool)
+        pool = Cameras(*(torch.cat([getattr(pool, f.name), getattr(extra, f.name)]) for f in dataclasses.fields(pool)))
+        for w in short:
+            picked[w] += [offset + i for i in more[w][: per_view - len(picked[w])]]
     order = torch.tensor([i for w in VIEW_WORDS for i in picked[w]])
     views = torch.arange(len(VIEW_WORDS)).repeat_interleave(per_view)
     return pool[order], views
