@@ -430,8 +430,9 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
     if cfg.guidance.guidance_scale is None:  # the model's own default, recorded in config.json
         cfg.guidance.guidance_scale = float(getattr(guidance, "default_guidance_scale", 100.0))
     trainer = Trainer(cfg, guidance, plan.run_dir, plan.device)
-    for stale in (plan.run_dir / ckpt.CHECKPOINT_DIR).glob(".step_*.tmp-*"):  # left by a kill -9 mid-write
-        stale.unlink(missing_ok=True)
+    for folder in (ckpt.CHECKPOINT_DIR, "previews"):  # temporaries left by a kill -9 mid-write
+        for stale in (plan.run_dir / folder).glob(".step_*.tmp-*"):
+            stale.unlink(missing_ok=True)
     if plan.resume:
         trainer.resume()
     else:

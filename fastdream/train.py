@@ -590,7 +590,8 @@ def preview_grid(
     plain = render_views(field, torch.ones(3), cams, s, shading_mode="textureless", **kw)
     rows = [
         torch.cat([o["image"][0] for o in colour], dim=2),
-        torch.cat([(o["normals_image"][0] + 1) / 2 * o["opacity"][0] + (1 - o["opacity"][0]) for o in colour], 2),
+        # normals_image is premultiplied (sum of w_i n_i): (n + 1) / 2 over white is (N + A) / 2 + 1 - A.
+        torch.cat([(o["normals_image"][0] + o["opacity"][0]) / 2 + (1 - o["opacity"][0]) for o in colour], 2),
         torch.cat([o["image"][0] for o in plain], dim=2),
     ]
     img = torch.cat(rows, dim=1).clamp(0, 1)

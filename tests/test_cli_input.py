@@ -441,3 +441,17 @@ def test_out_under_an_unknown_users_home(capsys: pytest.CaptureFixture, tmp_path
     prompts.write_text("a red cube\n")
     for args in ([PROMPT], ["--prompts", prompts]):
         cli_error(capsys, "generate", *args, *TINY, "--out", "~fastdream_no_such_user/x", needles=("--out", "no user"))
+
+
+def test_resume_removes_the_temporaries_of_a_killed_preview_write(run_dir: Path) -> None:
+    """A kill -9 while a preview was written left a hidden previews/.step_*.png.tmp-PID for good (the checkpoints'
+    were removed, the previews' not)."""
+    stale = run_dir / "previews" / ".step_000004.png.tmp-12345"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"half a png")
+    keep = run_dir / "previews" / "notes.png"  # not a temporary of ours
+    keep.write_bytes(b"the user's")
+    assert main(["generate", PROMPT, "--device", "cpu", "--quiet", "--no-export", "--out", str(run_dir),
+                 "--resume", "--steps", "5"]) == 0  # fmt: skip
+    assert not stale.exists() and keep.read_bytes() == b"the user's"
+    assert (run_dir / "checkpoints" / "step_000005.pt").is_file()

@@ -540,3 +540,23 @@ def test_camera_ranges_auto_builtin_fixed_and_validated():
         with pytest.raises(UserError, match=name):
             validate(cfg)
         cfg = resolve(RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin"), device="cpu"))
+
+
+def test_preview_normals_are_blended_over_white_once(monkeypatch):
+    """The normals image is premultiplied by opacity (sum of w_i n_i): the preview multiplied it by the opacity a
+    second time, washing out every edge pixel."""
+    import fastdream.train as train_mod
+
+    cfg = tiny_config(steps=1)
+    s = cfg.render.preview_resolution
+    a, n = 0.5, torch.tensor([1.0, -0.6, 0.0])
+
+    def fake_render(field, bg, cams, size, shading_mode, need_normals=False, **kw):
+        out = {"image": torch.zeros(1, 3, size, size), "opacity": torch.full((1, 1, size, size), a)}
+        out["normals_image"] = (a * n)[None, :, None, None].expand(1, 3, size, size) if need_normals else None
+        return [out] * len(cams)
+
+    monkeypatch.setattr(train_mod, "render_views", fake_render)
+    img = train_mod.preview_grid(None, None, None, cfg)
+    expected = ((n + 1) / 2 * a + (1 - a)) * 255  # the unit normal's colour at opacity a over white
+    torch.testing.assert_close(torch.from_numpy(img[s + s // 2, s // 2]).float(), expected, atol=0.6, rtol=0)
