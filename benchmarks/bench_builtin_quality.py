@@ -4,7 +4,7 @@
 Ten prompts, five shapes in two colours each, every colour of the palette at least once. Each is a default
 ``fastdream generate PROMPT --model builtin`` (exports included), timed end to end, then scored by
 ``fastdream evaluate``: Chamfer to the true primitive (goal <= 0.05, and the smallest of the five), silhouette
-IoU from novel views, mean albedo error (goal <= 0.15).
+IoU from novel views (goal >= 0.85), albedo error of the mean colour and mean over the surface (goals <= 0.15).
 
 Run all ten (about 10 x 2.5 min on a 2-core CPU, 72-274 s each at the current defaults)::
 
@@ -60,18 +60,33 @@ def run_prompt(prompt: str, out_root: Path, device: str = "cpu", extra: list[str
         return {"prompt": prompt, "seconds": seconds, "error": ev.stderr.strip().splitlines()[-1:]}
     result = json.loads(ev.stdout)
     result["seconds"] = seconds
-    result["passed"] = bool(
-        result["chamfer"] <= 0.05
-        and result["correct_shape"]
-        and result["albedo_error"] is not None
-        and result["albedo_error"] <= 0.15
-    )
+    result["passed"] = passes(result)
     return result
+
+
+# The goals. Chamfer alone cannot tell the shapes apart (a perfect cylinder is 0.035 from the cube, a perfect sphere
+# 0.050), so the shape must also be the nearest one. Since 2026-11-27 (session 16) also a silhouette IoU of 0.85:
+# the exact cube moved by 0.1 scores 0.850 (Chamfer 0.038, nearest the cube) and scaled by 1.1 0.842 (0.041), and
+# both passed the other goals; and a surface colour error of 0.15 (half red and half cyan has a grey mean colour).
+# Earlier sessions' runs were judged by Chamfer, nearest shape and mean colour alone.
+GOALS = {"chamfer": 0.05, "silhouette_iou": 0.85, "albedo_error": 0.15, "albedo_error_surface": 0.15}
+
+
+def passes(r: dict) -> bool:
+    return bool(
+        r["chamfer"] <= GOALS["chamfer"]
+        and r["correct_shape"]
+        and r["silhouette_iou"] >= GOALS["silhouette_iou"]
+        and r["albedo_error"] is not None
+        and r["albedo_error"] <= GOALS["albedo_error"]
+        and r.get("albedo_error_surface") is not None
+        and r["albedo_error_surface"] <= GOALS["albedo_error_surface"]
+    )
 
 
 def table(results: list[dict]) -> str:
     rows = [
-        "| prompt | Chamfer | nearest other | IoU | albedo error | time (s) | pass |",
+        "| prompt | Chamfer | nearest other | IoU | albedo error (mean, surface) | time (s) | pass |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -80,7 +95,7 @@ def table(results: list[dict]) -> str:
             continue
         others = {k: v for k, v in r["chamfer_to"].items() if k != r["shape"]}
         near = min(others, key=others.get)
-        alb = "n/a" if r["albedo_error"] is None else f"{r['albedo_error']:.3f}"
+        alb = "n/a" if r["albedo_error"] is None else f"{r['albedo_error']:.3f}, {r['albedo_error_surface']:.3f}"
         rows.append(
             f"| {r['prompt']} | {r['chamfer']:.4f} | {near} {others[near]:.4f} | {r['silhouette_iou']:.3f} | "
             f"{alb} | {r['seconds']:.0f} | {'yes' if r['passed'] else 'no'} |"

@@ -385,6 +385,27 @@ def test_evaluate_run_scores_a_true_mesh(tmp_path):
     assert r["albedo_error"] is None
 
 
+def test_evaluate_sees_mixed_wrong_colours_and_reports_the_shape_margin():
+    """Half red, half cyan has a grey mean: the mean colour's error is ~0 for "a gray cube", the surface's is not."""
+    trimesh = pytest.importorskip("trimesh")
+    mesh = trimesh.creation.box((0.8, 0.8, 0.8)).subdivide().subdivide()
+    x = mesh.vertices[:, :1]
+    rgb = np.where(x > 1e-9, [255, 0, 0], np.where(x < -1e-9, [0, 255, 255], [128, 128, 128]))
+    mesh.visual.vertex_colors = np.concatenate([rgb, np.full_like(rgb[:, :1], 255)], 1)
+    r = evaluate_mesh(mesh, "a gray cube")
+    grey = np.asarray(COLOURS["gray"])
+    assert r["albedo_error"] < 0.06  # the mean of the two halves is about grey
+    # each face is red or cyan (or, on the x = 0 band, between them): far from grey
+    expected = min(np.linalg.norm(np.array([1.0, 0, 0]) - grey), np.linalg.norm(np.array([0, 1.0, 1]) - grey))
+    assert r["albedo_error_surface"] > 0.8 * expected > 0.5, (r["albedo_error_surface"], expected)
+    others = {k: v for k, v in r["chamfer_to"].items() if k != "cube"}
+    assert r["shape_margin"] == pytest.approx(min(others.values()) - r["chamfer"]) and r["shape_margin"] > 0
+    uniform = trimesh.creation.box((0.8, 0.8, 0.8)).subdivide()
+    uniform.visual.vertex_colors = np.tile([242, 128, 13, 255], (len(uniform.vertices), 1))
+    r = evaluate_mesh(uniform, "an orange cube")
+    assert r["albedo_error_surface"] == pytest.approx(r["albedo_error"], abs=1e-9) and r["albedo_error"] < 0.01
+
+
 def test_evaluate_cli_bad_input(tmp_path, capsys):
     from fastdream.cli import main
 

@@ -9,7 +9,13 @@
   (a point rasteriser; the samples cover every pixel of a solid's projection at this size), and the masks
   are compared. Mesh and primitive go through the same rasteriser, so its approximations cancel.
 - Colour: the area-weighted mean vertex colour of the mesh (the exporter bakes the field's albedo into the
-  vertices) against the named colour: Euclidean distance in RGB 0..1.
+  vertices) against the named colour: Euclidean distance in RGB 0..1 (``albedo_error``); and the area-weighted
+  mean of each face's distance to the named colour (``albedo_error_surface``), which a surface of mixed wrong
+  colours cannot pass (half red and half cyan has a grey mean).
+
+Every score is of the exported mesh (the surface at ``export.iso_level``, floaters dropped), not of the renders:
+a haze below the iso level, or a floater the export dropped, is not seen. A perfect mesh does not score 0: with
+20k samples a side, the Chamfer distance of a primitive to itself is about 0.0065 (the samples' spacing).
 
 Example:
     >>> from fastdream.builtin.evaluate import chamfer
@@ -111,15 +117,32 @@ def _sample_mesh(mesh, n: int, seed: int) -> np.ndarray:
     return np.asarray(pts)
 
 
-def mean_vertex_colour(mesh) -> np.ndarray | None:
-    """Area-weighted mean vertex colour (RGB 0..1) of ``mesh``, or None when it has no vertex colours."""
+def face_colours(mesh) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each face's colour (the mean of its vertices', RGB 0..1) [F, 3] and its area [F], or None when ``mesh``
+    has no vertex colours."""
     colours = getattr(mesh.visual, "vertex_colors", None)
     if getattr(mesh.visual, "kind", None) != "vertex" or colours is None or len(colours) != len(mesh.vertices):
         return None
     rgb = np.asarray(colours, dtype=np.float64)[:, :3] / 255.0
-    face_rgb = rgb[mesh.faces].mean(axis=1)
-    area = np.asarray(mesh.area_faces, dtype=np.float64)
+    return rgb[mesh.faces].mean(axis=1), np.asarray(mesh.area_faces, dtype=np.float64)
+
+
+def mean_vertex_colour(mesh) -> np.ndarray | None:
+    """Area-weighted mean vertex colour (RGB 0..1) of ``mesh``, or None when it has no vertex colours."""
+    fc = face_colours(mesh)
+    if fc is None:
+        return None
+    face_rgb, area = fc
     return (face_rgb * area[:, None]).sum(0) / max(area.sum(), 1e-12)
+
+
+def surface_colour_error(mesh, target: np.ndarray) -> float | None:
+    """Area-weighted mean over the faces of the distance of each face's colour to ``target`` (RGB 0..1)."""
+    fc = face_colours(mesh)
+    if fc is None:
+        return None
+    face_rgb, area = fc
+    return float((np.linalg.norm(face_rgb - target, axis=1) * area).sum() / max(area.sum(), 1e-12))
 
 
 def read_prompt(run_dir: Path) -> str:
@@ -153,6 +176,7 @@ def evaluate_mesh(mesh, prompt: str, seed: int = 0) -> dict[str, Any]:
     mean_rgb = mean_vertex_colour(mesh)
     target = np.asarray(COLOURS[colour])
     nearest = min(distances, key=distances.get)
+    others = [d for s, d in distances.items() if s != shape]
     return {
         "prompt": prompt,
         "colour": colour,
@@ -161,10 +185,12 @@ def evaluate_mesh(mesh, prompt: str, seed: int = 0) -> dict[str, Any]:
         "chamfer_to": distances,
         "nearest_shape": nearest,
         "correct_shape": nearest == shape,
+        "shape_margin": min(others) - distances[shape],  # > 0: nearest the asked primitive, by this much
         "silhouette_iou": silhouette_iou(sil_mesh, sil_true),
         "mean_albedo": None if mean_rgb is None else [round(float(c), 4) for c in mean_rgb],
         "target_albedo": list(COLOURS[colour]),
         "albedo_error": None if mean_rgb is None else float(np.linalg.norm(mean_rgb - target)),
+        "albedo_error_surface": surface_colour_error(mesh, target),
         "vertices": int(len(mesh.vertices)),
         "faces": int(len(mesh.faces)),
     }
