@@ -190,7 +190,7 @@ def view_word(elevation: float, azimuth: float) -> str:
     45° itself is side)."""
     if elevation > 60.0:
         return "overhead"
-    az = (azimuth + 180.0) % 360.0 - 180.0  # (-180, 180]
+    az = (azimuth + 180.0) % 360.0 - 180.0  # [-180, 180): 180 is -180, "back" either way
     if abs(az) < 45.0:
         return "front"
     if abs(az) > 135.0:
