@@ -596,6 +596,15 @@ def test_not_a_diffusers_folder(tmp_path):
     with pytest.raises(UserError) as excinfo:
         load_guidance(str(tmp_path / "missing"), "cpu")
     assert "does not exist" in _one_line_user_error(excinfo)
+    with pytest.raises(UserError) as excinfo:  # any other file
+        load_guidance(str(tmp_path / "readme.txt"), "cpu")
+    assert "is a file, not a diffusers model folder" in _one_line_user_error(excinfo)
+    single = tmp_path / "dreamshaper_8.safetensors"  # an artist's single-file checkpoint: how to convert it
+    single.write_bytes(b"\0" * 16)
+    with pytest.raises(UserError) as excinfo:
+        load_guidance(str(single), "cpu")
+    line = _one_line_user_error(excinfo)
+    assert "single-file checkpoint" in line and f"from_single_file('{single}').save_pretrained('FOLDER')" in line
 
 
 def test_missing_weights_and_unsupported_pipelines(sd_folder, tmp_path):

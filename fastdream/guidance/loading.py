@@ -138,6 +138,12 @@ def check_model_name(model: str) -> Path | None:
             )
         return local
     if local.exists():
+        if local.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):  # a single-file checkpoint
+            raise UserError(
+                f"{model} is a single-file checkpoint; fastdream loads diffusers folders: convert it once with "
+                f'diffusers (python -c "from diffusers import StableDiffusionPipeline as P; '
+                f"P.from_single_file('{model}').save_pretrained('FOLDER')\") and pass --model FOLDER {_BUILTIN_HINT}"
+            )
         raise UserError(f"{model} is a file, not a diffusers model folder; pass a folder or a hub id {_BUILTIN_HINT}")
     if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
         raise UserError(
