@@ -9,11 +9,16 @@ Sizes: 2**18 points on the CPU, 2**20 on CUDA; ``FASTDREAM_BENCH_HASH_N`` overri
 Two point sets: ``uniform`` (independent uniform points in the cube: every gather a cache miss, the worst
 case) and, on CUDA, ``rays`` (what the renderer feeds the grid: N / 256 rays of a pinhole camera at distance
 2.5 looking at the origin, 256 evenly spaced samples each in [1.5, 3.5], ray after ray; for 2^20 points a 64x64
-image). On CUDA the ``cuda`` backend runs four times: ``cuda`` (its default, fp16 table reads), ``cuda-fp32``
-(``CUDA_FP16_TABLE_READS = False``: fp32 reads), ``cuda-plain`` (``FASTDREAM_HASH_BACKWARD=plain``: one
-thread per point and level with paired float4 atomics, instead of the default warp-aggregated table gradient)
-and ``cuda-hybrid`` (``FASTDREAM_HASH_BACKWARD=hybrid``: aggregation where a warp has runs, paired atomics
-everywhere; csrc/cuda/hash_grid.cu).
+image). ``rays`` is not quite what the renderer sends: its samples are 2.7x closer than the march's default step
+and 17% of them lie outside the cube (clamped onto its faces), so neighbouring lanes share cells more often than in
+training, which favours the warp-aggregated table gradient. ``march`` (CUDA, since 2026-11-27) is what training
+sends: the renderer's own samples (march_rays with jitter through the occupancy grid, CUDA's defaults) of 64x64
+renders from the trainer's random cameras, camera after camera, of ``fastdream bench``'s object scene (the initial
+blob widened to a trained object's size). On CUDA the ``cuda`` backend runs four times: ``cuda`` (its default,
+fp16 table reads), ``cuda-fp32`` (``CUDA_FP16_TABLE_READS = False``: fp32 reads), ``cuda-plain``
+(``FASTDREAM_HASH_BACKWARD=plain``: one thread per point and level with paired float4 atomics, instead of the
+default warp-aggregated table gradient) and ``cuda-hybrid`` (``FASTDREAM_HASH_BACKWARD=hybrid``: aggregation where
+a warp has runs, paired atomics everywhere; csrc/cuda/hash_grid.cu).
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ if DEVICE.type == "cpu":  # the Triton interpreter is a correctness tool, not a 
     BACKENDS = [b for b in BACKENDS if b != "triton"]
 if "cuda" in BACKENDS:
     BACKENDS += ["cuda-fp32", "cuda-plain", "cuda-hybrid"]
-LAYOUTS = ["uniform", "rays"] if DEVICE.type == "cuda" else ["uniform"]
+LAYOUTS = ["uniform", "rays", "march"] if DEVICE.type == "cuda" else ["uniform"]
+if os.environ.get("FASTDREAM_BENCH_HASH_LAYOUTS"):  # e.g. "march" (a CPU check of the point sets)
+    LAYOUTS = os.environ["FASTDREAM_BENCH_HASH_LAYOUTS"].split(",")
 
 
 @contextlib.contextmanager
@@ -81,6 +88,31 @@ def ray_points(n: int, generator: torch.Generator, samples: int = 256) -> torch.
     return pts[:n].contiguous()
 
 
+@torch.no_grad()
+def march_points(n: int, seed: int = 0) -> torch.Tensor:
+    """n sample positions as training produces them (see the module docstring), camera after camera."""
+    from fastdream.bench import OBJECT_BLOB_RADIUS
+    from fastdream.cameras import sample_cameras
+    from fastdream.config import RunConfig, resolve
+    from fastdream.renderer import render
+    from fastdream.train import build_models
+
+    rc = resolve(RunConfig(prompt="x", device=DEVICE.type), "cuda")  # CUDA's field, grid and march step
+    rc.field.blob_radius = OBJECT_BLOB_RADIUS
+    torch.manual_seed(seed)
+    field, _, grid = build_models(rc, DEVICE)
+    field.eval()
+    gen = torch.Generator().manual_seed(seed)
+    grid.update(field.density, warmup=True, generator=torch.Generator(device=DEVICE).manual_seed(seed))
+    parts, total = [], 0
+    while total < n:
+        cams = sample_cameras(rc.camera, 1, gen)
+        out = render(field, None, cams, 64, 64, grid=grid, samples_per_ray=rc.render.samples_per_ray, jitter=True)
+        parts.append(out["samples"].positions.float())
+        total += parts[-1].shape[0]
+    return torch.cat(parts)[:n].contiguous().cpu()
+
+
 def _sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
@@ -89,7 +121,10 @@ def _sync() -> None:
 @pytest.fixture(scope="module", params=LAYOUTS)
 def data(request):
     g = torch.Generator().manual_seed(0)
-    x = (torch.rand(N, 3, generator=g) * 2 - 1) if request.param == "uniform" else ray_points(N, g)
+    if request.param == "march":
+        x = march_points(N)
+    else:
+        x = (torch.rand(N, 3, generator=g) * 2 - 1) if request.param == "uniform" else ray_points(N, g)
     table = ((torch.rand(CFG.levels, CFG.table_size, CFG.features, generator=g) * 2 - 1) * 1e-2).to(DEVICE)
     grad = torch.randn(N, CFG.out_dim, generator=g).to(DEVICE)
     return x.to(DEVICE), table, grad, request.param
@@ -139,7 +174,7 @@ def test_hash_encode_jacobian_forward_backward(benchmark, data, backend):
     x, table, grad, layout = data
     benchmark.group = f"hash_encode_with_jacobian forward+backward N={N} {layout} {DEVICE.type}"
     t = table.clone().requires_grad_(True)
-    grad_jac = grad[:, :, None].expand(N, CFG.out_dim, 3)
+    grad_jac = grad[:, :, None].expand(N, CFG.out_dim, 3).contiguous()  # a copy made outside the timed calls
 
     def run():
         t.grad = None

@@ -48,6 +48,30 @@ def run_timed(benchmark, fn, *, rounds: int | None = None):
     return benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
 
 
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Name the bench device, its versions and the commit in the JSON's machine_info (pytest-benchmark records
+    only the host CPU): a result file must say which GPU it was measured on."""
+    import subprocess
+
+    dev = bench_device()
+    info = {"bench_device": str(dev), "torch": torch.__version__, "cuda": torch.version.cuda}
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+        info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(dev)))
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        info["commit"] = out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    machine_info["fastdream"] = info
+
+
 @pytest.fixture
 def device() -> torch.device:
     return bench_device()

@@ -40,8 +40,13 @@
 # then, on the warm machine (the build is reused): sd-cunet, which is sd-cvae plus the UNet compiled by inductor in
 # its CUDA-graph mode (--compile; never yet timed on a GPU; the UNet's 10.2 ms is the step's largest part), beside
 # sd-cvae, and generate with the compiled encoder:
-#   STAGES=steps,sdgen STEP_CAP=240 STEP_LIST=sd-cvae,sd-cunet SDGEN_ARGS="--cuda-graphs --compile-vae" \
+#   STAGES=steps,sdgen STEP_CAP=240 STEP_LIST=sd-cvae,sd-cvae-fresh,sd-cunet SDGEN_ARGS="--cuda-graphs --compile-vae" \
 #     SDGEN_STEPS=1000 benchmarks/device_run.sh
+# Session 16 (no GPU): fastdream bench now renders an object-sized field by default (--scene object, 20-30k samples a
+# step, as trained fields give; sessions up to 15 timed the fresh blob, ~9.7k: --scene fresh, step sd-cvae-fresh);
+# bench_step.py's test_sds_step_amortised times the goals' configurations as pytest-benchmark rounds of 16 steps;
+# bench_hash_grid.py's "march" points are the renderer's own. With time left, a third call:
+#   STAGES=hash,micro HASH_K="forward_backward and not reference and not triton" benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -181,6 +186,7 @@ stage_steps() {
     sd-cvae) step sd-cvae --model sd --cuda-graphs --render-graphs --compile-vae --steps 20 --warmup 10 ;;
     sd-cvae-native) step sd-cvae-native --model sd --cuda-graphs --render-graphs --compile-vae --vae-groupnorm native --steps 20 --warmup 10 ;;
     sd-cvae-cl) step sd-cvae-cl --model sd --cuda-graphs --render-graphs --compile-vae --vae-layout channels_last --vae-groupnorm native --steps 20 --warmup 10 ;;
+    sd-cvae-fresh) step sd-cvae-fresh --model sd --cuda-graphs --render-graphs --compile-vae --scene fresh --steps 20 --warmup 10 ;;
     sd-cunet) step sd-cunet --model sd --compile --cuda-graphs --render-graphs --compile-vae --steps 20 --warmup 10 ;;
     sd-compiled) step sd-compiled --model sd --compile --cuda-graphs --render-graphs --compile-vae --vae-groupnorm native --steps 20 --warmup 10 ;;
     sd-best-prof) step sd-best-prof --model sd --cuda-graphs --render-graphs --steps 10 --warmup 10 --profile "$OUT/prof-sd-best.txt" ;;
@@ -274,6 +280,15 @@ for s in tests steps hash generate sdgen micro peers memcheck compile; do
     log "out of time before stage $s"
     break
   fi
+  # A timed stage must not share the host with the peer's background build (the steps' host-bound parts slowed).
+  case $s in
+  steps | hash | generate | sdgen | micro | compile)
+    if [ -n "${NERFACC_PID:-}" ] && kill -0 "$NERFACC_PID" 2>/dev/null; then
+      log "waiting for the nerfacc build before the timed stage $s"
+      wait "$NERFACC_PID"
+    fi
+    ;;
+  esac
   case $s in
   steps) stage_steps ;;
   tests) stage_tests ;;

@@ -20,13 +20,15 @@ dearer than a builtin training step:
 ========================  ====================================================================================
 
 Medians over ``steps`` timed steps after ``warmup`` untimed ones. On CUDA each part is timed with CUDA events
-(one synchronisation per step) and peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps; on
+(one synchronisation per step) and peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (with
+``max_memory_reserved`` beside it: CUDA graphs' private pools are reserved, not counted as allocated); on
 the CPU parts are wall time and peak memory is the process's maximum resident set size (``ru_maxrss``, whole
 process lifetime, so it includes setup).
 
 Models: ``builtin`` (the closed-form prior), ``sd`` (a Stable-Diffusion-2.1-base-shaped UNet and VAE built from
 the configs below with RANDOM weights: no download) and ``if`` (a DeepFloyd-IF-I-XL-sized pixel-space UNet,
-random weights). The diffusers models run in fp16 and channels_last on CUDA (as the guidance backends do);
+random weights). The diffusers models run in fp16 on CUDA, the UNet channels_last and the SD VAE contiguous by
+default (as the guidance backends do; --unet-layout, --vae-layout);
 ``compile`` wraps the UNet in ``torch.compile``, ``cuda_graphs`` replays it from a CUDA graph (both: inductor's
 ``reduce-overhead`` mode). ``tiny`` swaps in tiny configs so every path runs on a CPU in seconds (tests).
 
@@ -69,6 +71,12 @@ from fastdream.sds import add_noise, sample_timesteps, sds_grad, sds_loss_from_g
 from fastdream.train import apply_step, build_models, build_optimizer, scaled_backward
 
 MODELS = ("builtin", "sd", "if")
+# --scene: the field the step renders. "fresh": the trainer's initial density blob (about 9.7k samples a 64x64 step
+# on CUDA's defaults: the sessions up to 15 timed this). "object" (the default since 2026-11-27): the blob widened
+# to an occupied ball of about 0.5 (blob radius 0.4): 20-30k samples a 64x64 step on the CPU's defaults, as the
+# builtin prior's trained primitives give (15-30k, measured on ten 800-step runs), 2.3-2.6x the fresh field.
+SCENES = ("object", "fresh")
+OBJECT_BLOB_RADIUS = 0.4
 OPS_CHOICES = ("fused", "reference")
 PARTS = (
     "rays_march",
@@ -245,6 +253,7 @@ class BenchConfig:
             convolution algorithms on the first call of each shape and keeps the fastest, instead of its
             heuristic choice. The UNet's and the VAE's shapes are fixed, so only the warm-up pays; the CUDA
             graphs are captured after their own eager warm-up calls. Restored afterwards.
+        scene: "object" (a field of a trained object's size, the default) | "fresh" (the initial blob): see SCENES.
         host_checks: read the loss check and the gradient check on the host inside the step (two
             synchronisations, as the trainer did before 2026-11-27), instead of leaving them on the device as the
             trainer does now (:func:`fastdream.train.apply_step`): an A/B of what those waits cost.
@@ -272,6 +281,7 @@ class BenchConfig:
     unet_layout: str = "channels_last"
     cudnn_benchmark: bool = False
     host_checks: bool = False
+    scene: str = "object"
 
 
 @dataclass
@@ -297,6 +307,9 @@ class BenchResult:
     backends: dict[str, str]
     versions: dict[str, str]
     notes: list[str] = dataclasses.field(default_factory=list)
+    # CUDA: torch.cuda.max_memory_reserved over the timed steps (the caching allocator's segments, CUDA graphs'
+    # private pools included, which max_memory_allocated does not count once captured); None on the CPU.
+    peak_reserved_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -305,7 +318,7 @@ class BenchResult:
 
     def format_table(self) -> str:
         c = self.config
-        mode = [c["model"] + (" (tiny)" if c["tiny"] else ""), f"ops={c['ops']}"]
+        mode = [c["model"] + (" (tiny)" if c["tiny"] else ""), f"ops={c['ops']}", f"scene {c.get('scene', 'fresh')}"]
         if c["compile"]:
             mode.append("torch.compile")
         if c.get("compile_vae"):
@@ -333,12 +346,17 @@ class BenchResult:
         for name, s in self.parts.items():
             per_step = s.median_ms / every if name == "grid_update" else s.median_ms
             share = 100.0 * per_step / self.step_ms if self.step_ms > 0 else float("nan")
-            label = PART_LABELS[name] + (f" (/{every})" if name == "grid_update" else "")
+            label = PART_LABELS[name] + (f" (1 step in {every})" if name == "grid_update" else "")
             lines.append(f"{label:<32}{s.median_ms:>11.2f}{s.min_ms:>10.2f}{s.max_ms:>10.2f}{share:>7.1f}%")
         lines.append(f"{'step (sum of medians)':<32}{self.step_ms:>11.2f}")
         lines.append(f"{'step wall (grid every step)':<32}{self.wall_ms:>11.2f}")
         mem = self.peak_memory_bytes / 2**20
         lines.append(f"peak memory: {mem:.0f} MiB ({self.peak_memory_kind}); samples/step: {self.samples_per_step:.0f}")
+        if self.peak_reserved_bytes is not None:
+            lines.append(
+                f"peak reserved: {self.peak_reserved_bytes / 2**20:.0f} MiB (torch.cuda.max_memory_reserved: the "
+                "allocator's segments, CUDA graphs' pools included)"
+            )
         lines.append("backends: " + ", ".join(f"{k}={v}" for k, v in self.backends.items()))
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
@@ -377,6 +395,8 @@ def validate(cfg: BenchConfig, device: torch.device) -> None:
             f"--batch {cfg.batch} at {cfg.resolution or 64}x{cfg.resolution or 64} is {rays} rays a step; bench takes "
             f"at most {MAX_BATCH} cameras and {MAX_RAYS} rays (e.g. 16 at 512x512)"
         )
+    if cfg.scene not in SCENES:
+        raise UserError(f"--scene must be one of {', '.join(SCENES)}, got {cfg.scene!r}")
     if cfg.shading not in ("shaded", "textureless", "albedo"):
         raise UserError(f"--shading must be shaded, textureless or albedo, got {cfg.shading!r}")
     if (cfg.compile or cfg.cuda_graphs) and cfg.model == "builtin":
@@ -423,6 +443,8 @@ def run_config(cfg: BenchConfig, device: torch.device, resolution: int) -> RunCo
         rc.field = FieldConfig(levels=4, log2_table_size=10, finest_resolution=64, hidden=16)
         rc.render.grid_resolution = 16
         rc.render.samples_per_ray = 32
+    if cfg.scene == "object":
+        rc.field.blob_radius = OBJECT_BLOB_RADIUS
     return resolve(rc, device.type)
 
 
@@ -701,8 +723,9 @@ class StepRunner:
         clock.mark("guidance_denoise")
         return loss
 
-    def step(self, clock: Any = None) -> torch.Tensor:
-        """One trainer step; returns the (detached) loss."""
+    def step(self, clock: Any = None, grid_update: bool = True) -> torch.Tensor:
+        """One trainer step; returns the (detached) loss. grid_update: end with an occupancy-grid update (the
+        trainer's every 16th step; the part medians time one every step and amortise it)."""
         clock = clock or _NoClock()
         if self.cfg.cuda_graphs and (self.cfg.compile or self.cfg.compile_vae):
             torch.compiler.cudagraph_mark_step_begin()
@@ -727,8 +750,9 @@ class StepRunner:
             bool(ok)
         self._skipped = self._skipped.to(ok.device) + (~ok).long()
         clock.mark("optimizer")
-        self._grid_update(warmup=False)
-        clock.mark("grid_update")
+        if grid_update:
+            self._grid_update(warmup=False)
+            clock.mark("grid_update")
         return loss.detach()
 
 
@@ -853,7 +877,9 @@ def _run_validated(cfg: BenchConfig, device: torch.device, forced: str | None, p
         backends = {op: forced or _dispatch.select(op, device) for op in FIELD_OPS}
     if device.type == "cuda":
         peak, kind = int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated, timed steps"
+        reserved = int(torch.cuda.max_memory_reserved(device))
     else:
+        reserved = None
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "max RSS of the process"
     stats = {k: PartStats(statistics.median(v), min(v), max(v)) for k in PARTS if (v := per_part.get(k)) is not None}
     every = max(1, cfg.grid_update_every)
@@ -893,4 +919,5 @@ def _run_validated(cfg: BenchConfig, device: torch.device, forced: str | None, p
         backends=backends,
         versions=_versions(),
         notes=notes,
+        peak_reserved_bytes=reserved,
     )

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from fastdream import bench
-from fastdream.bench import BenchConfig, StepRunner, build_guidance, run_bench
+from fastdream.bench import BenchConfig, StepRunner, build_guidance, run_bench, run_config
 from fastdream.cameras import make_cameras
 from fastdream.cli import main
+from fastdream.config import FieldConfig
 from fastdream.guidance.base import SDSConfig
 from fastdream.guidance.graphs import CUDAGraphUNet, GraphedVAEMean
 from fastdream.renderer import render
@@ -164,6 +165,8 @@ def test_step_trains_the_field_and_updates_the_grid():
     assert not torch.equal(runner.background.net[0].weight, bg0)
     assert int(runner.grid.updates) == updates0 + 1
     assert runner.guidance.shading_mode == "shaded"  # the prior is told the mode, as the trainer does
+    runner.step(grid_update=False)  # benchmarks/bench_step.py's amortised rounds: one update in 16 steps
+    assert int(runner.grid.updates) == updates0 + 1
 
 
 def test_run_bench_builtin_parts_and_total():
@@ -183,6 +186,19 @@ def test_run_bench_builtin_parts_and_total():
     table = r.format_table()
     for label in ("rays + marching", "field forward", "guidance: denoiser", "backward", "optimizer", "grid update"):
         assert label in table
+
+
+def test_the_object_scene_renders_as_many_samples_as_a_trained_object():
+    """The default scene widens the initial blob to a trained object's occupied size; the fresh field, which every
+    step benchmark before 2026-11-27 timed, gives far fewer samples (on CUDA's defaults ~9.7k, against 20-30k)."""
+    fresh = run_bench(BenchConfig(model="builtin", device="cpu", steps=2, warmup=0, tiny=True, scene="fresh"))
+    obj = run_bench(BenchConfig(model="builtin", device="cpu", steps=2, warmup=0, tiny=True))
+    assert obj.config["scene"] == "object" and fresh.config["scene"] == "fresh"
+    assert obj.samples_per_step > 1.8 * fresh.samples_per_step, (obj.samples_per_step, fresh.samples_per_step)
+    assert "scene object" in obj.format_table() and "grid update (1 step in 16)" in obj.format_table()
+    assert run_config(BenchConfig(), CPU, 64).field.blob_radius == bench.OBJECT_BLOB_RADIUS
+    assert run_config(BenchConfig(scene="fresh"), CPU, 64).field.blob_radius == FieldConfig().blob_radius
+    assert obj.peak_reserved_bytes is None  # CUDA only
 
 
 def test_reference_ops_are_forced():

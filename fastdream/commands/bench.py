@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from fastdream.backends import warn_if_extension_missing
-from fastdream.bench import MODELS, BenchConfig, run_bench
+from fastdream.bench import MODELS, SCENES, BenchConfig, run_bench
 from fastdream.checkpoint import unwritable_reason
 from fastdream.errors import UserError
 
@@ -87,6 +87,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--shading", choices=("shaded", "textureless", "albedo"), default=d.shading, help="shading mode of the step"
     )
     p.add_argument("--seed", type=int, default=d.seed, help="weights, cameras and noise")
+    p.add_argument(
+        "--scene",
+        choices=SCENES,
+        default=d.scene,
+        help="the field rendered: object (occupied like a trained object, 20-30k samples a 64x64 step) or fresh "
+        f"(the initial blob, ~10k; what bench timed before 2026-11-27) (default {d.scene})",
+    )
     p.add_argument(
         "--unet-layout",
         choices=("channels_last", "contiguous"),
@@ -164,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         vae_groupnorm=args.vae_groupnorm,
         cudnn_benchmark=args.cudnn_benchmark,
         host_checks=args.host_checks,
+        scene=args.scene,
     )
     # the output files are checked before the benchmark runs: a bad path must not cost a whole run
     for option, value in (("--json", args.json), ("--profile", args.profile)):
