@@ -73,8 +73,9 @@ from fastdream.train import apply_step, build_models, build_optimizer, scaled_ba
 MODELS = ("builtin", "sd", "if")
 # --scene: the field the step renders. "fresh": the trainer's initial density blob (about 9.7k samples a 64x64 step
 # on CUDA's defaults: the sessions up to 15 timed this). "object" (the default since 2026-11-27): the blob widened
-# to an occupied ball of about 0.5 (blob radius 0.4): 20-30k samples a 64x64 step on the CPU's defaults, as the
-# builtin prior's trained primitives give (15-30k, measured on ten 800-step runs), 2.3-2.6x the fresh field.
+# to an occupied ball of about 0.5 (blob radius 0.4): 20-30k samples a 64x64 step on CUDA's and the CPU's
+# defaults, as the builtin prior's trained primitives give (15-30k, measured on four 800-step runs, one per shape
+# but the cube), 2-3x the fresh field.
 SCENES = ("object", "fresh")
 OBJECT_BLOB_RADIUS = 0.4
 OPS_CHOICES = ("fused", "reference")
