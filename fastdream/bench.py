@@ -834,6 +834,26 @@ def _profile(runner: StepRunner, device: torch.device, steps: int, path: Path) -
         raise UserError(f"--profile {path}: cannot write ({e.strerror or type(e).__name__}); pick another path") from e
 
 
+SCALER_SETTLE_STEPS = 40  # at most, after --warmup: PyTorch's scaler starts at 2**16 and halves on each overflow
+
+
+def settle_gradient_scaler(runner: StepRunner, calm: int = 3) -> int:
+    """Untimed steps (at most SCALER_SETTLE_STEPS) until the fp16 gradient scaler has found its scale: ``calm``
+    steps in a row without a skip. Its first overflows (8-12 steps on SD-shaped weights, session 12) were inside
+    the timed steps when --warmup was short, where a skipped step's optimizer is cheaper. Returns the steps run
+    (0 without a scaler: the CPU)."""
+    if runner.scaler is None:
+        return 0
+    quiet = 0
+    for n in range(1, SCALER_SETTLE_STEPS + 1):
+        before = runner.skipped
+        runner.step()
+        quiet = quiet + 1 if runner.skipped == before else 0
+        if quiet >= calm:
+            return n
+    return SCALER_SETTLE_STEPS
+
+
 def run_bench(cfg: BenchConfig, profile: Path | None = None) -> BenchResult:
     """Build everything for ``cfg``, run ``warmup`` + ``steps`` steps and return the medians.
 
@@ -859,6 +879,8 @@ def _run_validated(cfg: BenchConfig, device: torch.device, forced: str | None, p
         runner.warm_grid()
         for _ in range(cfg.warmup):
             runner.step()
+        settle_gradient_scaler(runner)
+        skipped_before = runner.skipped
         clock = _Clock(device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -889,7 +911,10 @@ def _run_validated(cfg: BenchConfig, device: torch.device, forced: str | None, p
     if cfg.model in ("sd", "if"):
         notes.append("random weights: timings only (the SDS gradient is meaningless)")
     if runner.skipped:
-        notes.append(f"{runner.skipped} steps had a non-finite loss or gradient: no optimizer update")
+        timed = runner.skipped - skipped_before
+        notes.append(
+            f"{runner.skipped} steps had a non-finite loss or gradient (no optimizer update), {timed} of them timed"
+        )
     if device.type == "cpu":
         notes.append("CPU timings are wall time and depend on the machine's load")
     if cfg.field_graphs:

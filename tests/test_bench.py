@@ -400,3 +400,22 @@ def test_profile_keeps_stderr_but_kinetos_logs(capfd, tmp_path):
     err = capfd.readouterr().err
     assert "profiler_start" not in err and ".cpp:" not in err, err
     assert "Self CPU" in out.read_text()
+
+
+class _ScalerRunner:
+    """A runner whose first ``overflows`` steps are skipped, as the fp16 gradient scaler's first ones are."""
+
+    def __init__(self, overflows: int, scaler: object | None = object()) -> None:
+        self.scaler, self.overflows, self.steps, self.skipped = scaler, overflows, 0, 0
+
+    def step(self) -> None:
+        self.steps += 1
+        self.skipped += self.steps <= self.overflows
+
+
+@pytest.mark.parametrize("overflows, expected", [(0, 3), (11, 14), (100, bench.SCALER_SETTLE_STEPS)])
+def test_the_gradient_scaler_settles_before_the_timed_steps(overflows, expected):
+    """Its first overflows were timed when --warmup was short (a skipped step's optimizer is cheaper)."""
+    r = _ScalerRunner(overflows)
+    assert bench.settle_gradient_scaler(r) == expected == r.steps
+    assert bench.settle_gradient_scaler(_ScalerRunner(5, scaler=None)) == 0  # the CPU: no scaler
