@@ -4,7 +4,7 @@
 Ten prompts, five shapes in two colours each, every colour of the palette at least once. Each is a default
 ``fastdream generate PROMPT --model builtin`` (exports included), timed end to end, then scored by
 ``fastdream evaluate``: Chamfer to the true primitive (goal <= 0.05, and the smallest of the five), silhouette
-IoU from novel views (goal >= 0.85), albedo error of the mean colour and mean over the surface (goals <= 0.15).
+IoU from novel views (goal >= 0.87), albedo error of the mean colour and mean over the surface (goals <= 0.15).
 
 Run all ten (about 10 x 2.5 min on a 2-core CPU, 72-274 s each at the current defaults)::
 
@@ -65,11 +65,12 @@ def run_prompt(prompt: str, out_root: Path, device: str = "cpu", extra: list[str
 
 
 # The goals. Chamfer alone cannot tell the shapes apart (a perfect cylinder is 0.035 from the cube, a perfect sphere
-# 0.050), so the shape must also be the nearest one. Since 2026-11-27 (session 16) also a silhouette IoU of 0.85:
-# the exact cube moved by 0.1 scores 0.850 (Chamfer 0.038, nearest the cube) and scaled by 1.1 0.842 (0.041), and
-# both passed the other goals; and a surface colour error of 0.15 (half red and half cyan has a grey mean colour).
-# Earlier sessions' runs were judged by Chamfer, nearest shape and mean colour alone.
-GOALS = {"chamfer": 0.05, "silhouette_iou": 0.85, "albedo_error": 0.15, "albedo_error_surface": 0.15}
+# 0.050), so the shape must also be the nearest one. Since 2026-11-27 (session 16) also a silhouette IoU of 0.87:
+# the exact cube moved by 0.1 along x scores 0.850-0.855 (two meshings; Chamfer 0.038, nearest the cube) and scaled
+# by 1.1 0.825-0.842, and both passed the other goals; the lowest IoU of any recorded run is 0.880 (the blue cube,
+# seeds 0 and 2). And a surface colour error of 0.15 (half red and half cyan has a grey mean colour). Earlier
+# sessions' runs were judged by Chamfer, nearest shape and mean colour alone.
+GOALS = {"chamfer": 0.05, "silhouette_iou": 0.87, "albedo_error": 0.15, "albedo_error_surface": 0.15}
 
 
 def passes(r: dict) -> bool:

@@ -420,8 +420,13 @@ def _run_prompt(
     else:
         status = info.pop("status", DONE)
         secs = round(time.perf_counter() - start, 1)
+        notes = [n for n in info.get("notes", ()) if n]  # the run's notes (skipped steps, a faint mesh, ...)
+        if not notes:
+            info.pop("notes", None)
         write_status(run_dir, prompt, status, rank=dist.rank, seconds=secs, **info)
         log(f"{where} {status} {prompt!r} in {secs:.1f}s")
+        for note in notes:
+            log(f"{where}   {prompt!r}: {note}")
     _release_memory()  # the failed prompt's trainer and model, before the next prompt loads its own
     rebuild_index(out, prompts)
 
@@ -495,7 +500,7 @@ def generate_runner(args: Any, progress: bool) -> RunOne:
         result = single.execute(plan, progress=progress, export=not args.no_export)
         if result.interrupted:
             raise KeyboardInterrupt
-        return {"step": result.step, "skipped": result.skipped}
+        return {"step": result.step, "skipped": result.skipped, "notes": list(result.notes)}
 
     return run_one
 
@@ -504,7 +509,7 @@ def run_prompts_command(args: Any) -> int:
     """``fastdream generate --prompts FILE``: check the shared settings once, then :func:`run_batch`."""
     from fastdream import run as single
     from fastdream.commands.generate import config_from_args
-    from fastdream.config import resolve, validate
+    from fastdream.config import check_builtin_light, resolve, validate
 
     if getattr(args, "prompt", None):
         raise UserError("give either PROMPT or --prompts FILE, not both")
@@ -532,6 +537,7 @@ def run_prompts_command(args: Any) -> int:
     cfg = resolve(config_from_args(a), dev.type)
     cfg.device = str(dev)
     validate(cfg)
+    check_builtin_light(cfg)
     single._check_cheap(cfg, dev, prompt=False)  # CUDA-only options on a CPU, a missing model folder
     single._check_writable(out)
     check_library(out, prompts)

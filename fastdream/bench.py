@@ -879,7 +879,7 @@ def _run_validated(cfg: BenchConfig, device: torch.device, forced: str | None, p
         runner.warm_grid()
         for _ in range(cfg.warmup):
             runner.step()
-        settle_gradient_scaler(runner)
+        settled = settle_gradient_scaler(runner)
         skipped_before = runner.skipped
         clock = _Clock(device)
         if device.type == "cuda":
@@ -895,25 +895,30 @@ def _run_validated(cfg: BenchConfig, device: torch.device, forced: str | None, p
                 per_part.setdefault(k, []).append(v)
             walls.append(wall)
             samples.append(runner.n_samples)
+        # read before the profiled steps, which are not timed
+        skipped_timed = runner.skipped - skipped_before
+        if device.type == "cuda":
+            peak, kind = int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated, timed steps"
+            reserved = int(torch.cuda.max_memory_reserved(device))
+        else:
+            reserved = None
+            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "max RSS of the process"
+        skipped_untimed = runner.skipped - skipped_timed
         if profile is not None:
             _profile(runner, device, min(5, max(1, cfg.steps)), profile)
         backends = {op: forced or _dispatch.select(op, device) for op in FIELD_OPS}
-    if device.type == "cuda":
-        peak, kind = int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated, timed steps"
-        reserved = int(torch.cuda.max_memory_reserved(device))
-    else:
-        reserved = None
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "max RSS of the process"
     stats = {k: PartStats(statistics.median(v), min(v), max(v)) for k in PARTS if (v := per_part.get(k)) is not None}
     every = max(1, cfg.grid_update_every)
     step_ms = sum(s.median_ms / every if k == "grid_update" else s.median_ms for k, s in stats.items())
     notes = []
     if cfg.model in ("sd", "if"):
         notes.append("random weights: timings only (the SDS gradient is meaningless)")
-    if runner.skipped:
-        timed = runner.skipped - skipped_before
+    if settled:
+        notes.append(f"{settled} more untimed steps after the warm-up while the fp16 gradient scaler found its scale")
+    if skipped_untimed or skipped_timed:
         notes.append(
-            f"{runner.skipped} steps had a non-finite loss or gradient (no optimizer update), {timed} of them timed"
+            f"{skipped_untimed + skipped_timed} steps had a non-finite loss or gradient (no optimizer update), "
+            f"{skipped_timed} of them timed"
         )
     if device.type == "cpu":
         notes.append("CPU timings are wall time and depend on the machine's load")

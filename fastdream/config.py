@@ -341,6 +341,25 @@ def field_state_bytes(f: FieldConfig, device_type: str = "cuda") -> int:
     return STATE_BYTES_PER_PARAM.get(device_type, 16) * (table + mlp)
 
 
+def check_builtin_light(cfg: RunConfig) -> None:
+    """A new ``--model builtin`` run: grey ambient and diffuse light, as the prior's images are lit. Not part of
+    :func:`validate`: a run saved before this check (coloured light, which its data then ignored) still resumes and
+    exports, its data lit by each colour's mean.
+
+    Raises:
+        UserError: naming the option and three equal values to give instead.
+    """
+    if not is_builtin(cfg.guidance.model):
+        return
+    for key, col in (("shading.ambient", cfg.shading.ambient), ("shading.diffuse", cfg.shading.diffuse)):
+        if len(set(col)) != 1:
+            raise UserError(
+                f"{option_name(key)} {' '.join(f'{v:g}' for v in col)}: the builtin prior's images are lit by "
+                f"grey (white) light, so --model builtin takes three equal values, e.g. "
+                f"{option_name(key)} {col[0]:g} {col[0]:g} {col[0]:g}"
+            )
+
+
 def option_name(key: str) -> str:
     """How the user sets config key ``key`` ("section.name"): its own option, else ``--set key``."""
     return CLI_OPTIONS.get(key, f"--set {key}")
@@ -518,14 +537,6 @@ def validate(cfg: RunConfig) -> None:
     choice("guidance.weighting", g.weighting, WEIGHTINGS)
     if not isinstance(g.negative_prompt, str):
         raise UserError(f"{option_name('guidance.negative_prompt')} must be a string, got {g.negative_prompt!r}")
-    if is_builtin(cfg.guidance.model):
-        for key, col in (("shading.ambient", s.ambient), ("shading.diffuse", s.diffuse)):
-            if len(set(col)) != 1:
-                raise UserError(
-                    f"{option_name(key)} {' '.join(f'{v:g}' for v in col)}: the builtin prior's images are lit by "
-                    f"grey (white) light, so --model builtin takes three equal values, e.g. "
-                    f"{option_name(key)} {col[0]:g} {col[0]:g} {col[0]:g}"
-                )
     if g.negative_prompt.strip() and is_builtin(cfg.guidance.model):
         raise UserError(
             f"{option_name('guidance.negative_prompt')} needs a diffusion model: the builtin prior has no text "

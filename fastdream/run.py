@@ -23,6 +23,7 @@ from fastdream.backends import warn_if_extension_missing
 from fastdream.config import (
     WITHDRAWN_MODELS,
     RunConfig,
+    check_builtin_light,
     field_state_bytes,
     is_builtin,
     option_name,
@@ -218,6 +219,7 @@ def plan_generate(cfg: RunConfig, explicit: set[str], *, resume: bool, overwrite
     validate(cfg)
     cfg = resolve(cfg, device.type)
     validate(cfg)
+    check_builtin_light(cfg)
     _check_cheap(cfg, device)
     clear = [run_dir / name for name in OUTPUTS if (run_dir / name).exists()]
     if clear and not overwrite:
@@ -339,12 +341,14 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
             distance_range=tuple(cam.distance_range),
             fov_range=tuple(cam.fov_range),
             cameras_per_view=cfg.guidance.builtin_cameras_per_view,
-            ambient=float(cfg.shading.ambient[0]),  # grey: config.validate refuses coloured light here
-            diffuse=float(cfg.shading.diffuse[0]),
-            elevation_range=tuple(cam.elevation_range),
-            azimuth_range=tuple(cam.azimuth_range),
+            # grey: a new run with coloured light is refused (config.check_builtin_light); one saved before that
+            # check resumes with each colour's mean
+            ambient=float(sum(cfg.shading.ambient) / 3),
+            diffuse=float(sum(cfg.shading.diffuse) / 3),
+            elevation_range=tuple(map(float, cam.elevation_range)),  # floats: 30 and 30.0 are one cache key
+            azimuth_range=tuple(map(float, cam.azimuth_range)),
             uniform_sphere_elevation=bool(cam.uniform_sphere_elevation),
-            light_distance_range=tuple(cam.light_distance_range),
+            light_distance_range=tuple(map(float, cam.light_distance_range)),
             light_jitter=float(cam.light_jitter),
         )
         kw["gamut_clip"] = bool(cfg.guidance.builtin_gamut_clip)

@@ -583,15 +583,33 @@ def test_view_words_the_runs_angles_exclude_are_drawn_from_the_default_angles():
     assert MAX_CAMERA_DRAW >= 4096 * 8
 
 
-def test_builtin_refuses_coloured_light():
-    from fastdream.config import GuidanceConfig, RunConfig, resolve, validate
+def test_builtin_refuses_coloured_light_for_a_new_run_only(tmp_path, monkeypatch, small_data):
+    """A new --model builtin run with coloured light is refused (its data are lit by grey light); a run saved before
+    the check (coloured light, which its data ignored) still loads, its data lit by each colour's mean."""
+    from fastdream.config import GuidanceConfig, RunConfig, check_builtin_light, resolve, validate
+    from fastdream.run import load_prepared_guidance
 
     cfg = RunConfig(prompt="a red cube", guidance=GuidanceConfig(model="builtin"), device="cpu")
     cfg.shading.ambient = (0.3, 0.2, 0.3)
     with pytest.raises(UserError, match=r"--ambient 0.3 0.2 0.3: the builtin prior's images are lit by grey"):
-        validate(resolve(cfg))
+        check_builtin_light(resolve(cfg))
+    validate(resolve(cfg))  # not a setting error: an older run's config.json holds it
+    seen = []
+    monkeypatch.setattr("fastdream.guidance.builtin.load_dataset", lambda c: seen.append(c) or small_data)
+    load_prepared_guidance(resolve(cfg), torch.device("cpu"))
+    assert seen[-1].ambient == pytest.approx(0.8 / 3)
     cfg.shading.ambient = (0.2, 0.2, 0.2)
-    validate(resolve(cfg))
+    check_builtin_light(resolve(cfg))
+
+
+def test_a_new_builtin_run_with_coloured_light_is_one_line(tmp_path, capsys):
+    from fastdream.cli import main
+
+    out = tmp_path / "run"
+    argv = ["generate", "a red cube", "--model", "builtin", "--device", "cpu", "--steps", "1", "--out", str(out)]
+    assert main([*argv, "--ambient", "0.3", "0.2", "0.3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--ambient 0.3 0.2 0.3" in err and not out.exists(), err
 
 
 def test_clip_to_gamut_keeps_hue_and_caps_at_the_label_colour():

@@ -306,3 +306,19 @@ def test_negative_local_rank_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("LOCAL_RANK", "-7")
     with pytest.raises(UserError, match="LOCAL_RANK=-7"):
         batch.Dist.from_env()
+
+
+def test_a_prompts_notes_reach_the_log_and_its_status(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """generate's notes (skipped steps, a faint mesh, a GIF instead of the mp4) were dropped under --prompts."""
+
+    def run(prompt: str, run_dir: Path, resume: bool, device: str) -> dict:
+        ckpt.save_checkpoint(run_dir, 4, {"format": 1, "field": {"w": torch.ones(1)}})
+        return {"step": 4, "notes": ["note: no density reaches the iso level 10"] if "red" in prompt else []}
+
+    assert batch.run_batch(["a red cube", "a blue cube"], tmp_path, run, dist=batch.Dist()) == 0
+    st = {e["prompt"]: e for e in json.loads((tmp_path / "index.json").read_text())["prompts"]}
+    red = json.loads((tmp_path / st["a red cube"]["folder"] / "status.json").read_text())
+    blue = json.loads((tmp_path / st["a blue cube"]["folder"] / "status.json").read_text())
+    assert red["notes"] == ["note: no density reaches the iso level 10"] and "notes" not in blue
+    out = capsys.readouterr()
+    assert "'a red cube': note: no density reaches the iso level 10" in out.out + out.err
