@@ -322,3 +322,18 @@ def test_a_prompts_notes_reach_the_log_and_its_status(tmp_path: Path, capsys: py
     assert red["notes"] == ["note: no density reaches the iso level 10"] and "notes" not in blue
     out = capsys.readouterr()
     assert "'a red cube': note: no density reaches the iso level 10" in out.out + out.err
+
+
+def test_generate_prompts_hands_each_runs_notes_to_the_library(tmp_path: Path) -> None:
+    """The generate side of the notes' path (the test above fakes it): a run's note reaches its status.json."""
+    from clitools import TINY
+
+    from fastdream.cli import main
+
+    (tmp_path / "p.txt").write_text("a red cube\n")
+    args = [a for a in TINY if a != "--no-export"]
+    args += ["--set", "export.iso_level=1e9", "--set", "export.mesh_resolution=16"]
+    args += ["--set", "render.turntable_frames=2"]
+    assert main(["generate", *args, "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "lib")]) == 0
+    status = json.loads((tmp_path / "lib" / batch.folder_name("a red cube") / "status.json").read_text())
+    assert any("no density reaches the iso level 1e+09" in n for n in status["notes"]), status
