@@ -95,14 +95,13 @@ def extract_mesh(field: NeuralField, cfg: RunConfig):
     if peak <= 1e-6:
         raise UserError("the field is empty (zero density everywhere): nothing to export; train longer")
     level = e.iso_level if peak > e.iso_level else 0.5 * peak
-    # One empty lattice layer around the volume: a surface that reaches the lattice's faces is closed there, not
-    # left open (sample_density zeroes the sphere's six axis poles, the only points of those faces inside the
-    # bound, so nothing reaches them today; an odd resolution had a hole at each pole before). Density rises into
-    # the object: "ascent" winds the triangles counter-clockwise seen from outside (outward normals, glTF's front
-    # faces); skimage's default, "descent", made every mesh inside-out.
-    vol = np.pad(vol, 1)
+    # No surface reaches the lattice's faces, so none is left open there: sample_density zeroes every point not
+    # strictly inside the bounding sphere, and the sphere's six axis poles are the only points of those faces that
+    # are not strictly outside (an odd resolution had a hole at each pole before). Density rises into the object:
+    # "ascent" winds the triangles counter-clockwise seen from outside (outward normals, glTF's front faces);
+    # skimage's default, "descent", made every mesh inside-out.
     verts, faces, _, _ = marching_cubes(vol, level=level, spacing=(spacing,) * 3, gradient_direction="ascent")
-    verts = verts - field.bound - spacing
+    verts = verts - field.bound
     mesh = trimesh.Trimesh(vertices=verts, faces=faces, process=True)
     parts = mesh.split(only_watertight=False)
     if len(parts) > 1:
