@@ -903,7 +903,6 @@ def _run_validated(cfg: BenchConfig, device: torch.device, forced: str | None, p
         else:
             reserved = None
             peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "max RSS of the process"
-        skipped_untimed = runner.skipped - skipped_timed
         if profile is not None:
             _profile(runner, device, min(5, max(1, cfg.steps)), profile)
         backends = {op: forced or _dispatch.select(op, device) for op in FIELD_OPS}
@@ -915,9 +914,9 @@ def _run_validated(cfg: BenchConfig, device: torch.device, forced: str | None, p
         notes.append("random weights: timings only (the SDS gradient is meaningless)")
     if settled:
         notes.append(f"{settled} more untimed steps after the warm-up while the fp16 gradient scaler found its scale")
-    if skipped_untimed or skipped_timed:
+    if skipped_before or skipped_timed:
         notes.append(
-            f"{skipped_untimed + skipped_timed} steps had a non-finite loss or gradient (no optimizer update), "
+            f"{skipped_before + skipped_timed} steps had a non-finite loss or gradient (no optimizer update), "
             f"{skipped_timed} of them timed"
         )
     if device.type == "cpu":

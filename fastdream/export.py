@@ -133,31 +133,59 @@ def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
     return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
 
+_GLB_COLOUR = "_COLOR_0_UNORM16"  # the colours' attribute in trimesh's export, renamed COLOR_0 in the written file
+
+
 def gltf_mesh(mesh):
-    """The mesh as ``mesh.glb`` holds it. The albedo is a display (sRGB-encoded) colour, as the renders show it, but
-    glTF's COLOR_0 is linear: the colours are converted, so that a viewer shows the turntable's colours (written
-    unconverted, a mid grey of 128 showed as 188). A material of metallic 0 and roughness 1 (a matte surface: the
-    Lambertian albedo; without one, glTF's default is a fully metallic surface, dark in most viewers) multiplies
-    COLOR_0 by white; vertex normals give smooth shading."""
+    """The mesh as ``mesh.glb`` holds it (written by :func:`glb_bytes`). The albedo is a display (sRGB-encoded)
+    colour, as the renders show it, but glTF's COLOR_0 is linear: the colours are converted, so that a viewer shows
+    the turntable's colours (written unconverted, a mid grey of 128 showed as 188). They are kept in 16 bits a
+    channel (normalised unsigned shorts, which glTF allows for COLOR_0): in 8 bits of linear light the darkest
+    display levels (0-6 of 255) merged. A material of metallic 0 and roughness 1 (a matte surface: the Lambertian
+    albedo; without one, glTF's default is a fully metallic surface, dark in most viewers) multiplies COLOR_0 by
+    white; vertex normals give smooth shading."""
     import trimesh
 
     srgb = np.asarray(mesh.visual.vertex_colors)[:, :3].astype(np.float64) / 255
-    linear = (_srgb_to_linear(srgb) * 255 + 0.5).astype(np.uint8)
+    linear = (_srgb_to_linear(srgb) * 65535 + 0.5).astype(np.uint16)
     material = trimesh.visual.material.PBRMaterial(
         name="albedo", baseColorFactor=[255, 255, 255, 255], metallicFactor=0.0, roughnessFactor=1.0
     )
     out = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
     out.visual = trimesh.visual.TextureVisuals(material=material)
-    out.visual.vertex_attributes["color"] = np.concatenate([linear, np.full_like(linear[:, :1], 255)], 1)
+    # trimesh writes its own COLOR_0 only in 8 bits: the colours go out as an application attribute instead, which
+    # _name_colour_attribute makes the file's COLOR_0
+    out.vertex_attributes[_GLB_COLOUR] = np.concatenate([linear, np.full_like(linear[:, :1], 65535)], 1)
     return out
 
 
+def _name_colour_attribute(tree: dict) -> None:
+    """trimesh's glTF tree, before it is written: the 16-bit colour attribute becomes COLOR_0 (normalised)."""
+    for m in tree.get("meshes", []):
+        for prim in m["primitives"]:
+            attrs = prim["attributes"]
+            if _GLB_COLOUR in attrs:
+                index = attrs.pop(_GLB_COLOUR)
+                accessor = tree["accessors"][index]
+                if accessor["componentType"] != 5123 or accessor["type"] != "VEC4":  # unsigned short, RGBA
+                    raise RuntimeError(f"unexpected accessor for the vertex colours: {accessor}")
+                accessor["normalized"] = True
+                attrs["COLOR_0"] = index
+
+
+def glb_bytes(mesh) -> bytes:
+    """``mesh.glb``'s bytes: :func:`gltf_mesh` as binary glTF."""
+    from trimesh.exchange.gltf import export_glb
+
+    return export_glb(gltf_mesh(mesh), include_normals=True, tree_postprocessor=_name_colour_attribute)
+
+
 def write_meshes(mesh, run_dir: str | Path) -> list[Path]:
-    """``mesh.glb`` (:func:`gltf_mesh`: linear vertex colours, a matte material, vertex normals) and ``mesh.obj``
-    (vertex colours as displayed, sRGB: OBJ has no colour space, and viewers show them as they are), written
-    atomically."""
+    """``mesh.glb`` (:func:`gltf_mesh`: 16-bit linear vertex colours, a matte material, vertex normals) and
+    ``mesh.obj`` (vertex colours as displayed, sRGB: OBJ has no colour space, and viewers show them as they are),
+    written atomically."""
     run_dir = Path(run_dir)
-    glb = gltf_mesh(mesh).export(file_type="glb", include_normals=True)
+    glb = glb_bytes(mesh)
     obj = mesh.export(file_type="obj", include_color=True)
     paths = [run_dir / "mesh.glb", run_dir / "mesh.obj"]
     atomic_write(paths[0], glb)

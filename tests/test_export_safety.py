@@ -338,9 +338,18 @@ def test_the_glb_holds_linear_colours_a_matte_material_and_normals(tmp_path: Pat
     material = header["materials"][prim["material"]]["pbrMetallicRoughness"]
     assert material["metallicFactor"] == 0 and material["roughnessFactor"] == 1, material
     assert material.get("baseColorFactor", [1, 1, 1, 1]) == [1, 1, 1, 1], material
-    assert header["accessors"][prim["attributes"]["COLOR_0"]]["componentType"] == 5121  # normalised uint8
+    colour = header["accessors"][prim["attributes"]["COLOR_0"]]
+    assert (colour["componentType"], colour["type"], colour.get("normalized")) == (5123, "VEC4", True)  # unorm16
+    assert not [k for k in prim["attributes"] if k.startswith("_")], prim["attributes"]  # no leftover attribute
     pos = _accessor(header, blob, prim["attributes"]["POSITION"], np.float32, 3)
-    col = _accessor(header, blob, prim["attributes"]["COLOR_0"], np.uint8, 4).astype(np.float64) / 255
+    col = _accessor(header, blob, prim["attributes"]["COLOR_0"], np.uint16, 4).astype(np.float64) / 65535
+    # exactly the mesh's displayed colours, linearised: every one of the 256 display levels stays distinct
+    shown = np.asarray(mesh.visual.vertex_colors)[:, :3] / 255
+    np.testing.assert_allclose(
+        col[:, :3],
+        np.where(shown <= 0.04045, shown / 12.92, ((shown + 0.055) / 1.055) ** 2.4),
+        atol=0.5 / 65535 + 1e-12,
+    )
     nrm = _accessor(header, blob, prim["attributes"]["NORMAL"], np.float32, 3)
     srgb = ball.albedo(torch.as_tensor(pos.copy())).numpy()
     linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
@@ -400,3 +409,21 @@ def test_nan_densities_are_named_not_taken_for_an_empty_field() -> None:
     cfg.export.mesh_resolution = 24
     with pytest.raises(UserError, match=r"NaN or infinite at \d+ of 13824 lattice points: the field is damaged"):
         extract_mesh(_Haze(50.0, nan_core=True), cfg)
+
+
+def test_the_glb_keeps_the_darkest_display_levels_apart() -> None:
+    """In 8 bits of linear light the display levels 0-6 of 255 all became 0 or 1: the 16-bit colours keep each of
+    the 256 levels its own value, increasing."""
+    import trimesh
+
+    from fastdream.export import glb_bytes
+
+    m = trimesh.creation.icosphere(subdivisions=3)  # 642 vertices
+    levels = np.arange(len(m.vertices)) % 256
+    m.visual.vertex_colors = np.stack([levels, levels, levels, np.full_like(levels, 255)], 1).astype(np.uint8)
+    header, blob = _glb_json_and_bin(glb_bytes(m))
+    (prim,) = header["meshes"][0]["primitives"]
+    col = _accessor(header, blob, prim["attributes"]["COLOR_0"], np.uint16, 4)
+    by_level = [int(col[levels == v, 0][0]) for v in range(256)]
+    assert (np.diff(by_level) > 0).all(), by_level[:10]
+    assert by_level[0] == 0 and by_level[255] == 65535
