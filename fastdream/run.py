@@ -53,7 +53,10 @@ def expand_user(path: str, option: str) -> Path:
 
 
 def resolve_device(name: str) -> torch.device:
-    """ "auto" | "cpu" | "cuda" | "cuda:N" -> a usable device, or UserError."""
+    """ "auto" | "cpu" | "cuda" | "cuda:N" -> a usable device, or UserError. ``cuda:N`` also becomes the process'
+    current CUDA device: the streams, events and CUDA-graph captures a run makes without naming a device (the
+    trainer's step outcomes, the bench's timers, every graph capture) are the current device's, and on any GPU but
+    the first they would otherwise wait on, time or capture GPU 0's idle stream (and open a context there)."""
     if not isinstance(name, str):
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     name = (name or "auto").strip().lower()
@@ -68,6 +71,8 @@ def resolve_device(name: str) -> torch.device:
             raise UserError("--device cuda was asked but no CUDA GPU is visible; use --device cpu (or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+        if dev.index is not None:
+            torch.cuda.set_device(dev)
     elif dev.type != "cpu" or dev.index not in (None, 0):
         # torch takes "cpu:5" and puts everything on the one CPU device; refuse it rather than pretend.
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")

@@ -141,7 +141,9 @@ class StepOutcome:
             self._host = pinned if pinned is not None else torch.empty(3, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(
+                torch.cuda.current_stream(values.device)
+            )  # the copy's stream, whatever the current device
         else:
             self._host = values
 

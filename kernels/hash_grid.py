@@ -236,9 +236,13 @@ _half_cache: dict[str, tuple] = {}
 def _readable_table(table: torch.Tensor) -> torch.Tensor:
     """The table the kernels read: an fp16 copy on CUDA (cached while the very same tensor is unchanged: same
     object, same version counter, so an in-place optimizer step or a new tensor at a recycled address
-    recasts), else the table itself."""
+    recasts), else the table itself. While a CUDA graph is being captured the cast is made afresh, uncached: it is
+    then part of the graph, so each replay reads the table as it is then (a cached copy would be read stale by every
+    replay, and freed once an eager call recast it)."""
     if not (table.is_cuda and FP16_TABLE_READS_ON_CUDA):
         return table
+    if torch.cuda.is_current_stream_capturing():
+        return table.detach().to(torch.float16)
     key = str(table.device)
     hit = _half_cache.get(key)
     if hit is not None and hit[0]() is table and hit[1] == table._version:

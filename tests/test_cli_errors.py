@@ -182,6 +182,22 @@ def test_device_cuda_without_gpu(run_dir: Path) -> None:
     check(run_dir, *GEN, "a red cube", *args, "--out", run_dir, "--overwrite", needles=("--device", "cuda"))
 
 
+def test_device_cuda_n_becomes_the_current_device(monkeypatch) -> None:
+    """--device cuda:1 makes GPU 1 current: the streams, events and graph captures made without naming a device
+    (the trainer's step outcomes, the bench's timers, every capture) were GPU 0's. "cuda" and "cpu" change
+    nothing. (Two GPUs pretended: only the resolver's wiring can be checked here.)"""
+    from fastdream.run import resolve_device
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    assert made_current == [torch.device("cuda:1")]
+    assert resolve_device("cuda") == torch.device("cuda") and resolve_device("cpu") == torch.device("cpu")
+    assert made_current == [torch.device("cuda:1")]
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     res = fastdream("--debug", *GEN, "", *TINY, "--out", tmp_path / "x")
     assert "Traceback" in res.stderr and "UserError" in res.stderr

@@ -469,6 +469,35 @@ def test_cuda_fp16_table_copy_follows_in_place_updates(gpu_backend, monkeypatch)
     check()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: CUDA graphs")
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+def test_cuda_graph_replays_read_the_table_as_it_is_then(gpu_backend, monkeypatch):
+    """A CUDA graph captured after an eager call (the warm-up every capture has) and replayed after an in-place
+    update must read the updated table: Triton's cached fp16 copy, taken during capture, left the cast out of the
+    graph, so every replay read the copy of the warm-up."""
+    if gpu_backend not in _dispatch.usable_backends(OP, torch.device("cuda")):
+        pytest.skip(f"the {gpu_backend} backend is not usable here")
+    monkeypatch.setattr(*_fp16_reads_switch(gpu_backend), True)
+    x = _mixed_points(257, seed=5).cuda()
+    table = torch.nn.Parameter((_table(SMALL) * 1e-2).cuda())
+    with use_backend(gpu_backend), torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            hash_encode(x, table, SMALL)  # the warm-up: caches a copy, if anything does
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = hash_encode(x, table, SMALL)
+        for seed in (11, 12):
+            table.add_(0.01 * torch.randn(table.shape, generator=torch.Generator().manual_seed(seed)).cuda())
+            graph.replay()
+            torch.cuda.synchronize()
+            want = hash_encode_reference(x.double().cpu(), table.detach().half().double().cpu(), SMALL)
+            got = out.cpu().double()
+            torch.testing.assert_close(got, want, atol=2e-6 * want.abs().max().item(), rtol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the warp-aggregated table gradient")
 @pytest.mark.parametrize("n", [1, 33, 1025])
 @pytest.mark.parametrize("order", ["rays", "shuffled"])
