@@ -246,9 +246,15 @@ def _check_cheap(cfg: RunConfig, device: torch.device, prompt: bool = True) -> N
     """The checks of the model settings that need no model loaded (``prompt``: the builtin prior's vocabulary
     too; a --prompts batch checks each prompt as it comes)."""
     if cfg.guidance.cuda_graphs and device.type != "cuda":
-        raise UserError(f"{option_name('guidance.cuda_graphs')} needs a CUDA device; drop it or use --device cuda")
+        raise UserError(
+            f"{option_name('guidance.cuda_graphs')} needs a CUDA device; use --device cuda, or drop it "
+            "(--no-cuda-graphs on --resume of a run saved with it)"
+        )
     if cfg.guidance.compile_vae and device.type != "cuda":
-        raise UserError(f"{option_name('guidance.compile_vae')} needs a CUDA device; drop it or use --device cuda")
+        raise UserError(
+            f"{option_name('guidance.compile_vae')} needs a CUDA device; use --device cuda, or drop it "
+            "(--no-compile-vae on --resume of a run saved with it)"
+        )
     check_memory(cfg, device)
     if is_builtin(cfg.guidance.model):
         if not prompt:
@@ -359,7 +365,10 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
         kw["gamut_clip"] = bool(cfg.guidance.builtin_gamut_clip)
         kw["pose_width"] = cfg.guidance.builtin_pose_width
     if cfg.guidance.cuda_graphs and torch.device(device).type != "cuda":
-        raise UserError("--cuda-graphs needs a CUDA device; drop it or use --device cuda")
+        raise UserError(
+            "--cuda-graphs needs a CUDA device; use --device cuda, or drop it (--no-cuda-graphs on --resume of a "
+            "run saved with it)"
+        )
     model = "builtin" if is_builtin(cfg.guidance.model) else cfg.guidance.model
     guidance = load_guidance(model, device, **kw)
     try:
@@ -369,7 +378,7 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
     if cfg.guidance.compile_vae and not hasattr(guidance, "vae_mean"):
         raise UserError(
             f"{option_name('guidance.compile_vae')} compiles Stable Diffusion's VAE encoder; {cfg.guidance.model} "
-            "has none (DeepFloyd IF denoises pixels): drop it"
+            "has none (DeepFloyd IF denoises pixels): drop it (--no-compile-vae on --resume of a run saved with it)"
         )
     g = cfg.guidance
     if (g.cuda_graphs or g.compile_vae) and not is_builtin(g.model):  # the field: fastdream.train.Trainer

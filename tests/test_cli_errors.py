@@ -110,6 +110,39 @@ def test_compile_vae_on_the_cpu(run_dir: Path, tmp_path: Path) -> None:
           needles=("--compile-vae", "CUDA"))  # fmt: skip
 
 
+def test_resume_turns_off_the_cuda_graphs_the_run_was_saved_with(run_dir: Path) -> None:
+    """A run saved with --cuda-graphs (on a GPU) resumed on the CPU: refused in one line that names the way out,
+    --no-cuda-graphs, which then resumes it (--set is refused on --resume, and before --no-cuda-graphs the switch
+    could be turned on there but never off). --compile-vae is the same switch (the builtin prior has no VAE)."""
+    cfg_path = run_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["guidance"]["cuda_graphs"] = True
+    cfg_path.write_text(json.dumps(cfg))
+    resume = (*GEN, "a red cube", "--out", run_dir, "--resume", *RESUME)
+    check(run_dir, *resume, needles=("--cuda-graphs", "--no-cuda-graphs"))
+    res = fastdream(*resume, "--no-cuda-graphs", "--steps", str(cfg["optim"]["steps"] + 1))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(cfg_path.read_text())["guidance"]["cuda_graphs"] is False
+
+
+def test_the_cuda_switches_and_their_negations() -> None:
+    """--x / --no-x, the last one given wins, each recorded as given (so --resume takes it)."""
+    import argparse
+
+    from fastdream.commands import generate
+
+    parser = generate.add_parser(argparse.ArgumentParser().add_subparsers())
+    for argv, want in [
+        ([], (False, False, set())),
+        (["--cuda-graphs", "--compile-vae"], (True, True, {"cuda_graphs", "compile_vae"})),
+        (["--no-cuda-graphs", "--no-compile-vae"], (False, False, {"cuda_graphs", "compile_vae"})),
+        (["--cuda-graphs", "--no-cuda-graphs"], (False, False, {"cuda_graphs"})),
+        (["--no-compile-vae", "--compile-vae"], (False, True, {"compile_vae"})),
+    ]:
+        args = parser.parse_args(["a red cube", *argv])
+        assert (args.cuda_graphs, args.compile_vae, set(getattr(args, "_explicit", set()))) == want, argv
+
+
 def test_local_folder_that_is_not_a_diffusers_model(run_dir: Path, tmp_path: Path) -> None:
     fake = tmp_path / "my-model"
     fake.mkdir()

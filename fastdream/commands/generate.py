@@ -39,13 +39,16 @@ class _Store(argparse.Action):
 
 
 class _Flag(_Store):
-    """``store_true`` that records the option as given explicitly, like :class:`_Store`."""
+    """An on/off switch, ``--x`` and ``--no-x``, off by default, that records the option as given explicitly, like
+    :class:`_Store`: ``--resume`` keeps a run's saved switch unless one of the two is given (``--no-x`` turns off
+    one the run was saved with, which ``--set`` cannot do on ``--resume``)."""
 
     def __init__(self, option_strings, dest, **kw):
-        super().__init__(option_strings, dest, nargs=0, default=False, **kw)
+        negated = ["--no-" + o[2:] for o in option_strings if o.startswith("--")]
+        super().__init__([*option_strings, *negated], dest, nargs=0, default=False, **kw)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        super().__call__(parser, namespace, True, option_string)
+        super().__call__(parser, namespace, not option_string.startswith("--no-"), option_string)
 
 
 def _auto(kind: type):
@@ -183,14 +186,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         action=_Flag,
         help="CUDA: replay the training render (rays, marching, field with normals, shading, background, "
         "compositing; forward and backward) and, for diffusion models, the UNet call and SD's VAE encoder "
-        "(forward and backward) from CUDA graphs: fewer kernel launches per step (off by default)",
+        "(forward and backward) from CUDA graphs: fewer kernel launches per step",
     )
     p.add_argument(
         "--compile-vae",
         action=_Flag,
         help="CUDA, Stable Diffusion: compile the VAE encoder's forward and backward with inductor "
         "(torch.compile; with --cuda-graphs in its CUDA-graph mode). Its forward ~1.4x faster on an H100, after a "
-        "compile at the start of the run (off by default)",
+        "compile at the start of the run",
     )
     p.add_argument("--no-export", action="store_true", help="skip the turntable and mesh export at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -59,7 +59,7 @@ class CompiledVAEMean:
             first = (str(cause).strip().splitlines() or [""])[0][:160]
             raise UserError(
                 f"--compile-vae: torch.compile could not compile the VAE encoder ({type(cause).__name__}: {first}); "
-                "drop --compile-vae"
+                "drop --compile-vae (--no-compile-vae on --resume of a run saved with it)"
             ) from e
 
 
