@@ -47,6 +47,10 @@
 # bench_step.py's test_sds_step_amortised times the goals' configurations as pytest-benchmark rounds of 16 steps;
 # bench_hash_grid.py's "march" points are the renderer's own. With time left, a third call:
 #   STAGES=hash,micro HASH_K="forward_backward and not reference and not triton" benchmarks/device_run.sh
+# Session 17 (no GPU): a lending now has 15 minutes of device time in all, so the first call above matters most (its
+# TEST_K takes the new CUDA-only tests: Triton's fp16 table under graph capture, --device cuda:N). micro runs
+# bench_step.py as its own pytest (a killed pytest writes no JSON); a misspelt STAGES name stops the script, a
+# misspelt STEP_LIST name is logged.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -66,6 +70,12 @@ HASH_HEADS=${HASH_HEADS:-}
 TEST_CAP=${TEST_CAP:-200}
 STEP_CAP=${STEP_CAP:-90}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
+for s in ${STAGES//,/ }; do # a misspelt stage would cost device time and bring nothing back, without a word
+  [[ ",tests,steps,hash,generate,sdgen,micro,peers,memcheck,compile," == *",$s,"* ]] || {
+    echo "STAGES: unknown stage '$s'" >&2
+    exit 2
+  }
+done
 mkdir -p "$OUT"
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -191,6 +201,7 @@ stage_steps() {
     sd-compiled) step sd-compiled --model sd --compile --cuda-graphs --render-graphs --compile-vae --vae-groupnorm native --steps 20 --warmup 10 ;;
     sd-best-prof) step sd-best-prof --model sd --cuda-graphs --render-graphs --steps 10 --warmup 10 --profile "$OUT/prof-sd-best.txt" ;;
     sd-graphs-prof) step sd-graphs-prof --model sd --cuda-graphs --steps 10 --warmup 5 --profile "$OUT/prof-sd-graphs.txt" ;;
+    *) log "STEP_LIST: unknown step benchmark '$name', skipped" ;;
     esac
   done
   # STEP_EXTRA: more, "name:fastdream bench args;name:args;..." (%OUT% in the args stands for $OUT).
@@ -295,7 +306,13 @@ for s in tests steps hash generate sdgen micro peers memcheck compile; do
   hash) stage_hash ;;
   generate) stage_generate ;;
   sdgen) stage_sdgen ;;
-  micro) micro all 150 benchmarks/ --ignore=benchmarks/bench_peers.py --ignore=benchmarks/bench_builtin_quality.py ;;
+  micro)
+    # bench_step.py alone: its SD case compiles the VAE (a minute or two), and a pytest killed by its cap writes
+    # no JSON, which would lose the kernels' numbers too
+    micro all 200 benchmarks/ --ignore=benchmarks/bench_peers.py --ignore=benchmarks/bench_builtin_quality.py \
+      --ignore=benchmarks/bench_step.py
+    micro step 240 benchmarks/bench_step.py
+    ;;
   peers) stage_peers ;;
   memcheck) stage_memcheck ;;
   compile) (($(left) > 120)) && step sd-compile --model sd --compile --steps 20 ;;
