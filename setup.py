@@ -169,6 +169,7 @@ setup(
         "imageio-ffmpeg",
         "trimesh>=4",
         "scikit-image>=0.22",
+        "scipy",  # fastdream evaluate (nearest-point distances); scikit-image needs it too
         "tqdm",
     ],
     extras_require={

@@ -439,9 +439,10 @@ class Trainer:
                 saved = self.step
             except Exception:  # (memory, disk): the earlier checkpoint stands
                 pass
-        lower = "a lower --resolution or --set render.samples_per_ray=N"
+        lower = "a lower --resolution or --samples-per-ray"
         if not saved:  # nothing to resume (a new run's folder is cleared by fastdream.run.execute)
             return f"{oom} {where}; no step was saved. Free memory on the device, or start over with {lower}"
+        lower = f"--overwrite and {lower}"
         resume = shlex.join(
             [
                 "fastdream",

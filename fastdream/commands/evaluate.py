@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """``fastdream evaluate DIR``: score a run whose prompt the builtin prior knows (a builtin run, or a diffusion
-model's run of such a prompt, with a note) against its true primitive, from its last checkpoint (JSON)."""
+model's run of such a prompt, with a note) against its true primitive, from the run's exported mesh.obj (JSON; a
+note says when the mesh is older than the last checkpoint)."""
 
 from __future__ import annotations
 

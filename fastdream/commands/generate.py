@@ -76,7 +76,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--prompts",
         metavar="FILE",
-        help="a prompt list (UTF-8, one per line; blank lines and lines starting with # are skipped): one run "
+        help="a prompt list (UTF-8, one per line; blank lines and lines whose first non-space character is # are "
+        "skipped; runs of spaces count as one; duplicates run once): one run "
         "folder per prompt under --out (required), plus index.json; sharded over ranks under torchrun; rerun to "
         "resume (see fastdream.batch)",
     )
@@ -150,8 +151,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         action=_Store,
         default="auto",
         choices=("auto", *BACKGROUNDS),
-        help="mlp: a learned environment map; random: a random colour per step; auto: black with --model builtin "
-        "(its images' background), mlp otherwise",
+        help="mlp: a learned environment map; random: a random colour per step; white, black: that colour; auto: "
+        "black with --model builtin (its images' background), mlp otherwise",
     )
     p.add_argument(
         "--albedo-warmup",
