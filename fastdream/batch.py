@@ -484,8 +484,24 @@ def generate_runner(args: Any, progress: bool) -> RunOne:
 
     from fastdream import run as single
     from fastdream.commands.generate import config_from_args
+    from fastdream.guidance.loading import library_progress_bars
 
     explicit = set(getattr(args, "_explicit", set())) | ({"set"} if args.set else set())
+    # The model is loaded once and prepared for each prompt (it was loaded again for every prompt: seconds to
+    # minutes each, and --compile-vae compiled again); only one is kept, so a prompt resumed with other settings
+    # (another model, other camera ranges for the builtin prior's data) replaces it.
+    loaded: dict[str, Any] = {}
+
+    def guidance_for(plan: Any) -> Any:
+        key = single.guidance_key(plan.cfg, plan.device)
+        with library_progress_bars(progress):
+            if loaded.get("key") != key:
+                loaded.clear()
+                _release_memory()  # the old model, before the new one loads
+                loaded["guidance"] = single.load_guidance_for(plan.cfg, plan.device)
+                loaded["key"] = key
+            single.prepare_guidance(loaded["guidance"], plan.cfg)  # the text encoder is read again for each prompt
+        return loaded["guidance"]
 
     def run_one(prompt: str, run_dir: Path, resume: bool, device: str) -> dict[str, Any]:
         a = copy.copy(args)
@@ -497,7 +513,7 @@ def generate_runner(args: Any, progress: bool) -> RunOne:
             )
         else:  # this folder belongs to the batch: leftovers of a start killed before its first checkpoint go
             plan = single.plan_generate(cfg, explicit, resume=False, overwrite=True)
-        result = single.execute(plan, progress=progress, export=not args.no_export)
+        result = single.execute(plan, progress=progress, export=not args.no_export, guidance=guidance_for(plan))
         if result.interrupted:
             raise KeyboardInterrupt
         return {"step": result.step, "skipped": result.skipped, "notes": list(result.notes)}

@@ -340,9 +340,8 @@ class RunResult:
     notes: list[str]
 
 
-def load_prepared_guidance(cfg: RunConfig, device: torch.device):
-    from fastdream.guidance import load_guidance
-
+def _guidance_kwargs(cfg: RunConfig) -> dict:
+    """``load_guidance``'s settings for this run, beyond the model and the device."""
     kw = {}
     if is_builtin(cfg.guidance.model):  # its data are drawn from this run's camera distribution
         from fastdream.builtin.dataset import DatasetConfig
@@ -364,17 +363,30 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
         )
         kw["gamut_clip"] = bool(cfg.guidance.builtin_gamut_clip)
         kw["pose_width"] = cfg.guidance.builtin_pose_width
+    return kw
+
+
+def guidance_key(cfg: RunConfig, device: torch.device | str) -> str:
+    """What :func:`load_guidance_for` builds depends on, and nothing else: two runs with the same key can share one
+    loaded guidance (``fastdream generate --prompts`` loads its model once), each with its own
+    :func:`prepare_guidance`."""
+    g = cfg.guidance
+    model = "builtin" if is_builtin(g.model) else g.model
+    return repr((model, str(torch.device(device)), sorted(_guidance_kwargs(cfg).items()), g.cuda_graphs, g.compile_vae))
+
+
+def load_guidance_for(cfg: RunConfig, device: torch.device):
+    """The run's guidance model, loaded and (``--cuda-graphs``, ``--compile-vae``) accelerated, not yet prepared
+    for a prompt (:func:`prepare_guidance`)."""
+    from fastdream.guidance import load_guidance
+
     if cfg.guidance.cuda_graphs and torch.device(device).type != "cuda":
         raise UserError(
             "--cuda-graphs needs a CUDA device; use --device cuda, or drop it (--no-cuda-graphs on --resume of a "
             "run saved with it)"
         )
     model = "builtin" if is_builtin(cfg.guidance.model) else cfg.guidance.model
-    guidance = load_guidance(model, device, **kw)
-    try:
-        guidance.prepare(cfg.prompt, negative_prompt=cfg.guidance.negative_prompt)
-    except ValueError as e:  # e.g. a prompt outside the builtin vocabulary
-        raise UserError(str(e).splitlines()[0] if str(e) else "the prompt was refused by the model") from e
+    guidance = load_guidance(model, device, **_guidance_kwargs(cfg))
     if cfg.guidance.compile_vae and not hasattr(guidance, "vae_mean"):
         raise UserError(
             f"{option_name('guidance.compile_vae')} compiles Stable Diffusion's VAE encoder; {cfg.guidance.model} "
@@ -385,6 +397,21 @@ def load_prepared_guidance(cfg: RunConfig, device: torch.device):
         from fastdream.guidance.graphs import accelerate
 
         accelerate(guidance, cuda_graphs=g.cuda_graphs, compile_vae=g.compile_vae)
+    return guidance
+
+
+def prepare_guidance(guidance, cfg: RunConfig) -> None:
+    """``guidance.prepare`` for the run's prompt; a prompt the model refuses is a UserError."""
+    try:
+        guidance.prepare(cfg.prompt, negative_prompt=cfg.guidance.negative_prompt)
+    except ValueError as e:  # e.g. a prompt outside the builtin vocabulary
+        raise UserError(str(e).splitlines()[0] if str(e) else "the prompt was refused by the model") from e
+
+
+def load_prepared_guidance(cfg: RunConfig, device: torch.device):
+    """:func:`load_guidance_for`, then :func:`prepare_guidance`."""
+    guidance = load_guidance_for(cfg, device)
+    prepare_guidance(guidance, cfg)
     return guidance
 
 

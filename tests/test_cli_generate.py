@@ -281,3 +281,32 @@ def test_help_documents_every_option_with_its_default():
                 assert action.help and action.option_strings[0] in text
         assert "(default: sd2-community/stable-" in text or name == "export"
         assert "(default: auto)" in text
+
+
+def test_a_prompt_library_loads_its_model_once_and_each_run_is_its_own(sd_model, tmp_path, monkeypatch):
+    """generate --prompts loads the model once and prepares it for each prompt (it was loaded again for every
+    prompt); the second prompt's run, on the model the first one used, is the run it would be alone: the same
+    checkpoint, tensor for tensor (its own text embeddings, no state left by the first run)."""
+    from fastdream import batch
+    from fastdream import run as single
+    from fastdream.cli import main
+
+    loads = []
+    real = single.load_guidance_for
+    monkeypatch.setattr(single, "load_guidance_for", lambda cfg, dev: loads.append(cfg.prompt) or real(cfg, dev))
+    args = ["--model", sd_model, "--device", "cpu", "--steps", "3", *TINY, "--no-export"]
+    (tmp_path / "p.txt").write_text("a red cube\na blue ball\n")
+    assert main(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "lib"), *args]) == 0
+    assert loads == ["a red cube"]
+    assert main(["generate", "a blue ball", "--out", str(tmp_path / "alone"), *args]) == 0
+    assert loads == ["a red cube", "a blue ball"]
+
+    def final(run: Path) -> dict:
+        return torch.load(sorted((run / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
+
+    together, alone = final(tmp_path / "lib" / batch.folder_name("a blue ball")), final(tmp_path / "alone")
+    first = final(tmp_path / "lib" / batch.folder_name("a red cube"))
+    assert not torch.equal(first["field"]["table"], alone["field"]["table"])  # the prompts do differ
+    for part in ("field", "background"):
+        for k, v in alone[part].items():
+            assert torch.equal(together[part][k], v), (part, k)
