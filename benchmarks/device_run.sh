@@ -50,7 +50,8 @@
 # Session 17 (no GPU): a lending now has 15 minutes of device time in all, so the first call above matters most (its
 # TEST_K takes the new CUDA-only tests: Triton's fp16 table under graph capture, --device cuda:N). micro runs
 # bench_step.py as its own pytest (a killed pytest writes no JSON); a misspelt STAGES name stops the script, a
-# misspelt STEP_LIST name is logged.
+# misspelt STEP_LIST name is logged. STEP_REPEAT=2 runs STEP_LIST twice in turn, for A/B ratios from interleaved
+# runs (e.g. STEP_LIST=sd-best,sd-cvae STEP_REPEAT=2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -160,7 +161,7 @@ micro() {
 }
 
 step() {
-  local name=$1
+  local name=$1${STEP_TAG:-}
   shift
   echo "#### fastdream bench $*" >>"$OUT/steps.log"
   timeout "$(cap "$STEP_CAP")" $PY -m fastdream bench --device cuda --json "/tmp/step-$name.json" "$@" >>"$OUT/steps.log" 2>&1
@@ -173,8 +174,19 @@ step() {
 
 # STEP_LIST: which step benchmarks (default the first six; the *-prof ones also write torch.profiler tables).
 STEP_LIST=${STEP_LIST:-builtin,builtin-reference,sd,sd-graphs,sd-reference,if}
+# STEP_REPEAT=N: the whole STEP_LIST N times in turn (A B A B ...; names get -r1, -r2, ...), so that an A/B ratio
+# is read from interleaved runs rather than one of each (the same sd-best measured 31.4 and 32.2 ms in two calls).
+STEP_REPEAT=${STEP_REPEAT:-1}
 stage_steps() {
-  log "step benchmarks (fastdream bench): $STEP_LIST"
+  local rep
+  for ((rep = 1; rep <= STEP_REPEAT; rep++)); do
+    ((STEP_REPEAT > 1)) && STEP_TAG="-r$rep"
+    stage_steps_once
+  done
+  STEP_TAG=
+}
+stage_steps_once() {
+  log "step benchmarks (fastdream bench): $STEP_LIST${STEP_TAG:+ (round ${STEP_TAG#-r})}"
   local name
   for name in ${STEP_LIST//,/ }; do
     case $name in
@@ -318,7 +330,6 @@ for s in tests steps hash generate sdgen micro peers memcheck compile; do
   compile) (($(left) > 120)) && step sd-compile --model sd --compile --steps 20 ;;
   esac
 done
-log "done"
 
 # At most 8 files come back from a device call: keep summary.txt and pack the rest (Chrome traces of the large
 # models left out) into logs.tgz.
