@@ -23,7 +23,8 @@ def _light_dir(px, py, pz, light_ptr):
     lx = tl.load(light_ptr + 0) - px
     ly = tl.load(light_ptr + 1) - py
     lz = tl.load(light_ptr + 2) - pz
-    inv = 1.0 / tl.sqrt(tl.maximum(lx * lx + ly * ly + lz * lz, 1e-12))
+    d2 = lx * lx + ly * ly + lz * lz
+    inv = 1.0 / tl.sqrt(tl.where(d2 < 1e-12, 1e-12, d2))  # a NaN distance stays NaN (tl.maximum would drop it)
     return lx * inv, ly * inv, lz * inv
 
 
@@ -72,7 +73,7 @@ def _shade_bwd_kernel(
     gx, gy, gz = _load3(g_ptr, offs, mask)
     if MODE == 0:
         grx, gry, grz = gx, gy, gz
-        gnx = gx * 0.0
+        gnx = tl.zeros([BLOCK], dtype=tl.float32)  # not gx * 0: a NaN/inf upstream gradient reaches nothing here
         gny = gnx
         gnz = gnx
     else:
@@ -86,8 +87,11 @@ def _shade_bwd_kernel(
         dy = tl.load(dif_ptr + 1)
         dz = tl.load(dif_ptr + 2)
         if MODE == 2:
-            rx, ry, rz = rx * 0.0 + 1.0, ry * 0.0 + 1.0, rz * 0.0 + 1.0
-            grx = gx * 0.0
+            # white, whatever the albedo (NaN included); and the albedo gets no gradient, whatever the upstream one
+            rx = tl.full([BLOCK], 1.0, dtype=tl.float32)
+            ry = rx
+            rz = rx
+            grx = tl.zeros([BLOCK], dtype=tl.float32)
             gry = grx
             grz = grx
         else:

@@ -408,3 +408,78 @@ def test_pruning_checks_its_arguments():
         prune_occluded(s, sigmas, early_stop_eps=0.0)
     with pytest.raises(ValueError, match="sigmas: expected a tensor on cpu"):  # checked before any launch
         prune_occluded(s, torch.empty_like(sigmas, device="meta"))
+
+
+# --- audit additions --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FAST)
+def test_samples_outside_every_ray_range_get_weight_zero(backend):
+    """march_rays_padded's padding rows (ray index 0, t = 0, past offsets[-1]) go straight into composite in the
+    CUDA-graph render (fastdream/render_graphs.py): they must add nothing, on every backend."""
+    from fastdream.ops import march_rays, march_rays_padded
+
+    g = torch.Generator().manual_seed(0)
+    o = torch.nn.functional.normalize(torch.randn(7, 3, generator=g), dim=-1) * 2.5
+    d = torch.randn(7, 3, generator=g) * 0.3 - o
+    n = march_rays(o, d).n_samples
+    padded, _ = march_rays_padded(o, d, capacity=n + 10)
+    sig = torch.rand(n + 10, generator=g) * 20
+    col = torch.rand(n + 10, 3, generator=g)
+    bg = torch.rand(7, 3, generator=g)
+    want = _run("cpp" if CPU_FAST else "reference", sig[:n], col[:n], _slice(padded, n), bg)
+    got = _run(backend, sig, col, padded, bg)
+    for name, a, b in zip(NAMES, got, want):
+        if name in ("weights", "grad_sigmas", "grad_colors"):
+            assert (a[n:] == 0).all(), name
+            a = a[:n]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _slice(s: RaySamples, n: int) -> RaySamples:
+    return RaySamples(s.ray_indices[:n], s.t_starts[:n], s.t_ends[:n], s.positions[:n], s.directions[:n], s.offsets)
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_colour_gradient_matches_reference(backend, value):
+    """A NaN/inf colour at sample i reaches d/d sigma_k for k <= i only (w_i does not depend on sigma_k, k > i)."""
+    s = _samples([4, 3])
+    sig = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    col = torch.rand(7, 3, generator=torch.Generator().manual_seed(0))
+    col[1, 0] = value
+    bg = torch.rand(2, 3, generator=torch.Generator().manual_seed(1))
+    want = _run("reference", sig, col, s, bg)
+    got = _run(backend, sig, col, s, bg)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FAST)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_colour_behind_early_stop_adds_nothing(backend, value):
+    """'that sample and the ones behind it get weight 0': their colours must not reach the image (0 * inf = NaN)."""
+    s = _samples([4, 3])
+    sig = torch.tensor([1e4, 1.0, 1.0, 1.0, 5.0, 6.0, 7.0])  # ray 0 stops after its first sample
+    col = torch.rand(7, 3, generator=torch.Generator().manual_seed(0))
+    col[3, 0] = value
+    with use_backend(backend):
+        out = composite(sig, col, s, background=torch.zeros(2, 3))
+    assert out.weights[3] == 0 and torch.isfinite(out.image).all(), out.image
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+@pytest.mark.parametrize("eps", [1.0, 0.999])
+@pytest.mark.parametrize("c", [0, 5])
+def test_awkward_channels_eps_and_float64_inputs(backend, eps, c):
+    sigmas, colors, s, bg = _inputs(31, seed=5, scale=3.0, c=c)
+    ref = _run("reference", sigmas, colors, s, bg, eps=eps)
+    fast = _run(backend, sigmas, colors, s, bg, eps=eps)
+    for name, a, b in zip(NAMES, fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+    args64 = (sigmas.double(), colors.double(), _samples_to(s, torch.float64), bg.double())
+    ref64 = _run("reference", *args64, eps=eps)
+    fast64 = _run(backend, *args64, eps=eps)  # computed in float32; the input gradients come back float64
+    for name, a, b in zip(NAMES, fast64, ref64):
+        torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-4, msg=name)
+    assert fast64[4].dtype == fast64[5].dtype == torch.float64

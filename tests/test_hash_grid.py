@@ -650,3 +650,80 @@ def test_bad_inputs_raise_naming_the_argument(fn, make, exc, word):
     args = make()
     with pytest.raises(exc, match=rf"^{word}:"):
         fn(*args)
+
+
+# --- audit additions --------------------------------------------------------------------------------------------
+
+NONFINITE_AND_OUTSIDE = [
+    [float("nan"), 0.2, 0.3],
+    [float("inf"), -float("inf"), float("nan")],
+    [1.5, 0.2, -0.3],
+    [-2.0, 3.0, 0.1],
+    [0.1, -0.2, 0.3],
+    [1.0, 0.3, -1.0],
+]
+
+
+@pytest.mark.parametrize("n_extra", [0, 125])  # 6 + 125 = 131 points: two Triton programs, the second partial
+def test_backend_second_order_at_nonfinite_and_outside_points(backend, n_extra):
+    """hash_encode's double backward (d/d table and d/d x of a loss on the x-gradient) where u is clamped or x is
+    not finite: finite, and the reference's."""
+    device = _device_for(backend)
+    x = torch.cat([torch.tensor(NONFINITE_AND_OUTSIDE), _mixed_points(n_extra, seed=3)])
+    table = _table(SMALL)
+
+    def run(fn, x_, t_):
+        t_ = t_.clone().requires_grad_(True)
+        xr = x_.clone().requires_grad_(True)
+        enc = fn(xr, t_, SMALL)
+        (gx,) = torch.autograd.grad(enc.square().sum(), xr, create_graph=True)
+        gt, gxx = torch.autograd.grad(gx.sin().sum(), (t_, xr))
+        return gx.detach(), gt, gxx
+
+    want = run(hash_encode_reference, x.double(), table.double())
+    torch_fp32 = run(hash_encode_reference, x, table)
+    with use_backend(backend):
+        got = run(hash_encode, x.to(device), table.to(device))
+    for a, w, t in zip(got, want, torch_fp32):
+        assert torch.isfinite(a).all()
+        _assert_second_order_close(a, w, t, backend, device)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        HashGridConfig(
+            levels=2, features=3, log2_table_size=12, base_resolution=300, finest_resolution=4096, bound=1.3
+        ),
+        HashGridConfig(levels=1, features=1, log2_table_size=1, base_resolution=1, finest_resolution=1),
+        HashGridConfig(levels=3, features=4, log2_table_size=5, base_resolution=1, finest_resolution=3, bound=0.25),
+    ],
+    ids=["res4096-hashed", "tiny-table", "F4-small-bound"],
+)
+def test_backend_awkward_configs_at_two_programs(backend, cfg):
+    """Configurations the 12-resolution SMALL never reaches (hashed levels at res 4096: vertex indices times the
+    primes overflow uint32; a 2-entry table; F = 4) at 131 points. Against the float32 reference: at res 4096 the
+    float32 position alone moves the encoding by ~1e-4 from float64."""
+    device = _device_for(backend)
+    n = 131
+    x = _points(n, seed=2, spread=1.2 * cfg.bound)
+    table = _table(cfg)
+    gen = torch.Generator().manual_seed(0)
+    g_enc, g_jac = torch.randn(n, cfg.out_dim, generator=gen), torch.randn(n, cfg.out_dim, 3, generator=gen)
+
+    def run(encode, with_jacobian, x_, t_):
+        xr, tr = x_.clone().requires_grad_(True), t_.clone().requires_grad_(True)
+        enc = encode(xr, tr, cfg)
+        (enc * g_enc.to(enc)).sum().backward()
+        t2 = t_.clone().requires_grad_(True)
+        e2, jac = with_jacobian(x_, t2, cfg)
+        ((e2 * g_enc.to(e2)).sum() + (jac * g_jac.to(jac)).sum()).backward()
+        return [v.detach().cpu() for v in (enc, jac, xr.grad, tr.grad, t2.grad)]
+
+    want = run(hash_encode_reference, hash_encode_with_jacobian_reference, x, table)
+    with use_backend(backend):
+        got = run(hash_encode, hash_encode_with_jacobian, x.to(device), table.to(device))
+    for name, a, b in zip(("enc", "jac", "grad x", "grad table", "grad table via jacobian"), got, want):
+        scale = b.abs().max().item() + 1e-12
+        tol = _tol(backend, device, 50 * scale, 10) if device.type == "cuda" else {"atol": 1e-5 * scale, "rtol": 1e-4}
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")

@@ -197,3 +197,41 @@ def test_empty_input(backend):
         fd = finite_difference_normals(lambda p: mlp(hash_encode(p, table, TINY)), x)
     assert tau.shape == (0,) and grad.shape == (0, 3) and fd.shape == (0, 3)
     assert table.grad is not None and (table.grad == 0).all()
+
+
+# --- audit additions --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
+def test_normals_path_at_nonfinite_and_outside_points_matches_reference(backend):
+    """129 points (two Triton programs), a third outside the cube, three non-finite or far away: the density
+    gradient is 0 in clamped coordinates (normal 0 where all three are), and every output and gradient of a
+    normals loss is finite and the reference's."""
+    device = _require(backend)
+    nan, inf = float("nan"), float("inf")
+    x, table = _inputs(TINY, 129, dtype=torch.float32, seed=3)
+    x = x * 1.4
+    x[0] = torch.tensor([nan, 0.2, 0.3])
+    x[1] = torch.tensor([inf, -inf, nan])
+    x[2] = torch.tensor([5.0, 5.0, 5.0])
+    mlp = _mlp(TINY.out_dim, dtype=torch.float32)
+    view = torch.nn.functional.normalize(torch.randn(129, 3, generator=torch.Generator().manual_seed(4)), dim=-1)
+    fp16_reads = backend in ("cuda", "triton") and device.type == "cuda"
+
+    def run(dev, t0):
+        m = _mlp(TINY.out_dim, dtype=torch.float32).to(dev)
+        m.load_state_dict(mlp.state_dict())
+        t = t0.clone().to(dev).requires_grad_(True)
+        tau, grad = density_gradient(x.to(dev), t, TINY, lambda e: m(e))
+        n = normals_from_gradient(grad)
+        ((n * view.to(dev)).sum().square() + tau.sum()).backward()
+        return [v.detach().cpu().clone() for v in (tau, grad, n, t.grad, m[0].weight.grad, m[2].weight.grad)]
+
+    with use_backend("reference"):
+        want = run(torch.device("cpu"), table.half().float() if fp16_reads else table)
+    with use_backend(backend):
+        got = run(device, table)
+    assert (want[1][1:3] == 0).all() and (want[2][1:3] == 0).all() and want[1][0, 0] == 0
+    for name, a, b in zip(("density", "gradient", "normals", "table grad", "w1 grad", "w2 grad"), got, want):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m, name=name: f"{name}: {m}")

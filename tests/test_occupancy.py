@@ -142,3 +142,30 @@ def test_property_cell_of_a_cell_point_is_that_cell(seed, res, bound):
     frac = torch.rand(50, 3, generator=g) * 0.98 + 0.01
     flat, inside = cell_indices(grid._cell_points(idx, frac), res, bound)
     assert inside.all() and torch.equal(flat, idx)
+
+
+# --- audit additions --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_update_in_chunks_equals_one_chunk(warmup):
+    """chunk_size smaller than the visited cells (and not dividing them): the same densities as one call."""
+    fn = _ball(0.5)
+    a, b = OccupancyGrid(resolution=7), OccupancyGrid(resolution=7)
+    a.update(fn, warmup=True, generator=torch.Generator().manual_seed(0))
+    b.update(fn, warmup=True, generator=torch.Generator().manual_seed(0))
+    a.update(fn, warmup=warmup, generator=torch.Generator().manual_seed(1))
+    b.update(fn, warmup=warmup, generator=torch.Generator().manual_seed(1), chunk_size=13)
+    assert torch.equal(a.density, b.density) and torch.equal(a.occupied, b.occupied)
+
+
+def test_occupied_at_empty_infinite_and_other_dtypes():
+    grid = OccupancyGrid(resolution=8)
+    grid.update(_ball(), warmup=True, generator=torch.Generator().manual_seed(0))
+    assert grid.occupied_at(torch.zeros(0, 3)).shape == (0,)
+    inf = float("inf")
+    pts = torch.tensor([[inf, 0.0, 0.0], [-inf, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert grid.occupied_at(pts).tolist() == [False, False, True]
+    assert grid.occupied_at(pts.half()).tolist() == [False, False, True]
+    flat, inside = cell_indices(torch.tensor([[inf, 0.0, 0.0], [-inf, -inf, -inf]]), 4, 1.0)
+    assert not inside.any() and (flat >= 0).all() and (flat < 64).all()

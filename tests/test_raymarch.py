@@ -426,3 +426,42 @@ def test_padded_bad_inputs_name_the_argument():
         march_rays_padded(o, d, capacity=8, jitter=torch.zeros(3))
     with pytest.raises(ValueError, match="rays_d"):
         march_rays_padded(o, d[:3], capacity=8)
+
+
+# --- audit additions --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("max_samples", [1, 2, 7])
+@pytest.mark.parametrize("kw", [{}, {"cone_angle": 0.03, "step": 0.011}, {"bound": 1.7, "step": 0.037}])
+def test_small_max_samples_grid_and_float64_rays_match_reference(device, backend, max_samples, kw):
+    """max_samples_per_ray cutting rays through a grid (the compiled fill pass re-marches with the cut count), float64
+    rays (cast once, like the reference), a bound other than the grid's; the padded march too, cut mid-ray."""
+    o, d = _rays(97, seed=max_samples, device=device)
+    o, d = o.double(), d.double()
+    grid = _blob_grid(device, res=13)
+    ref = march_rays_reference(o, d, grid, max_samples_per_ray=max_samples, **kw)
+    assert ref.n_samples > 0 and ref.offsets.diff().max() == max_samples
+    cap = max(ref.n_samples - 5, 0)
+    with use_backend("reference"):
+        pad_ref, total_ref = march_rays_padded(o, d, grid, capacity=cap, max_samples_per_ray=max_samples, **kw)
+    with use_backend(backend):
+        fast = march_rays(o, d, grid, max_samples_per_ray=max_samples, **kw)
+        pad, total = march_rays_padded(o, d, grid, capacity=cap, max_samples_per_ray=max_samples, **kw)
+    _assert_same(fast, ref, exact=device == "cpu")
+    assert total.item() == total_ref.item() == ref.n_samples
+    if device == "cpu":
+        for name in ("ray_indices", "t_starts", "t_ends", "positions", "directions", "offsets"):
+            assert torch.equal(getattr(pad, name), getattr(pad_ref, name)), name
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_one_cell_grid_and_grid_larger_than_the_sphere(device, backend):
+    o, d = _rays(50, seed=3, device=device)
+    for grid in (OccupancyGrid(resolution=1), OccupancyGrid(resolution=5, bound=3.0)):
+        grid = grid.to(device)
+        ref = march_rays_reference(o, d, grid)
+        with use_backend(backend):
+            fast = march_rays(o, d, grid)
+        assert ref.n_samples > 0
+        _assert_same(fast, ref, exact=device == "cpu")

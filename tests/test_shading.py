@@ -140,3 +140,71 @@ def test_torch_compile_traces_the_custom_op():
     args = _inputs(33, "cpu")
     compiled = torch.compile(lambda *a: shade(*a, mode="shaded") * 2.0, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(*args), shade_reference(*args, "shaded") * 2.0)
+
+
+# --- audit additions --------------------------------------------------------------------------------------------
+
+
+def _compare(backend, args, mode, weight):
+    got, want = _run(backend, args, mode, weight), _run("reference", args, mode, weight)
+    for name, a, b in zip(("colour", "grad_albedo", "grad_normals"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("shade"))
+@pytest.mark.parametrize("mode", MODES)
+def test_nonfinite_positions_and_light_match_reference(device, backend, mode):
+    """A NaN position or light: NaN colour and NaN normal gradient, as in the reference (not a finite ~1e6 one);
+    an infinite position: the reference's values."""
+    nan, inf = float("nan"), float("inf")
+    args = _inputs(6, device)
+    p = args[2]
+    p[2, 0] = nan
+    p[3] = torch.tensor([inf, 0.0, 0.0])
+    p[4] = torch.tensor([-inf, inf, 1.0])
+    _compare(backend, args, mode, torch.randn(6, 3, generator=torch.Generator().manual_seed(1)).to(device))
+    args = _inputs(5, device)
+    args[3] = torch.tensor([nan, 0.0, 0.0], device=device)
+    _compare(backend, args, mode, torch.randn(5, 3, generator=torch.Generator().manual_seed(2)).to(device))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("shade"))
+@pytest.mark.parametrize("mode", MODES)
+def test_nonfinite_albedo_and_zero_normal_match_reference(device, backend, mode):
+    """textureless ignores the albedo: a NaN/inf albedo must not reach the normals' gradient."""
+    nan, inf = float("nan"), float("inf")
+    args = _inputs(4, device)
+    args[0][0, 1], args[0][1, 0] = nan, inf
+    args[1][2] = 0.0
+    _compare(backend, args, mode, torch.randn(4, 3, generator=torch.Generator().manual_seed(1)).to(device))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("shade"))
+@pytest.mark.parametrize("mode", MODES)
+def test_nonfinite_upstream_gradient_reaches_only_what_depends_on_it(device, backend, mode):
+    """albedo mode: normals get no gradient; textureless: albedo gets none, even from a NaN/inf upstream gradient."""
+    args = _inputs(3, device)
+    weight = torch.ones(3, 3)
+    weight[0, 0], weight[1, 1] = float("nan"), float("inf")
+    _compare(backend, args, mode, weight.to(device))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("shade"))
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_and_non_contiguous_inputs(device, backend, mode):
+    args = [a.double() for a in _inputs(37, device)]
+    args[1] = args[1].T.contiguous().T  # column-major normals
+    weight = torch.randn(37, 3, dtype=torch.float64, device=device)
+    got, want = _run(backend, args, mode, weight), _run("reference", args, mode, weight)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float64
+    for name, a, b in zip(("colour", "grad_albedo", "grad_normals"), got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reference_gradcheck_float64():
+    rho, n, p, light, amb, dif = (a.double() for a in _inputs(6, "cpu"))
+    for mode in MODES:
+        assert torch.autograd.gradcheck(
+            lambda r, m, mode=mode: shade_reference(r, m, p, light, amb, dif, mode),
+            (rho.requires_grad_(), n.requires_grad_()),
+        )

@@ -87,14 +87,24 @@ def _reference_core(sigmas, colors, t_starts, t_ends, ray_indices, offsets, eps)
         return z, sigmas.new_zeros(r) + w.sum(), sigmas.new_zeros(r), w
     counts = offsets[1:] - offsets[:-1]
     length = int(counts.max())
-    local = torch.arange(s, device=device) - offsets[ray_indices]
+    index = torch.arange(s, device=device)
+    # Samples outside their ray's [offsets[ray], offsets[ray + 1]) (march_rays_padded's padding rows, past
+    # offsets[-1]) belong to no ray: weight 0, as the kernels, which walk each ray's range, give them.
+    inside = (index >= offsets[ray_indices]) & (index < offsets[ray_indices + 1])
+    local = torch.where(inside, index - offsets[ray_indices], 0)
     sd = sigmas * (t_ends - t_starts)
-    dense = sd.new_zeros(r, length + 1).index_put((ray_indices, local + 1), sd)
+    # outside rows add 0 to column 1 (accumulate: they cannot overwrite a real sample's entry there)
+    dense = sd.new_zeros(r, length + 1).index_put(
+        (ray_indices, local + 1), torch.where(inside, sd, torch.zeros_like(sd)), accumulate=True
+    )
     excl = torch.cumsum(dense, dim=1)[:, :-1]  # sum_{j<i} sigma_j delta_j, exact zero at the first sample
     trans = torch.exp(-excl)[ray_indices, local]
     alpha = 1.0 - torch.exp(-sd)
-    w = torch.where(trans < eps, torch.zeros_like(sd), trans * alpha)
-    color = torch.zeros(r, c, dtype=colors.dtype, device=device).index_add(0, ray_indices, w[:, None] * colors)
+    skipped = (trans < eps) | ~inside  # stopped (early termination) or outside every ray: not composited at all
+    w = torch.where(skipped, torch.zeros_like(sd), trans * alpha)
+    # not w * colors there: a NaN/inf colour of a sample that is not composited would make 0 * inf = NaN
+    contrib = torch.where(skipped[:, None], torch.zeros_like(colors), w[:, None] * colors)
+    color = torch.zeros(r, c, dtype=colors.dtype, device=device).index_add(0, ray_indices, contrib)
     opacity = torch.zeros(r, dtype=dtype, device=device).index_add(0, ray_indices, w)
     mid = (t_starts + t_ends) * 0.5
     depth = torch.zeros(r, dtype=dtype, device=device).index_add(0, ray_indices, w * mid)

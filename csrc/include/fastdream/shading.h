@@ -14,7 +14,8 @@ enum ShadeMode : int { kAlbedo = 0, kShaded = 1, kTextureless = 2 };
 // finite (the direction is then zero and the sample gets ambient light only).
 FD_HD Vec3 light_direction(Vec3 p, Vec3 light) {
   Vec3 l = light - p;
-  float inv = 1.0f / sqrtf(fmaxf(dot(l, l), 1e-12f));
+  const float d2 = dot(l, l);
+  float inv = 1.0f / sqrtf(d2 < 1e-12f ? 1e-12f : d2);  // a NaN distance stays NaN (fmaxf would drop it)
   return l * inv;
 }
 
