@@ -133,6 +133,29 @@ def test_compile_vae_failure_is_one_line(monkeypatch):
     assert "\n" not in str(err.value)
 
 
+def test_compiled_vae_says_when_it_has_compiled(monkeypatch):
+    """A --prompts library's later runs reuse the compiled encoder: 'the first steps compile' is said only until a
+    call went through (a failed compile does not count)."""
+    from fastdream.errors import UserError
+    from fastdream.guidance import graphs
+
+    monkeypatch.setattr(graphs.torch, "compile", lambda fn, **kw: fn)  # the wrapper's bookkeeping, not inductor
+    calls = []
+
+    def encoder(x):
+        calls.append(x)
+        if len(calls) == 1:
+            raise torch._dynamo.exc.BackendCompilerFailed(None, RuntimeError("no compiler"), None)
+        return x * 2
+
+    vae = graphs.CompiledVAEMean(encoder)
+    assert not vae.compiled
+    with pytest.raises(UserError):
+        vae(torch.ones(2))
+    assert not vae.compiled
+    assert torch.equal(vae(torch.ones(2)), torch.full((2,), 2.0)) and vae.compiled
+
+
 @pytest.mark.parametrize("model", ["sd", "if"])
 def test_parted_sds_loss_is_the_guidance_sds_loss(model):
     pytest.importorskip("diffusers")

@@ -50,10 +50,13 @@ class CompiledVAEMean:
 
     def __init__(self, fn: Any, mode: str | None = None) -> None:
         self.fn = torch.compile(fn, mode=mode, dynamic=False)
+        self.compiled = False  # True after a first call went through (a --prompts library's next runs reuse it)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            return self.fn(x)
+            out = self.fn(x)
+            self.compiled = True
+            return out
         except torch._dynamo.exc.TorchDynamoException as e:  # compile failures (BackendCompilerFailed, ...)
             cause = getattr(e, "inner_exception", None) or e  # the compiler's own error, when it has one
             first = (str(cause).strip().splitlines() or [""])[0][:160]
