@@ -390,7 +390,9 @@ def _run_prompt(
         rebuild_index(out, prompts)
         raise
     except Exception as err:  # one prompt failing does not stop the others
-        reason = " ".join(str(err).split()) or type(err).__name__
+        # an out-of-memory stop without the single run's advice (--resume, --overwrite: the library resumes itself)
+        message = err.summary if isinstance(err, OutOfMemory) else str(err)
+        reason = " ".join(message.split()) or type(err).__name__
         # (a UserError raised from one, e.g. a run the last step made diverge, is that error, not this one)
         oom = out_of_memory(err) if isinstance(err, OutOfMemory) or not isinstance(err, UserError) else None
         status, extra = FAILED, {}
@@ -427,7 +429,7 @@ def _run_prompt(
         log(f"{where} {status} {prompt!r} in {secs:.1f}s")
         for note in notes:
             log(f"{where}   {prompt!r}: {note}")
-    _release_memory()  # the failed prompt's trainer and model, before the next prompt loads its own
+    _release_memory()  # the failed prompt's trainer (the model is kept for the next prompt, when it shares it)
     rebuild_index(out, prompts)
 
 

@@ -8,7 +8,12 @@ class UserError(Exception):
 
 class OutOfMemory(UserError):
     """A run stopped by an allocation that failed; the steps it saved can be resumed (a ``--prompts`` library keeps
-    such a prompt pending, not failed)."""
+    such a prompt pending, not failed). ``summary``: what happened and what was saved, without the single run's
+    advice (its --resume and --overwrite commands, which a ``--prompts`` library refuses: it resumes by itself)."""
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary if summary is not None else message
 
 
 def out_of_memory(e: BaseException) -> str | None:

@@ -140,10 +140,10 @@ def gltf_mesh(mesh):
     """The mesh as ``mesh.glb`` holds it (written by :func:`glb_bytes`). The albedo is a display (sRGB-encoded)
     colour, as the renders show it, but glTF's COLOR_0 is linear: the colours are converted, so that a viewer shows
     the turntable's colours (written unconverted, a mid grey of 128 showed as 188). They are kept in 16 bits a
-    channel (normalised unsigned shorts, which glTF allows for COLOR_0): in 8 bits of linear light the darkest
-    display levels (0-6 of 255) merged. A material of metallic 0 and roughness 1 (a matte surface: the Lambertian
-    albedo; without one, glTF's default is a fully metallic surface, dark in most viewers) multiplies COLOR_0 by
-    white; vertex normals give smooth shading."""
+    channel (normalised unsigned shorts, which glTF allows for COLOR_0): in 8 bits of linear light only 183 of the
+    256 display levels stayed apart (0-6 all became 0, 7-17 became 1, and so on up the dark end). A material of
+    metallic 0 and roughness 1 (a matte surface: the Lambertian albedo; without one, glTF's default is a fully
+    metallic surface, dark in most viewers) multiplies COLOR_0 by white; vertex normals give smooth shading."""
     import trimesh
 
     srgb = np.asarray(mesh.visual.vertex_colors)[:, :3].astype(np.float64) / 255

@@ -417,7 +417,7 @@ class Trainer:
             )
         return ok
 
-    def _save_after_out_of_memory(self, oom: str) -> str:
+    def _save_after_out_of_memory(self, oom: str) -> tuple[str, str]:
         """After an allocation failed mid-run: save the last whole step, undoing what the failing one began (its
         random draws, its grid update), unless it was changing the parameters. Returns the line for the user."""
         gc.collect()
@@ -441,7 +441,8 @@ class Trainer:
                 pass
         lower = "a lower --resolution or --samples-per-ray"
         if not saved:  # nothing to resume (a new run's folder is cleared by fastdream.run.execute)
-            return f"{oom} {where}; no step was saved. Free memory on the device, or start over with {lower}"
+            summary = f"{oom} {where}; no step was saved"
+            return summary, f"{summary}. Free memory on the device, or start over with {lower}"
         lower = f"--overwrite and {lower}"
         resume = shlex.join(
             [
@@ -455,10 +456,8 @@ class Trainer:
                 str(self.device),
             ]
         )
-        return (
-            f"{oom} {where}; step {saved} is saved. Free memory on the device and continue with {resume}, or start "
-            f"over with {lower}"
-        )
+        summary = f"{oom} {where}; step {saved} is saved"
+        return summary, f"{summary}. Free memory on the device and continue with {resume}, or start over with {lower}"
 
     # -- previews ---------------------------------------------------------------------------------------
 
@@ -551,12 +550,12 @@ class Trainer:
             oom = out_of_memory(failed)
             try:
                 try:
-                    msg = self._save_after_out_of_memory(oom)
+                    summary, msg = self._save_after_out_of_memory(oom)
                 except UserError as e:  # the last step's outcome, read now, ended the run (diverged)
                     raise e from failed
                 except Exception:  # the save's own failure must not hide the out-of-memory error
-                    msg = f"{oom}; the steps since the last checkpoint could not be saved after it"
-                raise OutOfMemory(msg) from failed
+                    summary = msg = f"{oom}; the steps since the last checkpoint could not be saved after it"
+                raise OutOfMemory(msg, summary) from failed
             finally:
                 failed = None  # this frame must not keep the error (and through it the trainer) alive
         if last_ckpt is None:  # nothing to do (already at the end): the latest one

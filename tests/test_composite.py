@@ -483,3 +483,41 @@ def test_awkward_channels_eps_and_float64_inputs(backend, eps, c):
     for name, a, b in zip(NAMES, fast64, ref64):
         torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-4, msg=name)
     assert fast64[4].dtype == fast64[5].dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FAST)
+def test_padding_rows_when_every_ray_misses(backend):
+    """march_rays_padded of rays that all miss: every row is padding (offsets all 0). Zero weights and images;
+    the reference's dense layout had a single column and raised an IndexError."""
+    from fastdream.ops import march_rays_padded
+
+    o = torch.tensor([[0.0, 0.0, 3.0], [3.0, 0.0, 0.0]])
+    d = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # both pass outside the bounding sphere
+    padded, total = march_rays_padded(o, d, capacity=8)
+    assert int(total) == 0 and padded.offsets.tolist() == [0, 0, 0]
+    sig, col, bg = torch.rand(8) * 5, torch.rand(8, 3), torch.rand(2, 3)
+    got = _run(backend, sig, col, padded, bg)
+    for name, a in zip(NAMES, got):
+        if name == "grad_background":
+            continue
+        want = bg if name == "image" else torch.zeros_like(a)
+        torch.testing.assert_close(a, want, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FAST)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_density_behind_early_stop_adds_nothing(backend, value):
+    """A ray stops at its first sample with T < eps: the samples behind it get weight 0 and no gradient, whatever
+    their density (the reference carried a NaN there through its running sum into every later sample)."""
+    s = _samples([4, 3])
+    sig = torch.tensor([1e4, value, 1.0, 1.0, 5.0, 6.0, 7.0])  # ray 0 stops after its first sample
+    col = torch.rand(7, 3, generator=torch.Generator().manual_seed(0))
+    bg = torch.rand(2, 3, generator=torch.Generator().manual_seed(1))
+    got = _run(backend, sig, col, s, bg)
+    weights, grad_sigmas, grad_colors = got[3], got[4], got[5]
+    assert all(torch.isfinite(t).all() for t in got), got
+    assert weights[0] > 0.99 and (weights[1:4] == 0).all()
+    assert (grad_sigmas[1:4] == 0).all() and (grad_colors[1:4] == 0).all()
+    if backend != "reference":
+        for name, a, b in zip(NAMES, got, _run("reference", sig, col, s, bg)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -412,8 +412,8 @@ def test_nan_densities_are_named_not_taken_for_an_empty_field() -> None:
 
 
 def test_the_glb_keeps_the_darkest_display_levels_apart() -> None:
-    """In 8 bits of linear light the display levels 0-6 of 255 all became 0 or 1: the 16-bit colours keep each of
-    the 256 levels its own value, increasing."""
+    """In 8 bits of linear light only 183 of the 256 display levels stayed apart (0-6 became 0, 7-17 became 1, ...):
+    the 16-bit colours keep each of the 256 levels its own value, increasing."""
     import trimesh
 
     from fastdream.export import glb_bytes

@@ -141,13 +141,19 @@ def test_a_prompt_stopped_by_out_of_memory_stays_resumable(tmp_path: Path, capsy
     def out_of_memory(prompt, run_dir, resume, device):
         step = next(steps)
         ckpt.save_checkpoint(run_dir, step, {"format": 1, "field": {"w": torch.ones(1)}})
-        err = OutOfMemory(f"out of memory on cuda:0 at step {step + 1}; step {step} is saved")
+        summary = f"out of memory on cuda:0 at step {step + 1}; step {step} is saved"
+        advice = ". Free memory on the device and continue with fastdream generate ... --resume, or start over with "
+        err = OutOfMemory(summary + advice + "--overwrite and a lower --resolution", summary)
         raise err from torch.OutOfMemoryError("CUDA out of memory.")
 
     status = lambda: batch.read_status(tmp_path / batch.folder_name("a red cube"))  # noqa: E731
     assert batch.run_batch(["a red cube"], tmp_path, out_of_memory, dist=batch.Dist()) != 0
-    assert status()["status"] == "pending" and status()["reason"].startswith("out of memory on cuda:0 at step 4")
-    assert "run the same command again to resume it" in capsys.readouterr().err
+    assert (
+        status()["status"] == "pending" and status()["reason"] == "out of memory on cuda:0 at step 4; step 3 is saved"
+    )
+    err = capsys.readouterr().err
+    assert "run the same command again to resume it" in err
+    assert "--resume" not in err and "--overwrite" not in err  # the single run's advice: a library refuses both
     assert batch.run_batch(["a red cube"], tmp_path, out_of_memory, dist=batch.Dist()) != 0  # resumed: 3 -> 5
     assert status()["status"] == "pending" and status()["out_of_memory_at"] == 5
     assert batch.run_batch(["a red cube"], tmp_path, out_of_memory, dist=batch.Dist()) != 0  # 5 again

@@ -234,6 +234,8 @@ def test_out_of_memory_mid_run_saves_the_last_whole_step_and_resumes_to_the_same
     msg = str(e.value)
     assert "out of memory on cuda:0 (it asked for 2.00 GiB more) at step 5; step 4 is saved" in msg
     assert "--resume" in msg and "start over with --overwrite and a lower --resolution or --samples-per-ray" in msg
+    # what a --prompts library records: no single-run advice (it refuses --resume and --overwrite)
+    assert e.value.summary == "out of memory on cuda:0 (it asked for 2.00 GiB more) at step 5; step 4 is saved"
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [3, 4]
     c = Trainer(cfg, ColourGuidance(), tmp_path / "b", "cpu")
     c.resume()

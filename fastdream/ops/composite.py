@@ -86,21 +86,32 @@ def _reference_core(sigmas, colors, t_starts, t_ends, ray_indices, offsets, eps)
         z = colors.new_zeros(r, c) + (colors.sum() * 0.0)
         return z, sigmas.new_zeros(r) + w.sum(), sigmas.new_zeros(r), w
     counts = offsets[1:] - offsets[:-1]
-    length = int(counts.max())
+    length = max(int(counts.max()), 1)
     index = torch.arange(s, device=device)
     # Samples outside their ray's [offsets[ray], offsets[ray + 1]) (march_rays_padded's padding rows, past
-    # offsets[-1]) belong to no ray: weight 0, as the kernels, which walk each ray's range, give them.
+    # offsets[-1]) belong to no ray: weight 0, as the kernels, which walk each ray's range, give them. They write
+    # into a spare last column of the dense layout, never read (all of them the same value, 0).
     inside = (index >= offsets[ray_indices]) & (index < offsets[ray_indices + 1])
     local = torch.where(inside, index - offsets[ray_indices], 0)
+    column = torch.where(inside, local + 1, length + 1)
     sd = sigmas * (t_ends - t_starts)
-    # outside rows add 0 to column 1 (accumulate: they cannot overwrite a real sample's entry there)
-    dense = sd.new_zeros(r, length + 1).index_put(
-        (ray_indices, local + 1), torch.where(inside, sd, torch.zeros_like(sd)), accumulate=True
-    )
-    excl = torch.cumsum(dense, dim=1)[:, :-1]  # sum_{j<i} sigma_j delta_j, exact zero at the first sample
-    trans = torch.exp(-excl)[ray_indices, local]
+
+    def exclusive(values):  # [S] -> [S]: sum over the ray's samples before each one (an exact 0 at the first)
+        dense = values.new_zeros(r, length + 2).index_put((ray_indices, column), values)
+        return torch.cumsum(dense, dim=1)[ray_indices, local]
+
+    sd = torch.where(inside, sd, torch.zeros_like(sd))
+    trans = torch.exp(-exclusive(sd))
+    # Early termination, as the kernels do it: a ray stops at its first sample with T < eps, and every sample
+    # behind that one is skipped too, whatever its density (a NaN there would make the later T NaN, not small).
+    with torch.no_grad():
+        first_stop = torch.full((r,), s, dtype=torch.int64, device=device)
+        first_stop = first_stop.scatter_reduce(0, ray_indices, torch.where((trans < eps) & inside, index, s), "amin")
+        skipped = ~inside | (index >= first_stop[ray_indices])
+    if not bool(torch.isfinite(sd).all()):  # then again without the skipped samples: none of theirs reaches a grad
+        sd = torch.where(skipped, torch.zeros_like(sd), sd)
+        trans = torch.exp(-exclusive(sd))
     alpha = 1.0 - torch.exp(-sd)
-    skipped = (trans < eps) | ~inside  # stopped (early termination) or outside every ray: not composited at all
     w = torch.where(skipped, torch.zeros_like(sd), trans * alpha)
     # not w * colors there: a NaN/inf colour of a sample that is not composited would make 0 * inf = NaN
     contrib = torch.where(skipped[:, None], torch.zeros_like(colors), w[:, None] * colors)
