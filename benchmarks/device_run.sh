@@ -48,7 +48,8 @@
 # bench_hash_grid.py's "march" points are the renderer's own. With time left, a third call:
 #   STAGES=hash,micro HASH_K="forward_backward and not reference and not triton" benchmarks/device_run.sh
 # Session 17 (no GPU): a lending now has 15 minutes of device time in all, so the first call above matters most (its
-# TEST_K takes the new CUDA-only tests: Triton's fp16 table under graph capture, --device cuda:N). micro runs
+# TEST_K takes the new CUDA-only tests: Triton's fp16 table under graph capture, the shading and compositing edge
+# cases on CUDA; the --device cuda:N fix has only a CPU wiring test, and one GPU cannot show it). micro runs
 # bench_step.py as its own pytest (a killed pytest writes no JSON); a misspelt STAGES name stops the script, a
 # misspelt STEP_LIST name is logged. STEP_REPEAT=2 runs STEP_LIST twice in turn, for A/B ratios from interleaved
 # runs (e.g. STEP_LIST=sd-best,sd-cvae STEP_REPEAT=2).
