@@ -72,7 +72,11 @@ def resolve_device(name: str) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
         if dev.index is not None:
-            torch.cuda.set_device(dev)
+            try:
+                torch.cuda.set_device(dev)
+            except RuntimeError as e:  # e.g. a GPU in exclusive-process mode that another process holds
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                raise UserError(f"--device {name}: the GPU cannot be used ({first})") from None
     elif dev.type != "cpu" or dev.index not in (None, 0):
         # torch takes "cpu:5" and puts everything on the one CPU device; refuse it rather than pretend.
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")

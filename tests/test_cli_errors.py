@@ -219,6 +219,7 @@ def test_device_cuda_n_becomes_the_current_device(monkeypatch) -> None:
     """--device cuda:1 makes GPU 1 current: the streams, events and graph captures made without naming a device
     (the trainer's step outcomes, the bench's timers, every capture) were GPU 0's. "cuda" and "cpu" change
     nothing. (Two GPUs pretended: only the resolver's wiring can be checked here.)"""
+    from fastdream.errors import UserError
     from fastdream.run import resolve_device
 
     made_current = []
@@ -229,6 +230,13 @@ def test_device_cuda_n_becomes_the_current_device(monkeypatch) -> None:
     assert made_current == [torch.device("cuda:1")]
     assert resolve_device("cuda") == torch.device("cuda") and resolve_device("cpu") == torch.device("cpu")
     assert made_current == [torch.device("cuda:1")]
+
+    def busy(device):
+        raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable\nCompile with ...")
+
+    monkeypatch.setattr(torch.cuda, "set_device", busy)
+    with pytest.raises(UserError, match=r"^--device cuda:1: the GPU cannot be used \(CUDA error: all CUDA-capable"):
+        resolve_device("cuda:1")
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
