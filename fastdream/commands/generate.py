@@ -39,16 +39,17 @@ class _Store(argparse.Action):
 
 
 class _Flag(_Store):
-    """An on/off switch, ``--x`` and ``--no-x``, off by default, that records the option as given explicitly, like
-    :class:`_Store`: ``--resume`` keeps a run's saved switch unless one of the two is given (``--no-x`` turns off
-    one the run was saved with, which ``--set`` cannot do on ``--resume``)."""
+    """An on/off switch and its negation (``--cuda-graphs``, ``--no-cuda-graphs``), off by default, that records
+    the option as given explicitly, like :class:`_Store`: ``--resume`` keeps a run's saved switch unless one of the
+    two is given (the negation turns off one the run was saved with, which ``--set`` cannot do on ``--resume``)."""
 
     def __init__(self, option_strings, dest, **kw):
-        negated = ["--no-" + o[2:] for o in option_strings if o.startswith("--")]
+        negated = ["--" + "no-" + o[2:] for o in option_strings if o.startswith("--")]
         super().__init__([*option_strings, *negated], dest, nargs=0, default=False, **kw)
+        self.negations = frozenset(negated)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        super().__call__(parser, namespace, not option_string.startswith("--no-"), option_string)
+        super().__call__(parser, namespace, option_string not in self.negations, option_string)
 
 
 def _auto(kind: type):
