@@ -355,6 +355,17 @@ def _assert_second_order_close(got, want, torch_fp32, backend, device) -> None:
     assert err <= 2 * torch_err + 1e-6, f"error {err:.3g} > twice PyTorch's float32 error {torch_err:.3g}"
 
 
+def _second_order(fn, x, table):
+    """hash_encode's backward differentiated again on SMALL: (the x-gradient gx of sum enc^2, and the gradients of
+    sum sin(gx) to the table and to x)."""
+    t = table.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    enc = fn(xr, t, SMALL)
+    (gx,) = torch.autograd.grad(enc.square().sum(), xr, create_graph=True)
+    gt, gxx = torch.autograd.grad(gx.sin().sum(), (t, xr))
+    return gx.detach(), gt, gxx
+
+
 def test_backend_second_order_through_table_matches_reference(backend):
     """d/d table of a loss on the x-gradient (hash_encode's backward differentiated again)."""
     device = _device_for(backend)
@@ -362,12 +373,7 @@ def test_backend_second_order_through_table_matches_reference(backend):
     table = _table(SMALL)
 
     def run(fn, x_, t_):
-        t_ = t_.clone().requires_grad_(True)
-        xr = x_.clone().requires_grad_(True)
-        enc = fn(xr, t_, SMALL)
-        (gx,) = torch.autograd.grad(enc.square().sum(), xr, create_graph=True)
-        (gt,) = torch.autograd.grad(gx.sin().sum(), t_)
-        return gt
+        return _second_order(fn, x_, t_)[1]
 
     want = run(hash_encode_reference, x.double(), table.double())
     with use_backend(backend):
@@ -391,6 +397,19 @@ def test_backend_second_derivative_in_x_matches_reference(backend):
     with use_backend(backend):
         got = run(hash_encode, x.to(device), table.to(device))
     _assert_second_order_close(got, want, run(hash_encode_reference, x, table), backend, device)
+
+
+def _both_passes(enc_fn, jac_fn, x, table, cfg, g_enc, g_jac):
+    """The encoding pass (enc, its grads to x and table) and the Jacobian pass (enc, jac, its grad to the table)
+    under fixed random output gradients: (enc, enc of the Jacobian pass, jac, grad x, grad table, grad table of
+    the Jacobian pass)."""
+    xr, tr = x.clone().requires_grad_(True), table.clone().requires_grad_(True)
+    enc = enc_fn(xr, tr, cfg)
+    (enc * g_enc.to(enc)).sum().backward()
+    t2 = table.clone().requires_grad_(True)
+    e2, jac = jac_fn(x, t2, cfg)
+    ((e2 * g_enc.to(e2)).sum() + (jac * g_jac.to(jac)).sum()).backward()
+    return enc, e2, jac, xr.grad, tr.grad, t2.grad
 
 
 def _fp16_reads_switch(backend: str) -> tuple[object, str]:
@@ -422,13 +441,7 @@ def test_cuda_table_reads_are_exact_on_the_table_they_read(gpu_backend, fp16_rea
     g_enc, g_jac = torch.randn(n, SMALL.out_dim, generator=g), torch.randn(n, SMALL.out_dim, 3, generator=g)
 
     def run(enc_fn, jac_fn, x_, t_):
-        xr, tr = x_.clone().requires_grad_(True), t_.clone().requires_grad_(True)
-        enc = enc_fn(xr, tr, SMALL)
-        (enc * g_enc.to(enc)).sum().backward()
-        t2 = t_.clone().requires_grad_(True)
-        e2, j2 = jac_fn(x_, t2, SMALL)
-        ((e2 * g_enc.to(e2)).sum() + (j2 * g_jac.to(j2)).sum()).backward()
-        return enc, e2, j2, xr.grad, tr.grad, t2.grad
+        return _both_passes(enc_fn, jac_fn, x_, t_, SMALL, g_enc, g_jac)
 
     want = run(hash_encode_reference, hash_encode_with_jacobian_reference, x.double(), read)
     with use_backend(gpu_backend):
@@ -673,12 +686,7 @@ def test_backend_second_order_at_nonfinite_and_outside_points(backend, n_extra):
     table = _table(SMALL)
 
     def run(fn, x_, t_):
-        t_ = t_.clone().requires_grad_(True)
-        xr = x_.clone().requires_grad_(True)
-        enc = fn(xr, t_, SMALL)
-        (gx,) = torch.autograd.grad(enc.square().sum(), xr, create_graph=True)
-        gt, gxx = torch.autograd.grad(gx.sin().sum(), (t_, xr))
-        return gx.detach(), gt, gxx
+        return _second_order(fn, x_, t_)
 
     want = run(hash_encode_reference, x.double(), table.double())
     torch_fp32 = run(hash_encode_reference, x, table)
@@ -712,13 +720,8 @@ def test_backend_awkward_configs_at_two_programs(backend, cfg):
     g_enc, g_jac = torch.randn(n, cfg.out_dim, generator=gen), torch.randn(n, cfg.out_dim, 3, generator=gen)
 
     def run(encode, with_jacobian, x_, t_):
-        xr, tr = x_.clone().requires_grad_(True), t_.clone().requires_grad_(True)
-        enc = encode(xr, tr, cfg)
-        (enc * g_enc.to(enc)).sum().backward()
-        t2 = t_.clone().requires_grad_(True)
-        e2, jac = with_jacobian(x_, t2, cfg)
-        ((e2 * g_enc.to(e2)).sum() + (jac * g_jac.to(jac)).sum()).backward()
-        return [v.detach().cpu() for v in (enc, jac, xr.grad, tr.grad, t2.grad)]
+        enc, _, jac, gx, gt, gt2 = _both_passes(encode, with_jacobian, x_, t_, cfg, g_enc, g_jac)
+        return [v.detach().cpu() for v in (enc, jac, gx, gt, gt2)]
 
     want = run(hash_encode_reference, hash_encode_with_jacobian_reference, x, table)
     with use_backend(backend):
