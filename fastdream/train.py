@@ -141,9 +141,8 @@ class StepOutcome:
             self._host = pinned if pinned is not None else torch.empty(3, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record(
-                torch.cuda.current_stream(values.device)
-            )  # the copy's stream, whatever the current device
+            # on the copy's stream, whatever the current device
+            self._event.record(torch.cuda.current_stream(values.device))
         else:
             self._host = values
 
@@ -419,7 +418,8 @@ class Trainer:
 
     def _save_after_out_of_memory(self, oom: str) -> tuple[str, str]:
         """After an allocation failed mid-run: save the last whole step, undoing what the failing one began (its
-        random draws, its grid update), unless it was changing the parameters. Returns the line for the user."""
+        random draws, its grid update), unless it was changing the parameters. Returns (what happened and what was
+        saved, that with the single run's advice: the line for the user)."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
