@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "fastdream/ops.h"
@@ -47,10 +48,10 @@ void check_table(const char* fn, const torch::Tensor& table, const torch::Tensor
   TORCH_CHECK(s > 0 && (s & (s - 1)) == 0, fn, ": the table size must be a power of two");
 }
 
-// Forward of every point: enc [N, L*F] and optionally jac [N, L*F, 3].
-template <typename T>
-void forward_loop(const torch::Tensor& x, const torch::Tensor& table, const std::vector<HashLevel>& lv, double bound,
-                  torch::Tensor& enc, torch::Tensor* jac) {
+// Forward of every point: enc [N, L*F] and optionally jac [N, L*F, 3]. kF: F at compile time (0: at run time).
+template <typename T, int kF>
+void forward_loop_f(const torch::Tensor& x, const torch::Tensor& table, const std::vector<HashLevel>& lv, double bound,
+                    torch::Tensor& enc, torch::Tensor* jac) {
   const int64_t n = x.size(0), L = table.size(0), S = table.size(1), F = table.size(2);
   const T* xp = x.data_ptr<T>();
   const T* tp = table.data_ptr<T>();
@@ -68,9 +69,18 @@ void forward_loop(const torch::Tensor& x, const torch::Tensor& table, const std:
       for (int64_t i = i0; i < i1; ++i) hash_point(xp + 3 * i, b, &u[3 * (i - i0)], &du[3 * (i - i0)]);
       for (int64_t l = 0; l < L; ++l) {
         const T* tl = tp + l * S * F;
-        for (int64_t i = i0; i < i1; ++i) {
-          hash_level_forward(&u[3 * (i - i0)], &du[3 * (i - i0)], lv[l], tl, static_cast<int>(F), mask,
-                             ep + (i * L + l) * F, jp != nullptr ? jp + (i * L + l) * F * 3 : nullptr);
+        // Whether the Jacobian is wanted, as a constant in each loop: the encode-only loop has no test per point.
+        const auto points = [&](auto with_jac) {
+          for (int64_t i = i0; i < i1; ++i) {
+            T* jac_i = decltype(with_jac)::value ? jp + (i * L + l) * F * 3 : nullptr;
+            hash_level_forward<T, T, kF>(&u[3 * (i - i0)], &du[3 * (i - i0)], lv[l], tl, static_cast<int>(F), mask,
+                                         ep + (i * L + l) * F, jac_i);
+          }
+        };
+        if (jp != nullptr) {
+          points(std::true_type{});
+        } else {
+          points(std::false_type{});
         }
       }
     }
@@ -79,9 +89,9 @@ void forward_loop(const torch::Tensor& x, const torch::Tensor& table, const std:
 
 // grad_table [L, S, F] from the gradient of the encoding (may be undefined) and of the Jacobian (may be
 // undefined).
-template <typename T>
-void backward_table_loop(const torch::Tensor& x, const torch::Tensor& grad_enc, const torch::Tensor& grad_jac,
-                         const std::vector<HashLevel>& lv, double bound, torch::Tensor& grad_table) {
+template <typename T, int kF>
+void backward_table_loop_f(const torch::Tensor& x, const torch::Tensor& grad_enc, const torch::Tensor& grad_jac,
+                           const std::vector<HashLevel>& lv, double bound, torch::Tensor& grad_table) {
   const int64_t n = x.size(0), L = grad_table.size(0), S = grad_table.size(1), F = grad_table.size(2);
   const T* xp = x.data_ptr<T>();
   const T* ge = grad_enc.defined() ? grad_enc.data_ptr<T>() : nullptr;
@@ -89,22 +99,30 @@ void backward_table_loop(const torch::Tensor& x, const torch::Tensor& grad_enc, 
   T* gt = grad_table.data_ptr<T>();
   const uint32_t mask = static_cast<uint32_t>(S - 1);
   const T b = static_cast<T>(bound);
-  at::parallel_for(0, L, 1, [&](int64_t lb, int64_t le) {
-    for (int64_t l = lb; l < le; ++l) {
-      for (int64_t i = 0; i < n; ++i) {
-        T u[3], du[3];
-        hash_point(xp + 3 * i, b, u, du);
-        hash_level_backward_table(u, du, lv[l], static_cast<int>(F), mask,
-                                  ge != nullptr ? ge + (i * L + l) * F : nullptr,
-                                  gj != nullptr ? gj + (i * L + l) * F * 3 : nullptr, gt + l * S * F);
+  // Whether a Jacobian gradient comes, as a constant in each loop (as in forward_loop_f).
+  const auto levels = [&](auto with_jac) {
+    at::parallel_for(0, L, 1, [&](int64_t lb, int64_t le) {
+      for (int64_t l = lb; l < le; ++l) {
+        for (int64_t i = 0; i < n; ++i) {
+          T u[3], du[3];
+          hash_point(xp + 3 * i, b, u, du);
+          const T* gj_i = decltype(with_jac)::value ? gj + (i * L + l) * F * 3 : nullptr;
+          hash_level_backward_table<T, kF>(u, du, lv[l], static_cast<int>(F), mask,
+                                           ge != nullptr ? ge + (i * L + l) * F : nullptr, gj_i, gt + l * S * F);
+        }
       }
-    }
-  });
+    });
+  };
+  if (gj != nullptr) {
+    levels(std::true_type{});
+  } else {
+    levels(std::false_type{});
+  }
 }
 
-template <typename T>
-void backward_x_loop(const torch::Tensor& grad, const torch::Tensor& x, const torch::Tensor& table,
-                     const std::vector<HashLevel>& lv, double bound, torch::Tensor& grad_x) {
+template <typename T, int kF>
+void backward_x_loop_f(const torch::Tensor& grad, const torch::Tensor& x, const torch::Tensor& table,
+                       const std::vector<HashLevel>& lv, double bound, torch::Tensor& grad_x) {
   const int64_t n = x.size(0), L = table.size(0), S = table.size(1), F = table.size(2);
   const T* xp = x.data_ptr<T>();
   const T* tp = table.data_ptr<T>();
@@ -121,12 +139,43 @@ void backward_x_loop(const torch::Tensor& grad, const torch::Tensor& x, const to
       for (int64_t l = 0; l < L; ++l) {
         const T* tl = tp + l * S * F;
         for (int64_t i = i0; i < i1; ++i) {
-          hash_level_backward_x(&u[3 * (i - i0)], &du[3 * (i - i0)], lv[l], tl, static_cast<int>(F), mask,
-                                gp + (i * L + l) * F, gx + 3 * i);
+          hash_level_backward_x<T, T, kF>(&u[3 * (i - i0)], &du[3 * (i - i0)], lv[l], tl, static_cast<int>(F), mask,
+                                          gp + (i * L + l) * F, gx + 3 * i);
         }
       }
     }
   });
+}
+
+// The loops above with F = 2 (the field's, and the default) fixed at compile time, any other F read at run time.
+template <typename T>
+void forward_loop(const torch::Tensor& x, const torch::Tensor& table, const std::vector<HashLevel>& lv, double bound,
+                  torch::Tensor& enc, torch::Tensor* jac) {
+  if (table.size(2) == 2) {
+    forward_loop_f<T, 2>(x, table, lv, bound, enc, jac);
+  } else {
+    forward_loop_f<T, 0>(x, table, lv, bound, enc, jac);
+  }
+}
+
+template <typename T>
+void backward_table_loop(const torch::Tensor& x, const torch::Tensor& grad_enc, const torch::Tensor& grad_jac,
+                         const std::vector<HashLevel>& lv, double bound, torch::Tensor& grad_table) {
+  if (grad_table.size(2) == 2) {
+    backward_table_loop_f<T, 2>(x, grad_enc, grad_jac, lv, bound, grad_table);
+  } else {
+    backward_table_loop_f<T, 0>(x, grad_enc, grad_jac, lv, bound, grad_table);
+  }
+}
+
+template <typename T>
+void backward_x_loop(const torch::Tensor& grad, const torch::Tensor& x, const torch::Tensor& table,
+                     const std::vector<HashLevel>& lv, double bound, torch::Tensor& grad_x) {
+  if (table.size(2) == 2) {
+    backward_x_loop_f<T, 2>(grad, x, table, lv, bound, grad_x);
+  } else {
+    backward_x_loop_f<T, 0>(grad, x, table, lv, bound, grad_x);
+  }
 }
 }  // namespace
 

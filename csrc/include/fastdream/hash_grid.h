@@ -92,10 +92,12 @@ struct HashLevel {
 };
 
 // Forward of one point at one level: enc_l [F] and, when jac_l != nullptr, jac_l [F, 3]. The table's type TT
-// is T, or (CUDA, T = float) __half: fp16 reads, converted to T before any arithmetic.
-template <typename T, typename TT = T>
-FD_HD void hash_level_forward(const T u[3], const T du[3], HashLevel lv, const TT* table_l, int F, uint32_t mask,
+// is T, or (CUDA, T = float) __half: fp16 reads, converted to T before any arithmetic. kF > 0 fixes F at compile
+// time (the CPU loops' F = 2: unrolled loops, accumulators in registers); kF = 0 reads F at run time.
+template <typename T, typename TT = T, int kF = 0>
+FD_HD void hash_level_forward(const T u[3], const T du[3], HashLevel lv, const TT* table_l, int F_run, uint32_t mask,
                               T* enc_l, T* jac_l) {
+  const int F = kF > 0 ? kF : F_run;
   uint32_t idx[8];
   T w[8], dw[8][3];
   if (jac_l != nullptr) {  // two calls: a maybe-null pointer to dw would keep dw out of registers on the GPU
@@ -124,10 +126,11 @@ FD_HD void hash_level_forward(const T u[3], const T du[3], HashLevel lv, const T
   }
 }
 
-// Adds to grad_x [3] the gradient of <grad_l, enc_l> w.r.t. x (one point, one level).
-template <typename T, typename TT = T>
-FD_HD void hash_level_backward_x(const T u[3], const T du[3], HashLevel lv, const TT* table_l, int F, uint32_t mask,
+// Adds to grad_x [3] the gradient of <grad_l, enc_l> w.r.t. x (one point, one level). kF: as in hash_level_forward.
+template <typename T, typename TT = T, int kF = 0>
+FD_HD void hash_level_backward_x(const T u[3], const T du[3], HashLevel lv, const TT* table_l, int F_run, uint32_t mask,
                                  const T* grad_l, T* grad_x) {
+  const int F = kF > 0 ? kF : F_run;
   uint32_t idx[8];
   T w[8], dw[8][3];
   hash_level_cell<T>(u, lv.res, lv.dense, mask, idx, w, dw);
@@ -158,10 +161,11 @@ FD_HD void hash_accumulate(T* p, T v) {
 }
 
 // Scatters one point's gradient into grad_table_l [S, F] for one level: grad_l [F] is the gradient of the
-// encoding, grad_jac_l [F, 3] (may be nullptr) the gradient of the Jacobian.
-template <typename T>
-FD_HD void hash_level_backward_table(const T u[3], const T du[3], HashLevel lv, int F, uint32_t mask, const T* grad_l,
-                                     const T* grad_jac_l, T* grad_table_l) {
+// encoding, grad_jac_l [F, 3] (may be nullptr) the gradient of the Jacobian. kF: as in hash_level_forward.
+template <typename T, int kF = 0>
+FD_HD void hash_level_backward_table(const T u[3], const T du[3], HashLevel lv, int F_run, uint32_t mask,
+                                     const T* grad_l, const T* grad_jac_l, T* grad_table_l) {
+  const int F = kF > 0 ? kF : F_run;
   uint32_t idx[8];
   T w[8], dw[8][3];
   if (grad_jac_l != nullptr) {  // two calls, as in hash_level_forward
