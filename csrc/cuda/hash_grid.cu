@@ -76,12 +76,21 @@ __global__ void backward_table_kernel(int64_t n, Levels levels, const T* __restr
                             grad_jac != nullptr ? grad_jac + (i * L + l) * F * 3 : nullptr, grad_table + l * S * F);
 }
 
+// The float2 and float4 atomicAdd overloads: sm_90+ device code, declared by CUDA 12.1 and later (an older nvcc
+// would fail the whole build on them; it gets the scalar atomics instead).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 1))
+#define FD_VECTOR_ATOMICS 1
+#else
+#define FD_VECTOR_ATOMICS 0
+#endif
+
 // float32 tables with F = 2 (the default): the two features of a vertex are one 8-byte word. The forward reads
 // them with one float2 load, the backward adds them with one float2 atomic on sm_90+ (CUDA 12.1+: half the
 // atomic operations of two scalar ones; each component is still an fp32 add, so results are unchanged up to
 // the order of additions, which atomics leave free anyway). Used only when the pointers are 8-byte aligned.
 __device__ __forceinline__ void atomic_add_float2(float* p, float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if FD_VECTOR_ATOMICS
   atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
 #else
   atomicAdd(p, a);
@@ -91,7 +100,7 @@ __device__ __forceinline__ void atomic_add_float2(float* p, float a, float b) {
 
 // Four floats (two vertices' F = 2 features) in one atomic on sm_90+ (CUDA 12.1+); two float2 ones before.
 __device__ __forceinline__ void atomic_add_float4(float* p, float4 v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if FD_VECTOR_ATOMICS
   atomicAdd(reinterpret_cast<float4*>(p), v);
 #else
   atomic_add_float2(p, v.x, v.y);
