@@ -28,4 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Ray marching into a fixed number of rows, no host round-trip (CUDA graphs)");
   m.def("composite_forward", &fastdream::composite_forward, "Front-to-back compositing of packed samples");
   m.def("composite_backward", &fastdream::composite_backward, "Compositing backward, transmittance recomputed");
+#ifdef FD_WITH_CUDA
+  m.def("cuda_kernel_image_error", &fastdream::cuda_kernel_image_error,
+        "'' when the CUDA kernels can run on the device of this index, else the CUDA error");
+#endif
 }

@@ -496,7 +496,7 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
     # there is the only line printed.
     for note in getattr(guidance, "notes", ()):
         print(note, file=sys.stderr)
-    warn_if_extension_missing()
+    warn_if_extension_missing(plan.device)
     # else the first steps would look hung (not said again when a --prompts library's earlier run compiled it)
     if cfg.guidance.compile_vae and not getattr(getattr(guidance, "vae_mean", None), "compiled", False):
         print("note: --compile-vae: the first steps compile the VAE encoder (tens of seconds)", file=sys.stderr)

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from fastdream.backends import warn_if_extension_missing
-from fastdream.bench import MODELS, SCENES, BenchConfig, run_bench
+from fastdream.bench import MODELS, SCENES, BenchConfig, resolve_device, run_bench
 from fastdream.checkpoint import unwritable_reason
 from fastdream.errors import UserError
 
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         for written, what in ((prof, "--profile"), (trace, "--profile's trace")):
             if out is not None and out.resolve() == written.resolve():
                 raise UserError(f"--json and {what} both name {out}; give them different files")
-    warn_if_extension_missing()
+    warn_if_extension_missing(resolve_device(cfg.device))  # a bad --device: its one line
     result = run_bench(cfg, profile=prof)
     doc = json.dumps(result.to_dict(), indent=2)
     if args.json == "-":

@@ -96,6 +96,8 @@ std::tuple<torch::Tensor, torch::Tensor> hash_encode_jacobian_forward_cuda(torch
                                                                            double bound);
 torch::Tensor hash_encode_jacobian_backward_cuda(torch::Tensor grad_enc, torch::Tensor grad_jac, torch::Tensor x,
                                                  std::vector<int64_t> resolutions, double bound, int64_t table_size);
+// '' when this build's kernels can run on CUDA device `device`, else the CUDA error (csrc/cuda/probe.cu).
+std::string cuda_kernel_image_error(int64_t device);
 #endif
 
 }  // namespace fastdream
