@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -296,10 +297,38 @@ def test_the_probe_on_a_real_gpu():
 
 def _copy_sources(dst: Path) -> None:
     skip = shutil.ignore_patterns("*.so", "__pycache__", "_build_info.json", "*.egg-info")
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, dst / name)
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, dst / name)
     for name in ("csrc", "fastdream", "kernels"):
         shutil.copytree(ROOT / name, dst / name, ignore=skip, symlinks=False)
+
+
+def test_the_source_distribution_has_what_the_build_needs(tmp_path):
+    """An sdist (what PyPI serves when no wheel fits) held the listed sources but not the headers they include,
+    so every build from it failed. Every file of csrc/ and kernels/ must be in it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _copy_sources(src)
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
+        cwd=src,
+        env={**os.environ, "FASTDREAM_CUDA": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sdist,) = (tmp_path / "dist").glob("fastdream-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        have = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    need = {"setup.py", "pyproject.toml", "README.md"}
+    for folder in ("csrc", "kernels"):
+        files = [p for p in (ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        need |= {p.relative_to(ROOT).as_posix() for p in files}
+    assert any(n.startswith("csrc/include/fastdream/") for n in need)
+    assert not sorted(need - have), f"missing from the sdist: {sorted(need - have)}"
+    assert not any(n.endswith(("_build_info.json", ".so")) for n in have)  # build products stay out
 
 
 @pytest.mark.slow
