@@ -22,6 +22,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import shutil
 import site
 import subprocess
@@ -89,6 +90,21 @@ def _nvcc_release(cuda_home: str) -> tuple[str | None, str]:
     if out.returncode != 0 or m is None:
         return None, f"{nvcc} --version failed (exit status {out.returncode}, no release number)"
     return f"{m.group(1)}.{m.group(2)}", ""
+
+
+def check_cxx() -> None:
+    """The C++ compiler the build will call must exist: without one, pip's error is a line deep in the log.
+
+    Raises:
+        SystemExit: one line naming the compiler and what to install.
+    """
+    cxx = shlex.split(os.environ.get("CXX") or "c++") or ["c++"]  # what torch's ninja build calls
+    if shutil.which(cxx[0]) is None:
+        where = "CXX names" if os.environ.get("CXX") else "the default"
+        raise SystemExit(
+            f"fastdream builds a C++ extension, but the C++ compiler {cxx[0]!r} ({where}) was not found: install "
+            "one (e.g. apt install g++, dnf install gcc-c++, conda install gxx) or set CXX, then install again"
+        )
 
 
 def cuda_plan() -> CudaPlan:
@@ -282,6 +298,7 @@ except ImportError as e:  # pragma: no cover - the message is the point
     ) from e
 
 if __name__ == "__main__":  # also under pip (setuptools runs this file as __main__); tests import it
+    check_cxx()
     _PLAN = cuda_plan()
     setup(
         name="fastdream",

@@ -130,6 +130,18 @@ def test_nvcc_that_cannot_say_its_version(setup_py, clean_env, tmp_path):
     assert not plan.build and "--version failed (exit status 1" in plan.why_not
 
 
+def test_no_cpp_compiler_is_one_clear_line(setup_py, clean_env, tmp_path):
+    clean_env.delenv("CXX", raising=False)
+    clean_env.setenv("PATH", str(tmp_path))  # no c++ there
+    with pytest.raises(SystemExit, match=r"C\+\+ compiler 'c\+\+' \(the default\) was not found: install one"):
+        setup_py.check_cxx()
+    clean_env.setenv("CXX", "clang++-99 -stdlib=libc++")
+    with pytest.raises(SystemExit, match=r"'clang\+\+-99' \(CXX names\)"):
+        setup_py.check_cxx()
+    clean_env.setenv("CXX", sys.executable)  # any program that exists passes
+    setup_py.check_cxx()
+
+
 # --- the fallback when the CUDA part fails to compile ----------------------------------------------------------------
 
 
