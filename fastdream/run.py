@@ -342,6 +342,8 @@ class RunResult:
     seconds: float
     outputs: list[Path]
     notes: list[str]
+    steady_step_seconds: float | None = None  # see fastdream.train.TrainResult
+    steady_from: int | None = None
 
 
 def _guidance_kwargs(cfg: RunConfig) -> dict:
@@ -529,7 +531,17 @@ def execute(plan: Plan, *, progress: bool = True, export: bool = True, guidance=
         outputs, note = export_all(trainer.field, trainer.background, trainer.grid, cfg, plan.run_dir)
         if note:
             notes.append(note)
-    return RunResult(result.step, result.skipped, result.interrupted, result.checkpoint, result.seconds, outputs, notes)
+    return RunResult(
+        result.step,
+        result.skipped,
+        result.interrupted,
+        result.checkpoint,
+        result.seconds,
+        outputs,
+        notes,
+        result.steady_step_seconds,
+        result.steady_from,
+    )
 
 
 def load_run(run_dir: str | Path, device: str = "auto"):

@@ -54,6 +54,15 @@ class TrainResult:
     seconds: float
     last_loss: float
     skipped_loss: int = 0  # of ``skipped``: those whose loss was non-finite (the rest: their gradients)
+    # Seconds a step after this call's first tenth of steps (at most 100: warm-up, CUDA graph captures, compiles),
+    # previews and checkpoints included: the rate that extrapolates to longer runs. None under 10 steps after it.
+    steady_step_seconds: float | None = None
+    steady_from: int | None = None  # the step it was measured from (0-based: the steps after this many)
+
+
+def warmup_steps(steps: int) -> int:
+    """Steps of a train() call that :attr:`TrainResult.steady_step_seconds` leaves out: a tenth, 1 to 100."""
+    return min(100, max(1, steps // 10))
 
 
 def build_models(cfg: RunConfig, device: torch.device) -> tuple[NeuralField, Background | None, OccupancyGrid]:
@@ -494,6 +503,8 @@ class Trainer:
         """Run until ``optim.steps``, writing previews and checkpoints; returns what happened."""
         o = self.cfg.optim
         start = time.perf_counter()
+        steady_from = self.step + warmup_steps(o.steps - self.step)
+        steady_start = None  # when step steady_from began (the host may run a step ahead of the GPU: ~1 step)
         last_ckpt = None
         bar = None
         previews_off = False
@@ -505,6 +516,8 @@ class Trainer:
         try:
             with self._sigint_saves():
                 while self.step < o.steps and not self._stop:
+                    if self.step == steady_from:
+                        steady_start = time.perf_counter()
                     self.train_step(settle=False)  # read by the next step: the CPU runs ahead of the GPU
                     self.checkpoints.poll()
                     if bar is not None:
@@ -560,8 +573,21 @@ class Trainer:
                 failed = None  # this frame must not keep the error (and through it the trainer) alive
         if last_ckpt is None:  # nothing to do (already at the end): the latest one
             last_ckpt = ckpt.latest_checkpoint(self.run_dir)
-        seconds = time.perf_counter() - start
-        return TrainResult(self.step, self.skipped, self._stop, last_ckpt, seconds, self.last_loss, self.skipped_loss)
+        end = time.perf_counter()
+        steady = None
+        if steady_start is not None and self.step - steady_from >= 10:
+            steady = (end - steady_start) / (self.step - steady_from)
+        return TrainResult(
+            self.step,
+            self.skipped,
+            self._stop,
+            last_ckpt,
+            end - start,
+            self.last_loss,
+            self.skipped_loss,
+            steady,
+            steady_from if steady is not None else None,
+        )
 
 
 def display_background(background: Background | None, cfg: RunConfig) -> Background | torch.Tensor:

@@ -2,6 +2,7 @@
 """The optimisation loop with a stand-in guidance: determinism, resume, NaN skipping, checkpoints."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from fastdream import checkpoint as ckpt
 from fastdream.config import GuidanceConfig, RunConfig, resolve, validate
 from fastdream.errors import UserError
-from fastdream.train import Trainer
+from fastdream.train import Trainer, warmup_steps
 
 
 class ColourGuidance:
@@ -562,3 +563,28 @@ def test_preview_normals_are_blended_over_white_once(monkeypatch):
     img = train_mod.preview_grid(None, None, None, cfg)
     expected = ((n + 1) / 2 * a + (1 - a)) * 255  # the unit normal's colour at opacity a over white
     torch.testing.assert_close(torch.from_numpy(img[s + s // 2, s // 2]).float(), expected, atol=0.6, rtol=0)
+
+
+class SlowFirstStep(ColourGuidance):
+    """0.3 s in the first step's guidance (a capture, a compile), 20 ms in every later one."""
+
+    def sds_loss(self, images, view_words, cfg, generator=None):
+        time.sleep(0.3 if self.calls == 0 else 0.02)
+        return super().sds_loss(images, view_words, cfg, generator)
+
+
+def test_the_steady_step_time_leaves_the_warm_up_out(tmp_path):
+    assert [warmup_steps(n) for n in (1, 5, 14, 50, 999, 5000)] == [1, 1, 1, 5, 99, 100]
+    res = Trainer(tiny_config(steps=14), SlowFirstStep(), tmp_path / "a", "cpu").train(progress=False)
+    assert res.steady_from == 1
+    # 13 steps of at least 20 ms each, timed after the first step's 0.3 s
+    assert 0.02 <= res.steady_step_seconds and 13 * res.steady_step_seconds <= res.seconds - 0.3
+    # Fewer than 10 steps after the warm-up: no rate.
+    res = Trainer(tiny_config(steps=6), SlowFirstStep(), tmp_path / "b", "cpu").train(progress=False)
+    assert res.steady_step_seconds is None and res.steady_from is None
+    # A resumed call counts its warm-up from where it starts.
+    tr = Trainer(tiny_config(steps=20), ColourGuidance(), tmp_path / "b", "cpu")
+    tr.resume()
+    assert tr.step == 6
+    res = tr.train(progress=False)
+    assert res.step == 20 and res.steady_from == 7 and res.steady_step_seconds > 0  # 6 + a tenth of 14, at least 1

@@ -279,7 +279,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    print(f"done: {result.step} steps in {result.seconds:.0f} s ({result.skipped} skipped) -> {out}")
+    rate = ""
+    if result.steady_step_seconds is not None:  # what a longer run would take a step, warm-up left out
+        rate = f"; {result.steady_step_seconds * 1e3:.1f} ms a step from step {result.steady_from + 1} on"
+    print(f"done: {result.step} steps in {result.seconds:.0f} s ({result.skipped} skipped{rate}) -> {out}")
     for note in result.notes:
         print(note, file=sys.stderr)
     return 0
