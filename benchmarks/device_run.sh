@@ -53,6 +53,11 @@
 # bench_step.py as its own pytest (a killed pytest writes no JSON); a misspelt STAGES name stops the script, a
 # misspelt STEP_LIST name is logged. STEP_REPEAT=2 runs STEP_LIST twice in turn, for A/B ratios from interleaved
 # runs (e.g. STEP_LIST=sd-best,sd-cvae STEP_REPEAT=2).
+# Session 19 (no GPU): the extension's CUDA part gained a probe (csrc/cuda/probe.cu: does the driver find its kernels'
+# code for this GPU?) that the dispatcher asks before it picks the cuda backend; never run on a GPU. If it answered
+# wrongly, every op would fall back to Triton or the reference and the timings would show it: the first call's
+# TEST_K takes test_the_cuda_probe_on_a_real_gpu, and fastdream info (in summary.txt) says "compiled by nvcc ...".
+# generate's closing line now gives the time a step after the warm-up (the 10,000-step goal's rate).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}

@@ -293,7 +293,7 @@ def test_the_kernels_are_not_probed_during_a_capture(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_probe_on_a_real_gpu():
+def test_the_cuda_probe_on_a_real_gpu():
     if not backends.cuda_compiled():
         pytest.skip("the extension has no CUDA part")
     assert backends.cuda_kernel_image_error(torch.device("cuda")) == ""
