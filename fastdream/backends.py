@@ -36,8 +36,13 @@ def extension() -> ModuleType | None:
 
 
 def extension_error() -> str:
-    """Why the extension failed to load ('' when it loaded)."""
-    return _load_extension()[1]
+    """Why the extension failed to load ('' when it loaded). When its build record names another torch than the
+    one running, that comes first: the loader's own error is then an undefined C++ symbol."""
+    err = _load_extension()[1]
+    built = build_info().get("torch") if err else None
+    if built and built != torch.__version__:
+        err = f"built against torch {built}, imported by torch {torch.__version__}: {err}"
+    return err
 
 
 BUILD_INFO = Path(__file__).with_name("_build_info.json")
@@ -203,10 +208,12 @@ def _no_kernels_for(device: torch.device) -> str:
 def status() -> list[BackendStatus]:
     """One line per backend for ``fastdream info``."""
     gpu = torch.cuda.is_available()
-    ext, err = _load_extension()
+    ext = extension()
     rows = [BackendStatus("reference", True, True, "pure PyTorch, every device")]
     rows.append(
-        BackendStatus("cpp", ext is not None, ext is not None, "C++ CPU loops" if ext else f"not loaded: {err}")
+        BackendStatus(
+            "cpp", ext is not None, ext is not None, "C++ CPU loops" if ext else f"not loaded: {extension_error()}"
+        )
     )
     cc = cuda_compiled()
     info = build_info()

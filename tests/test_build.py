@@ -237,6 +237,33 @@ def test_warning_on_a_gpu_without_the_cuda_part(recorded, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_an_extension_built_for_another_torch_says_so(monkeypatch, tmp_path, capsys):
+    # The loader's own error is an undefined C++ symbol; the build record says what it means.
+    path = tmp_path / "_build_info.json"
+    path.write_text(json.dumps({"cuda": False, "torch": "2.9.0+cu128"}))
+    monkeypatch.setattr(backends, "BUILD_INFO", path)
+    backends.build_info.cache_clear()
+    symbol = "ImportError: /x/fastdream/_C.so: undefined symbol: _ZN3c104cuda9SetDeviceEab"
+    monkeypatch.setattr(backends, "_load_extension", lambda: (None, symbol))
+    monkeypatch.setattr(backends, "_warned", False)
+    monkeypatch.delenv("FASTDREAM_BACKEND", raising=False)
+    try:
+        assert (
+            backends.extension_error()
+            == f"built against torch 2.9.0+cu128, imported by torch {torch.__version__}: {symbol}"
+        )
+        backends.warn_if_extension_missing("cpu")
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "did not load (built against torch 2.9.0+cu128, imported by torch" in err[0]
+        row = next(r for r in backends.status() if r.name == "cpp")
+        assert not row.usable and row.note.startswith("not loaded: built against torch 2.9.0+cu128")
+        path.write_text(json.dumps({"torch": torch.__version__}))  # the same torch: the loader's error alone
+        backends.build_info.cache_clear()
+        assert backends.extension_error() == symbol
+    finally:
+        backends.build_info.cache_clear()
+
+
 class _ProbedExtension:
     """An extension with a CUDA part whose kernels have no image for the GPU (an sm_120 card, built for 8.0 and
     9.0 without PTX)."""
