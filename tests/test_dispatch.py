@@ -73,6 +73,13 @@ def test_info_command_reports_backends():
     assert "cpp" in out and "reference" in out and "torch" in out
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("cpp"))
     assert "usable=yes" in line
+    # The build record: written by setup.py beside the extension, also under pip install -e (the README's
+    # install), whose build copies the extension into the source tree.
+    build = backends.build_info()
+    assert build, f"{backends.BUILD_INFO} is missing: rebuild (pip install --no-build-isolation -e .)"
+    assert build["torch"] == torch.__version__ and build["cuda"] == backends.cuda_compiled()
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("build:"))
+    assert f"build: against torch {torch.__version__}, " in line
 
 
 def test_a_missing_extension_is_said_once_before_long_work(monkeypatch, capsys):

@@ -45,6 +45,8 @@ def collect() -> dict:
         "diffusers": _version("diffusers"),
         "transformers": _version("transformers"),
         "devices": devices,
+        # what setup.py recorded about the extension's build (fastdream/_build_info.json); {} when nothing
+        "build": backends.build_info(),
         "backends": [
             {"name": b.name, "compiled": b.compiled, "usable": b.usable, "note": b.note} for b in backends.status()
         ],
@@ -52,6 +54,15 @@ def collect() -> dict:
         "backend_overrides": _dispatch.env_overrides(),
         "backend_override_problems": _dispatch.env_problems(),
     }
+
+
+def _build_line(build: dict) -> str:
+    if not build:
+        return "not recorded (fastdream/_build_info.json is missing: built before it existed, or not by setup.py)"
+    torch_part = f"against torch {build.get('torch')}"
+    if build.get("cuda"):
+        return f"{torch_part}, CUDA part by nvcc {build.get('nvcc')} for {build.get('cuda_archs')}"
+    return f"{torch_part}, no CUDA part: {build.get('why_not_cuda')}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     for key in ("fastdream", "python", "torch", "torch_cuda", "triton", "diffusers", "transformers"):
         print(f"{key:>13}: {info[key]}")
     print(f"{'devices':>13}: {', '.join(info['devices'])}")
+    print(f"{'build':>13}: {_build_line(info['build'])}")
     print("     backends:")
     for b in info["backends"]:
         flags = f"compiled={'yes' if b['compiled'] else 'no':<3} usable={'yes' if b['usable'] else 'no':<3}"
