@@ -235,9 +235,7 @@ def _extensions(plan: CudaPlan):
                 target.symlink_to(versioned[0])
                 lib_dirs.insert(0, str(link_dir))
                 break
-    # The .cu files first: the longest compiles start first, and a broken nvcc fails the build at once (before
-    # the C++ files are compiled once for nothing; the CPU-only fallback compiles them again).
-    sources = sorted(glob.glob("csrc/cuda/*.cu")) + _SOURCES
+    sources = _SOURCES + sorted(glob.glob("csrc/cuda/*.cu"))
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPU's")
     _log(f"building the C++ CPU and CUDA extension (CUDA_HOME={cuda_home}, nvcc {plan.nvcc}, archs={archs})")
     return [
