@@ -344,15 +344,26 @@ def test_backend_nonfinite_inputs_are_defined(backend):
     assert (xd.grad[1:3] == 0).all() and (xd.grad[0, 0] == 0) and (xd.grad[4, :2] == 0).all()
 
 
-def _assert_second_order_close(got, want, torch_fp32, backend, device) -> None:
-    """fp32 compute: the error against float64 at most twice PyTorch's own float32 error on the same path (through
-    sin of a gradient, values in the hundreds: no fixed tolerance fits both a tight check and PyTorch itself)."""
-    if backend in ("cuda", "triton") and device.type == "cuda":  # fp16 table reads
-        torch.testing.assert_close(got.cpu().double(), want, **_tol(backend, device, 100, 10))
-        return
+def _as_read(table: torch.Tensor, backend: str, device: torch.device) -> torch.Tensor:
+    """The table as the backend under test reads it in its first-order passes: rounded to fp16 by the GPU
+    backends on CUDA (their fp32 compute reads an fp16 copy), else as it is."""
+    if backend in ("cuda", "triton") and device.type == "cuda":
+        return table.half().float()
+    return table
+
+
+def _assert_second_order_close(got, want, torch_same, backend, device) -> None:
+    """The error against float64 at most twice PyTorch's own error in the same precision on the same path
+    (``torch_same``: the reference in float32 on the table as the backend reads it, ``_as_read``). Through sin
+    of a gradient, values in the hundreds, no fixed tolerance fits both a tight check and PyTorch itself: with
+    fp16 table reads (CUDA), the rounding of the table alone moves single elements of d/dx by 0.76 (seen on an
+    H200, cuda and triton alike, where a fixed tolerance failed; the reference on the rounded table moves them
+    the same). Their second-order passes read the fp32 table, so they are not exactly the reference on the
+    rounded table either: emulated on the CPU (the fp16 path's autograd around the C++ kernels), their error was
+    0.94-1.31x PyTorch's on the rounded table."""
     err = (got.cpu().double() - want).abs().max().item()
-    torch_err = (torch_fp32.double() - want).abs().max().item()
-    assert err <= 2 * torch_err + 1e-6, f"error {err:.3g} > twice PyTorch's float32 error {torch_err:.3g}"
+    torch_err = (torch_same.double() - want).abs().max().item()
+    assert err <= 2 * torch_err + 1e-6, f"error {err:.3g} > twice PyTorch's error {torch_err:.3g} ({backend})"
 
 
 def _second_order(fn, x, table):
@@ -378,7 +389,9 @@ def test_backend_second_order_through_table_matches_reference(backend):
     want = run(hash_encode_reference, x.double(), table.double())
     with use_backend(backend):
         got = run(hash_encode, x.to(device), table.to(device))
-    _assert_second_order_close(got, want, run(hash_encode_reference, x, table), backend, device)
+    _assert_second_order_close(
+        got, want, run(hash_encode_reference, x, _as_read(table, backend, device)), backend, device
+    )
 
 
 def test_backend_second_derivative_in_x_matches_reference(backend):
@@ -396,7 +409,9 @@ def test_backend_second_derivative_in_x_matches_reference(backend):
     want = run(hash_encode_reference, x.double(), table.double())
     with use_backend(backend):
         got = run(hash_encode, x.to(device), table.to(device))
-    _assert_second_order_close(got, want, run(hash_encode_reference, x, table), backend, device)
+    _assert_second_order_close(
+        got, want, run(hash_encode_reference, x, _as_read(table, backend, device)), backend, device
+    )
 
 
 def _both_passes(enc_fn, jac_fn, x, table, cfg, g_enc, g_jac):
@@ -689,10 +704,10 @@ def test_backend_second_order_at_nonfinite_and_outside_points(backend, n_extra):
         return _second_order(fn, x_, t_)
 
     want = run(hash_encode_reference, x.double(), table.double())
-    torch_fp32 = run(hash_encode_reference, x, table)
+    torch_same = run(hash_encode_reference, x, _as_read(table, backend, device))
     with use_backend(backend):
         got = run(hash_encode, x.to(device), table.to(device))
-    for a, w, t in zip(got, want, torch_fp32):
+    for a, w, t in zip(got, want, torch_same):
         assert torch.isfinite(a).all()
         _assert_second_order_close(a, w, t, backend, device)
 
