@@ -17,8 +17,9 @@ renders from the trainer's random cameras, camera after camera, of ``fastdream b
 blob widened to a trained object's size). On CUDA the ``cuda`` backend runs four times: ``cuda`` (its default,
 fp16 table reads), ``cuda-fp32`` (``CUDA_FP16_TABLE_READS = False``: fp32 reads), ``cuda-plain``
 (``FASTDREAM_HASH_BACKWARD=plain``: one thread per point and level with paired float4 atomics, instead of the
-default warp-aggregated table gradient) and ``cuda-hybrid`` (``FASTDREAM_HASH_BACKWARD=hybrid``: aggregation where
-a warp has runs, paired atomics everywhere; csrc/cuda/hash_grid.cu).
+default "hybrid" table gradient, which aggregates where a warp has runs and pairs atomics everywhere) and
+``cuda-warp`` (``FASTDREAM_HASH_BACKWARD=warp``: aggregation in every warp, the default until 2026-11-28, when
+``cuda-hybrid`` was timed beside it; csrc/cuda/hash_grid.cu).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ BACKENDS = [b for b in ("reference", "cpp", "cuda", "triton") if b in _dispatch.
 if DEVICE.type == "cpu":  # the Triton interpreter is a correctness tool, not a contender
     BACKENDS = [b for b in BACKENDS if b != "triton"]
 if "cuda" in BACKENDS:
-    BACKENDS += ["cuda-fp32", "cuda-plain", "cuda-hybrid"]
+    BACKENDS += ["cuda-fp32", "cuda-plain", "cuda-warp"]
 LAYOUTS = ["uniform", "rays", "march"] if DEVICE.type == "cuda" else ["uniform"]
 if os.environ.get("FASTDREAM_BENCH_HASH_LAYOUTS"):  # e.g. "march" (a CPU check of the point sets)
     LAYOUTS = os.environ["FASTDREAM_BENCH_HASH_LAYOUTS"].split(",")
@@ -52,7 +53,7 @@ if os.environ.get("FASTDREAM_BENCH_HASH_LAYOUTS"):  # e.g. "march" (a CPU check 
 @contextlib.contextmanager
 def _backend(name: str):
     """``use_backend``, with ``cuda-fp32`` = the cuda backend reading the table in fp32, and ``cuda-plain`` /
-    ``cuda-hybrid`` = the cuda backend with another table-gradient kernel. Entered inside every timed call."""
+    ``cuda-warp`` = the cuda backend with another table-gradient kernel. Entered inside every timed call."""
     if name == "triton":  # its fp16 copy of the table is cached while the table is unchanged; training changes
         # the table every step (so the copy is made every step, as the cuda backend casts on every call)
         import fastdream.kernels.hash_grid as triton_hash_grid
@@ -60,7 +61,7 @@ def _backend(name: str):
         triton_hash_grid._half_cache.clear()
     prev = hash_grid_module.CUDA_FP16_TABLE_READS, os.environ.get("FASTDREAM_HASH_BACKWARD")
     hash_grid_module.CUDA_FP16_TABLE_READS = name != "cuda-fp32"
-    if name in ("cuda-plain", "cuda-hybrid"):
+    if name in ("cuda-plain", "cuda-warp"):
         os.environ["FASTDREAM_HASH_BACKWARD"] = name.removeprefix("cuda-")
     try:
         with use_backend("cuda" if name.startswith("cuda") else name):

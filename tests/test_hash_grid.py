@@ -529,12 +529,14 @@ def test_cuda_graph_replays_read_the_table_as_it_is_then(gpu_backend, monkeypatc
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the warp-aggregated table gradient")
 @pytest.mark.parametrize("n", [1, 33, 1025])
 @pytest.mark.parametrize("order", ["rays", "shuffled"])
-@pytest.mark.parametrize(("kind", "max_heads"), [("warp", None), ("hybrid", None), ("hybrid", "0"), ("hybrid", "32")])
+@pytest.mark.parametrize(
+    ("kind", "max_heads"), [("warp", None), ("hybrid", None), ("hybrid", "0"), ("hybrid", "32"), ("", None)]
+)
 def test_cuda_aggregated_backwards_match_the_plain_one(n, order, kind, max_heads, monkeypatch):
-    """The warp-aggregated (default) and hybrid table gradients against FASTDREAM_HASH_BACKWARD=plain: the same
+    """The warp-aggregated and hybrid (default) table gradients against FASTDREAM_HASH_BACKWARD=plain: the same
     gradients (encoding and Jacobian paths), for points along rays (long runs of shared vertices in a warp) and
     shuffled (hardly any), at sizes that leave partial warps. The hybrid kernel runs at its default threshold and
-    at both ends: FASTDREAM_HASH_MAX_HEADS=0 never aggregates, 32 always does."""
+    at both ends: FASTDREAM_HASH_MAX_HEADS=0 never aggregates, 32 always does. An empty variable is the default."""
     if "cuda" not in _dispatch.usable_backends(OP, torch.device("cuda")):
         pytest.skip("the CUDA extension is not built")
     g = torch.Generator().manual_seed(n)

@@ -252,9 +252,9 @@ __device__ __forceinline__ void lane_corner_grads(int64_t i, int64_t n, int l, i
 // lanes often share a vertex, at the coarse levels nearly always. Per corner, runs of lanes with the same vertex
 // are summed with a segmented suffix scan over shuffles and the run's first lane adds the sum: one atomic per run
 // instead of one per lane. Lanes past n take a vertex index no level has (0xFFFFFFFF) and a zero gradient.
-// The default for F = 2 fp32: on an H100 (benchmarks/RESULTS.md), forward+backward of 2^20 points in the renderer's
-// ray order took 1.73 ms against 2.15 for the plain kernel below; on independent uniform points (no runs, and no
-// paired atomics) 3.49 against 2.89 ms. Training only ever feeds the ray order. FASTDREAM_HASH_BACKWARD=plain
+// The default for F = 2 fp32 until 2026-11-28 (FASTDREAM_HASH_BACKWARD=warp now): on an H100 (benchmarks/RESULTS.md),
+// forward+backward of 2^20 points in the renderer's ray order took 1.73 ms against 2.15 for the plain kernel below;
+// on independent uniform points (no runs, and no paired atomics) 3.49 against 2.89 ms. FASTDREAM_HASH_BACKWARD=plain
 // selects backward_table_f2_kernel.
 __global__ void backward_table_f2_warp_kernel(int64_t n, Levels levels, const float* __restrict__ x, int64_t S,
                                               float bound, const float* __restrict__ grad_enc,
@@ -312,8 +312,10 @@ __device__ __forceinline__ void add_corner_pair(float* grad_l, uint32_t k0, uint
 // levels along a ray, or unordered points) every lane adds its own pair; otherwise the runs are summed (one
 // segmented scan of four floats per pair: the warp kernel's shuffles, half its ballots) and their first lanes add. Both
 // paths add a pair with one float4 atomic when its vertices share a 16-byte pair, as the plain kernel does,
-// which the warp kernel never does. Written without a GPU in session 10 and not yet timed: the default stays
-// the warp kernel until benchmarks/bench_hash_grid.py measures this one (``cuda-hybrid``).
+// which the warp kernel never does. The default since 2026-11-28: on an H200, 2^20 of the renderer's own samples
+// (bench_hash_grid.py's ``march``) took 1.71 ms forward+backward against the warp kernel's 1.94, and 2.36 against
+// 2.61 with the Jacobian (normals), and it was no slower in any of the six timed cases; on an H100 (ray order, the
+// only layout timed there) it was 0.94x the warp kernel with the Jacobian and 1.07x without.
 __global__ void backward_table_f2_hybrid_kernel(int64_t n, Levels levels, const float* __restrict__ x, int64_t S,
                                                 float bound, const float* __restrict__ grad_enc,
                                                 const float* __restrict__ grad_jac, float* __restrict__ grad_table,
@@ -361,18 +363,18 @@ int64_t warp_threads(int64_t n, int L) { return ((n + 31) / 32) * 32 * L; }
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-// FASTDREAM_HASH_BACKWARD: unset or "warp" (default), "plain" or "hybrid" (FASTDREAM_HASH_MAX_HEADS, default 24:
+// FASTDREAM_HASH_BACKWARD: unset or "hybrid" (default), "warp" or "plain" (FASTDREAM_HASH_MAX_HEADS, default 24:
 // the most runs per warp and corner pair for which the hybrid kernel still aggregates). Anything else is an
 // error, raised before any launch.
 enum class TableBackward { kWarp, kPlain, kHybrid };
 
 TableBackward table_backward() {
   const char* v = std::getenv("FASTDREAM_HASH_BACKWARD");
-  if (v == nullptr || std::strcmp(v, "") == 0 || std::strcmp(v, "warp") == 0) return TableBackward::kWarp;
+  if (v == nullptr || std::strcmp(v, "") == 0 || std::strcmp(v, "hybrid") == 0) return TableBackward::kHybrid;
+  if (std::strcmp(v, "warp") == 0) return TableBackward::kWarp;
   if (std::strcmp(v, "plain") == 0) return TableBackward::kPlain;
-  if (std::strcmp(v, "hybrid") == 0) return TableBackward::kHybrid;
-  TORCH_CHECK(false, "FASTDREAM_HASH_BACKWARD must be warp, plain or hybrid, not '", v, "'");
-  return TableBackward::kWarp;  // not reached
+  TORCH_CHECK(false, "FASTDREAM_HASH_BACKWARD must be hybrid, warp or plain, not '", v, "'");
+  return TableBackward::kHybrid;  // not reached
 }
 
 int hybrid_max_heads() {

@@ -38,9 +38,11 @@ reference evaluated on the fp16-rounded table, to fp32 accuracy. ``CUDA_FP16_TAB
 (exact gradchecks), as is everything on the CPU. The second-order paths (a backward's own backward, whose
 "table" is a gradient direction that fp16 could underflow) read fp32. On CUDA the default backend is ``cuda``,
 measured faster than Triton on an H200 in every pass (benchmarks/RESULTS.md). Its table gradient (F = 2, fp32)
-sums the contributions of neighbouring points that share a vertex inside a warp before the atomic add
-(``FASTDREAM_HASH_BACKWARD=plain``: one atomic per point, level and vertex pair; ``=hybrid``: aggregation only
-where a warp has runs, paired atomics everywhere, not yet timed; see csrc/cuda/hash_grid.cu).
+sums the contributions of neighbouring points that share a vertex inside a warp before the atomic add where a
+warp has such runs, and adds the two vertices along x with one paired atomic everywhere (the "hybrid" kernel, the
+default since 2026-11-28: 0.88x the warp-only kernel on the renderer's own samples, on an H200;
+``FASTDREAM_HASH_BACKWARD=warp``: aggregation in every warp, the earlier default; ``=plain``: one atomic per
+point, level and vertex pair; see csrc/cuda/hash_grid.cu).
 
 Example:
     >>> import torch
