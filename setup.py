@@ -13,6 +13,8 @@ no build output unless ``-v``). Environment overrides:
   9.0's PTX for newer GPUs to compile at load time).
 * ``FASTDREAM_BUILD_JOBS=N``: parallel compile jobs (ninja), default: the number of cores.
 
+A C++ compiler without OpenMP (Apple's clang) builds the CPU kernels without it, on one thread (recorded too).
+
 Build against the torch that will import the extension: ``pip install --no-build-isolation .``
 """
 
@@ -27,6 +29,7 @@ import shutil
 import site
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +110,31 @@ def check_cxx() -> None:
         )
 
 
+def openmp_flags() -> tuple[list[str], str]:
+    """``-fopenmp`` when the C++ compiler builds and links OpenMP code, else no flag and why: the C++ CPU kernels
+    (ATen's parallel_for, whose OpenMP loop is compiled into the extension) then run on one thread, and the install
+    goes on. Apple's clang, for one, rejects the flag."""
+    cxx = shlex.split(os.environ.get("CXX") or "c++") or ["c++"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "omp.cpp")
+        src.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            out = subprocess.run(
+                [*cxx, "-fopenmp", str(src), "-o", str(Path(tmp, "omp"))], capture_output=True, text=True, timeout=120
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            return [], f"{cxx[0]} -fopenmp could not run ({e})"
+    if out.returncode != 0:
+        lines = [line.strip() for line in out.stderr.splitlines() if line.strip()]
+        first = lines[0] if lines else f"exit status {out.returncode}"
+        return [], f"{cxx[0]} cannot build OpenMP code ({first[:160]})"
+    return ["-fopenmp"], ""
+
+
+# What openmp_flags() decided (setup.py's main sets it; -fopenmp when imported, e.g. by the tests).
+OPENMP: tuple[list[str], str] = (["-fopenmp"], "")
+
+
 def cuda_plan() -> CudaPlan:
     """Decide on the CUDA part before building.
 
@@ -181,6 +209,8 @@ def build_info(plan: CudaPlan) -> dict:
         "cuda_archs": archs,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
+        "openmp": bool(OPENMP[0]),
+        "why_not_openmp": OPENMP[1],
     }
 
 
@@ -191,15 +221,15 @@ def _cpu_extension():
         "fastdream._C",
         _SOURCES,
         include_dirs=_INCLUDE,
-        extra_compile_args={"cxx": list(_CXX)},
-        extra_link_args=["-fopenmp"],
+        extra_compile_args={"cxx": _CXX + OPENMP[0]},
+        extra_link_args=list(OPENMP[0]),
     )
 
 
 _INCLUDE = [str(ROOT / "csrc" / "include")]
 _SOURCES = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
 # No -std flag: torch adds the standard its headers need (C++20 from torch 2.10 on).
-_CXX = ["-O3", "-fopenmp"]
+_CXX = ["-O3"]  # and OPENMP's flag
 
 
 def _extensions(plan: CudaPlan):
@@ -246,8 +276,8 @@ def _extensions(plan: CudaPlan):
             include_dirs=_INCLUDE + [f"{cuda_home}/include"] + pip_inc,
             library_dirs=lib_dirs,
             define_macros=[("FD_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": list(_CXX), "nvcc": ["-O3", "--use_fast_math"]},
-            extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": _CXX + OPENMP[0], "nvcc": ["-O3", "--use_fast_math"]},
+            extra_link_args=list(OPENMP[0]),
         )
     ]
 
@@ -297,6 +327,9 @@ except ImportError as e:  # pragma: no cover - the message is the point
 
 if __name__ == "__main__":  # also under pip (setuptools runs this file as __main__); tests import it
     check_cxx()
+    OPENMP = openmp_flags()
+    if not OPENMP[0]:
+        _log(f"WARNING: {OPENMP[1]}; building without OpenMP: the C++ CPU kernels will run on one thread")
     _PLAN = cuda_plan()
     setup(
         name="fastdream",

@@ -51,8 +51,8 @@ BUILD_INFO = Path(__file__).with_name("_build_info.json")
 @functools.cache
 def build_info() -> dict:
     """What setup.py recorded about the extension's build (``fastdream/_build_info.json``: ``cuda``,
-    ``why_not_cuda``, ``nvcc``, ``cuda_archs``, ``torch``, ``torch_cuda``); {} when there is no record (a build
-    from before it existed, or not built by setup.py)."""
+    ``why_not_cuda``, ``nvcc``, ``cuda_archs``, ``torch``, ``torch_cuda``, ``openmp``, ``why_not_openmp``); {} when
+    there is no record (a build from before it existed, or not built by setup.py)."""
     try:
         info = json.loads(BUILD_INFO.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -142,6 +142,41 @@ def test_no_cpp_compiler_is_one_clear_line(setup_py, clean_env, tmp_path):
     setup_py.check_cxx()
 
 
+def fake_compiler(path: Path, rejects_openmp: bool) -> Path:
+    """A C++ compiler that rejects -fopenmp as Apple's clang does, or accepts everything."""
+    reject = "clang: error: unsupported option '-fopenmp'"
+    body = f'for a in "$@"; do if [ "$a" = "-fopenmp" ]; then echo "{reject}" >&2; exit 1; fi; done\n'
+    path.write_text("#!/bin/sh\n" + (body if rejects_openmp else "") + "exit 0\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_a_compiler_without_openmp_builds_without_it(setup_py, clean_env, tmp_path):
+    """Apple's clang has no -fopenmp: the install goes on without it (one thread), says why, and records it."""
+    clean_env.setenv("CXX", f"{fake_compiler(tmp_path / 'clang++', rejects_openmp=True)} -stdlib=libc++")
+    flags, why = setup_py.openmp_flags()
+    assert flags == [] and why.startswith(str(tmp_path / "clang++")) and "unsupported option '-fopenmp'" in why
+    clean_env.setattr(setup_py, "OPENMP", (flags, why))
+    ext = setup_py._cpu_extension()
+    assert not any("openmp" in a for a in ext.extra_compile_args["cxx"] + ext.extra_link_args)
+    info = setup_py.build_info(setup_py.CudaPlan(False, False, "FASTDREAM_CUDA=0 was set at build time"))
+    assert info["openmp"] is False and info["why_not_openmp"] == why
+    from fastdream.commands.info import _build_line
+
+    assert f"without OpenMP (the C++ CPU kernels run on one thread: {why})" in _build_line(info)
+    clean_env.setenv("CXX", str(fake_compiler(tmp_path / "g++", rejects_openmp=False)))
+    assert setup_py.openmp_flags() == (["-fopenmp"], "")
+
+
+def test_this_machines_compiler_builds_openmp_code(setup_py, clean_env):
+    """The real compiler here (GCC) compiles and links the probe: the extension keeps its threads."""
+    clean_env.delenv("CXX", raising=False)
+    assert setup_py.openmp_flags() == (["-fopenmp"], "")
+    ext = setup_py._cpu_extension()
+    assert "-fopenmp" in ext.extra_compile_args["cxx"] and ext.extra_link_args == ["-fopenmp"]
+    assert setup_py.build_info(setup_py.CudaPlan(False, False, "off"))["openmp"] is True
+
+
 # --- the fallback when the CUDA part fails to compile ----------------------------------------------------------------
 
 

@@ -60,6 +60,8 @@ def _build_line(build: dict) -> str:
     if not build:
         return "not recorded (fastdream/_build_info.json is missing: built before it existed, or not by setup.py)"
     torch_part = f"against torch {build.get('torch')}"
+    if build.get("openmp") is False:  # recorded since 2026-11-28; older records built with it
+        torch_part += f", without OpenMP (the C++ CPU kernels run on one thread: {build.get('why_not_openmp')})"
     if build.get("cuda"):
         return f"{torch_part}, CUDA part by nvcc {build.get('nvcc')} for {build.get('cuda_archs')}"
     return f"{torch_part}, no CUDA part: {build.get('why_not_cuda')}"
