@@ -501,9 +501,9 @@ def test_cuda_skip_is_decided_on_the_gpu_with_the_same_counts(tmp_path):
 
     def trainer(run_dir):
         tr = Trainer(cfg, CudaColour(nan_at={4}), run_dir, "cuda")
-        # The default first scale (2^16) overflows this loss's fp16 gradients for the first several steps, which
-        # the scaler would skip too (seen on an H200: all six skipped, so no loss was ever kept). At scale 1 only
-        # the NaN step is skipped, and the counts below say so.
+        # On an H200 at the default first scale (2^16) all six steps were skipped (one for the NaN loss), so no
+        # loss was kept: most likely the scaled fp16 gradients of this loss overflowed while the scale came down,
+        # as in every run's first steps. At scale 1 only the NaN step may be skipped, and the counts below say so.
         tr.scaler = torch.amp.GradScaler("cuda", init_scale=1.0)
         return tr
 
