@@ -95,13 +95,18 @@ def _nvcc_release(cuda_home: str) -> tuple[str | None, str]:
     return f"{m.group(1)}.{m.group(2)}", ""
 
 
+def _cxx() -> list[str]:
+    """The C++ compiler command the build calls (torch's ninja build: ``CXX``, else ``c++``)."""
+    return shlex.split(os.environ.get("CXX") or "c++") or ["c++"]
+
+
 def check_cxx() -> None:
     """The C++ compiler the build will call must exist: without one, pip's error is a line deep in the log.
 
     Raises:
         SystemExit: one line naming the compiler and what to install.
     """
-    cxx = shlex.split(os.environ.get("CXX") or "c++") or ["c++"]  # what torch's ninja build calls
+    cxx = _cxx()
     if shutil.which(cxx[0]) is None:
         where = "CXX names" if os.environ.get("CXX") else "the default"
         raise SystemExit(
@@ -114,7 +119,7 @@ def openmp_flags() -> tuple[list[str], str]:
     """``-fopenmp`` when the C++ compiler builds and links OpenMP code, else no flag and why: the C++ CPU kernels
     (ATen's parallel_for, whose OpenMP loop is compiled into the extension) then run on one thread, and the install
     goes on. Apple's clang, for one, rejects the flag."""
-    cxx = shlex.split(os.environ.get("CXX") or "c++") or ["c++"]
+    cxx = _cxx()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "omp.cpp")
         src.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
