@@ -73,6 +73,7 @@ def test_after_warmup_visits_occupied_cells_and_a_random_subset():
     visited = torch.zeros(16**3, dtype=torch.bool)
     visited[flat] = True
     assert visited[occupied_before].all()
+    assert flat.numel() == int(visited.sum())  # each visited cell evaluated once (drawn twice or drawn and occupied)
     # n / 4 cells drawn with repeats reach 1 - (1 - 1/n)^(n/4) ~ 1 - e^(-1/4) of the others (0.2 of them), plus the
     # ball's: a bound of (0.15, 0.35) let an eighth (0.18 in all) through.
     occ = occupied_before.float().mean()
