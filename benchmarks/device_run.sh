@@ -178,11 +178,16 @@ step() {
   local name=$1${STEP_TAG:-}
   shift
   echo "#### fastdream bench $*" >>"$OUT/steps.log"
+  local from
+  from=$(($(wc -l <"$OUT/steps.log") + 1))
+  rm -f "/tmp/step-$name.json"
   timeout "$(cap "$STEP_CAP")" $PY -m fastdream bench --device cuda --json "/tmp/step-$name.json" "$@" >>"$OUT/steps.log" 2>&1
   local rc=$?
   echo "#### rc=$rc json:" >>"$OUT/steps.log"
   cat "/tmp/step-$name.json" >>"$OUT/steps.log" 2>/dev/null
-  grep -E "^step \(sum|peak memory" "$OUT/steps.log" | tail -2 | sed "s/^/$name: /" | tee -a "$OUT/summary.txt"
+  # only this benchmark's lines (a killed one printed none: say so rather than repeat the previous one's)
+  tail -n +"$from" "$OUT/steps.log" | grep -E "^step \(sum|peak memory" | tail -2 | sed "s/^/$name: /" |
+    grep . | tee -a "$OUT/summary.txt" || echo "$name: no result" | tee -a "$OUT/summary.txt"
   echo "bench $name rc=$rc" | tee -a "$OUT/summary.txt"
 }
 
