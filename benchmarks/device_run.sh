@@ -66,14 +66,26 @@
 # every goal's configuration side by side, including the hybrid kernel's A/B in the builtin step (~430 s):
 #   STAGES=tests,steps,sdgen TEST_K="cuda or graphs or triton" STEP_CAP=150 STEP_REPEAT=2 \
 #     STEP_LIST=sd-best,sd-cvae,builtin-rgraphs,builtin-warp SDGEN_STEPS=1000 DEADLINE=520 benchmarks/device_run.sh
+# Session 21 (H100, two calls on one warm machine, 746 s of device time): the call above (build 211 s, tests 86 s, all
+# passed; its deadline cut round 2 after sd-best), then STAGES=sdgen,steps,hash STEP_LIST=sd-cvae,sd-best (185 s).
+# No H100 goal is met (benchmarks/RESULTS.md). Never yet timed on a GPU: bench_step.py's pipelined rounds (new stage
+# amortised), the UNet compiled (sd-cunet), generate with --compile-vae (its compile time included, in the new
+# command time), generate without previews and checkpoints (what it adds to the step benchmark's 29-31 ms), and
+# session 21's grid update (a mask instead of a sort, 2^19-point chunks). Build + tests + these ~ 700 s: two calls.
+#   STAGES=tests,amortised,steps TEST_K="cuda or graphs or triton or occupancy" STEP_CAP=200 \
+#     STEP_LIST=sd-cvae,sd-cunet,builtin-rgraphs DEADLINE=520 benchmarks/device_run.sh
+# then, on the warm machine:
+#   STAGES=sdgen SDGEN_STEPS=1000 SDGEN_ARGS="--cuda-graphs --compile-vae;--cuda-graphs --compile-vae \
+#     --preview-every 0 --save-every 100000;--cuda-graphs" DEADLINE=280 benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
 DEADLINE=${DEADLINE:-540}
 WHEELS=${WHEELS:-.whl}
-# STAGES: which of tests,steps,hash,generate,sdgen,micro,peers,memcheck,compile to run, in that order (default
-# all but hash, which is the hash-grid part of micro alone, generate, a default builtin run timed end to end with
-# GEN_ARGS, and sdgen, an SD-shaped random-weight run of generate timed end to end); TEST_K: a pytest -k
+# STAGES: which of tests,steps,amortised,hash,generate,sdgen,micro,peers,memcheck,compile to run, in that order
+# (default all but amortised, bench_step.py's pipelined 16-step rounds alone, hash, which is the hash-grid part of
+# micro alone, generate, a default builtin run timed end to end with GEN_ARGS, and sdgen, an SD-shaped random-weight
+# run of generate timed end to end); TEST_K: a pytest -k
 # expression (e.g. "cuda": only the CUDA parametrisations, the CPU ones run in CI; spaces allowed); TEST_ARGS: other
 # pytest arguments, split at spaces (no quoting: session 9's TEST_ARGS="-k 'cuda or graphs'" selected nothing).
 # The tests stage fails loudly when no test ran (pytest's exit status 5).
@@ -86,7 +98,7 @@ TEST_CAP=${TEST_CAP:-200}
 STEP_CAP=${STEP_CAP:-90}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 for s in ${STAGES//,/ }; do # a misspelt stage would cost device time and bring nothing back, without a word
-  [[ ",tests,steps,hash,generate,sdgen,micro,peers,memcheck,compile," == *",$s,"* ]] || {
+  [[ ",tests,steps,amortised,hash,generate,sdgen,micro,peers,memcheck,compile," == *",$s,"* ]] || {
     echo "STAGES: unknown stage '$s'" >&2
     exit 2
   }
@@ -280,20 +292,35 @@ stage_generate() {
 # SD end to end: an SD-2.1-base-shaped folder with random weights (benchmarks/make_sd_shaped.py), then
 # SDGEN_STEPS steps (default 1000) of fastdream generate through the real loader, with previews, checkpoints and
 # grid updates, timed by the trainer ("done: N steps in S s"), for the "10,000 steps in 5 minutes" target.
+# SDGEN_ARGS: generate's options; several runs, one after the other, when separated by ';' (e.g. "--cuda-graphs;
+# --cuda-graphs --compile-vae;--cuda-graphs --preview-every 0 --save-every 100000": what previews and checkpoints cost).
 stage_sdgen() {
-  local n=${SDGEN_STEPS:-1000} args=${SDGEN_ARGS:---cuda-graphs}
-  log "sdgen: SD-shaped random weights, generate $n steps $args"
+  local n=${SDGEN_STEPS:-1000} runs args i=0
+  IFS=';' read -ra runs <<<"${SDGEN_ARGS:---cuda-graphs}"
   if [ -f /tmp/sd-shaped/model_index.json ]; then # an earlier call on this warm machine made it (session 12)
-    echo "make_sd_shaped: reusing /tmp/sd-shaped" | tee "$OUT/sdgen.log" | tee -a "$OUT/summary.txt"
+    echo "make_sd_shaped: reusing /tmp/sd-shaped" | tee -a "$OUT/sdgen.log" | tee -a "$OUT/summary.txt"
   else
-    timeout "$(cap 120)" $PY benchmarks/make_sd_shaped.py /tmp/sd-shaped --device cuda >"$OUT/sdgen.log" 2>&1
+    timeout "$(cap 120)" $PY benchmarks/make_sd_shaped.py /tmp/sd-shaped --device cuda >>"$OUT/sdgen.log" 2>&1
     echo "make_sd_shaped rc=$?" | tee -a "$OUT/summary.txt"
   fi
-  # shellcheck disable=SC2086  # the args are words
-  timeout "$(cap 300)" $PY -m fastdream generate "a red cube" --model /tmp/sd-shaped --device cuda --steps "$n" \
-    --no-export --quiet --overwrite --out /tmp/sdgen-run $args >>"$OUT/sdgen.log" 2>&1
-  echo "sdgen rc=$?" | tee -a "$OUT/summary.txt"
-  grep -E "^done:|CUDA graphs|skipped|Error|error:" "$OUT/sdgen.log" | tail -5 | tee -a "$OUT/summary.txt"
+  for args in "${runs[@]}"; do
+    i=$((i + 1))
+    (($(left) > 45)) || { log "out of time before sdgen run $i ($args)"; break; }
+    log "sdgen $i: SD-shaped random weights, generate $n steps $args"
+    echo "#### sdgen $i: $args" >>"$OUT/sdgen.log"
+    local from t0 rc
+    from=$(($(wc -l <"$OUT/sdgen.log") + 1))
+    t0=$(date +%s%N)
+    # shellcheck disable=SC2086  # the args are words
+    timeout "$(cap 300)" $PY -m fastdream generate "a red cube" --model /tmp/sd-shaped --device cuda --steps "$n" \
+      --no-export --quiet --overwrite --out /tmp/sdgen-run $args >>"$OUT/sdgen.log" 2>&1
+    rc=$?
+    # the whole command (start-up, model load, any compile, the steps, the last checkpoint), beside generate's own line
+    local ms=$((($(date +%s%N) - t0) / 1000000))
+    echo "sdgen $i rc=$rc, command $((ms / 1000)).$((ms % 1000 / 100)) s" | tee -a "$OUT/summary.txt"
+    tail -n +"$from" "$OUT/sdgen.log" | grep -E "^done:|CUDA graphs|skipped|Error|error:" | tail -5 |
+      tee -a "$OUT/summary.txt"
+  done
 }
 
 stage_memcheck() {
@@ -319,7 +346,7 @@ stage_hash() {
   done
 }
 
-for s in tests steps hash generate sdgen micro peers memcheck compile; do
+for s in tests steps amortised hash generate sdgen micro peers memcheck compile; do
   has "$s" || continue
   if (($(left) < 20)); then
     log "out of time before stage $s"
@@ -327,7 +354,7 @@ for s in tests steps hash generate sdgen micro peers memcheck compile; do
   fi
   # A timed stage must not share the host with the peer's background build (the steps' host-bound parts slowed).
   case $s in
-  steps | hash | generate | sdgen | micro | compile)
+  steps | amortised | hash | generate | sdgen | micro | compile)
     if [ -n "${NERFACC_PID:-}" ] && kill -0 "$NERFACC_PID" 2>/dev/null; then
       log "waiting for the nerfacc build before the timed stage $s"
       wait "$NERFACC_PID"
@@ -337,6 +364,9 @@ for s in tests steps hash generate sdgen micro peers memcheck compile; do
   case $s in
   steps) stage_steps ;;
   tests) stage_tests ;;
+  # bench_step.py's test_sds_step_amortised alone: the goals' configurations (builtin --cuda-graphs; SD
+  # --cuda-graphs --compile-vae) as rounds of 16 steps with one grid update, nothing synchronised inside a round
+  amortised) micro amortised 240 benchmarks/bench_step.py -k amortised ;;
   hash) stage_hash ;;
   generate) stage_generate ;;
   sdgen) stage_sdgen ;;
