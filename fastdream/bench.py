@@ -19,6 +19,10 @@ dearer than a builtin training step:
                           every ``grid_update_every`` steps in the step total
 ========================  ====================================================================================
 
+With ``render_graphs`` the render is one graph replay: ``field`` is then the whole render (rays, marching, field,
+shading, environment map, compositing) and ``rays_march`` only the host's work before it (the camera draw, the
+view words, ``zero_grad``). ``field_side_ms`` (builtin only) sums the parts the field-side goal lists.
+
 Medians over ``steps`` timed steps after ``warmup`` untimed ones. On CUDA each part is timed with CUDA events
 (one synchronisation per step) and peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (with
 ``max_memory_reserved`` beside it: CUDA graphs' private pools are reserved, not counted as allocated); on
@@ -312,9 +316,27 @@ class BenchResult:
     # private pools included, which max_memory_allocated does not count once captured); None on the CPU.
     peak_reserved_bytes: int | None = None
 
+    @property
+    def field_side_ms(self) -> float | None:
+        """The field side of a step, as the goal lists it (march, encode, MLP, normals, shade, composite and their
+        backward): the sum of those parts' medians. Builtin prior only: its backward is the field's alone, where
+        Stable Diffusion's and IF's also run through the model (None for them). With ``render_graphs``,
+        ``rays_march`` holds only the host's work before the graph's replay (cameras, view words, ``zero_grad``;
+        the rays and the march are in the replay, the ``field`` part), so it is left out; without, it holds the
+        rays and the march and is counted (with the camera draw, a few small host operations)."""
+        if self.config.get("model") != "builtin":
+            return None
+        names = ["field", "shade_composite", "backward"]
+        if not self.config.get("render_graphs"):
+            names.insert(0, "rays_march")
+        if any(n not in self.parts for n in names):
+            return None
+        return sum(self.parts[n].median_ms for n in names)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["parts"] = {k: dataclasses.asdict(v) for k, v in self.parts.items()}
+        d["field_side_ms"] = self.field_side_ms
         return d
 
     def format_table(self) -> str:
@@ -351,6 +373,10 @@ class BenchResult:
             lines.append(f"{label:<32}{s.median_ms:>11.2f}{s.min_ms:>10.2f}{s.max_ms:>10.2f}{share:>7.1f}%")
         lines.append(f"{'step (sum of medians)':<32}{self.step_ms:>11.2f}")
         lines.append(f"{'step wall (grid every step)':<32}{self.wall_ms:>11.2f}")
+        if self.field_side_ms is not None:
+            first = "render" if c.get("render_graphs") else "rays + marching, field"
+            what = f"{first}, shading + compositing, backward"
+            lines.append(f"{'field side':<32}{self.field_side_ms:>11.2f}  ({what})")
         mem = self.peak_memory_bytes / 2**20
         lines.append(f"peak memory: {mem:.0f} MiB ({self.peak_memory_kind}); samples/step: {self.samples_per_step:.0f}")
         if self.peak_reserved_bytes is not None:

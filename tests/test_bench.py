@@ -201,6 +201,10 @@ def test_run_bench_builtin_parts_and_total():
         assert 0.0 < s.min_ms <= s.median_ms <= s.max_ms
     total = sum(s.median_ms for k, s in r.parts.items() if k != "grid_update") + r.parts["grid_update"].median_ms / 16
     assert r.step_ms == pytest.approx(total)
+    # the field side: every part from the rays to the backward (the builtin prior's backward is the field's alone)
+    field = ("rays_march", "field", "shade_composite", "backward")
+    assert r.field_side_ms == pytest.approx(sum(r.parts[k].median_ms for k in field))
+    assert r.to_dict()["field_side_ms"] == r.field_side_ms
     assert r.samples_per_step > 0 and r.peak_memory_bytes > 2**20
     assert r.config["resolution"] == 16
     from fastdream.ops import _dispatch
@@ -209,6 +213,22 @@ def test_run_bench_builtin_parts_and_total():
     table = r.format_table()
     for label in ("rays + marching", "field forward", "guidance: denoiser", "backward", "optimizer", "grid update"):
         assert label in table
+    assert f"field side{r.field_side_ms:>33.2f}  (rays + marching, field, shading + compositing, backward)" in table
+
+
+def test_field_side_leaves_out_the_host_work_before_a_graphed_render_and_models_with_their_own_backward():
+    parts = {
+        k: bench.PartStats(v, v, v)
+        for k, v in dict(rays_march=0.9, field=1.0, shade_composite=0.1, backward=1.7, optimizer=1.2).items()
+    }
+
+    def result(**config):
+        return bench.BenchResult(config, "cuda", "GPU", parts, 5.0, 6.0, 0, "", 1.0, {}, {})
+
+    assert result(model="builtin", render_graphs=True).field_side_ms == pytest.approx(2.8)
+    assert result(model="builtin", render_graphs=False).field_side_ms == pytest.approx(3.7)
+    assert result(model="sd", render_graphs=True).field_side_ms is None  # its backward runs through the VAE
+    assert result(model="if", render_graphs=False).field_side_ms is None
 
 
 def test_the_object_scene_renders_as_many_samples_as_a_trained_object():
