@@ -198,7 +198,7 @@ step() {
   echo "#### rc=$rc json:" >>"$OUT/steps.log"
   cat "/tmp/step-$name.json" >>"$OUT/steps.log" 2>/dev/null
   # only this benchmark's lines (a killed one printed none: say so rather than repeat the previous one's)
-  tail -n +"$from" "$OUT/steps.log" | grep -E "^step \(sum|peak memory" | tail -2 | sed "s/^/$name: /" |
+  tail -n +"$from" "$OUT/steps.log" | grep -E "^step \(sum|^field side|peak memory" | tail -3 | sed "s/^/$name: /" |
     grep . | tee -a "$OUT/summary.txt" || echo "$name: no result" | tee -a "$OUT/summary.txt"
   echo "bench $name rc=$rc" | tee -a "$OUT/summary.txt"
 }
