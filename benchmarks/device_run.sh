@@ -71,12 +71,13 @@
 # No H100 goal is met (benchmarks/RESULTS.md). Never yet timed on a GPU: bench_step.py's pipelined rounds (new stage
 # amortised), the UNet compiled (sd-cunet), generate with --compile-vae (its compile time included, in the new
 # command time), generate without previews and checkpoints (what it adds to the step benchmark's 29-31 ms), and
-# session 21's grid update (a mask instead of a sort, 2^19-point chunks). Build + tests + these ~ 700 s: two calls.
-#   STAGES=tests,amortised,steps TEST_K="cuda or graphs or triton or occupancy" STEP_CAP=200 \
-#     STEP_LIST=sd-cvae,sd-cunet,builtin-rgraphs DEADLINE=520 benchmarks/device_run.sh
-# then, on the warm machine:
-#   STAGES=sdgen SDGEN_STEPS=1000 SDGEN_ARGS="--cuda-graphs --compile-vae;--cuda-graphs --compile-vae \
-#     --preview-every 0 --save-every 100000;--cuda-graphs" DEADLINE=280 benchmarks/device_run.sh
+# session 21's grid update (a mask instead of a sort, 2^19-point chunks). Stages run in a fixed order (tests, steps,
+# amortised, ..., sdgen), so two calls, ~800 s in all with the start (build 125-211 s):
+#   STAGES=tests,amortised TEST_K="cuda or graphs or triton or occupancy" DEADLINE=500 benchmarks/device_run.sh
+# then, on the warm machine (the build is reused):
+#   STAGES=steps,sdgen STEP_CAP=180 STEP_LIST=sd-cunet,builtin-rgraphs SDGEN_STEPS=1000 \
+#     SDGEN_ARGS="--cuda-graphs --compile-vae;--cuda-graphs --compile-vae --preview-every 0 --save-every 100000" \
+#     DEADLINE=330 benchmarks/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
