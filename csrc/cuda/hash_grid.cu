@@ -314,8 +314,8 @@ __device__ __forceinline__ void add_corner_pair(float* grad_l, uint32_t k0, uint
 // paths add a pair with one float4 atomic when its vertices share a 16-byte pair, as the plain kernel does,
 // which the warp kernel never does. The default since 2026-11-28: on an H200, 2^20 of the renderer's own samples
 // (bench_hash_grid.py's ``march``) took 1.71 ms forward+backward against the warp kernel's 1.94, and 2.36 against
-// 2.61 with the Jacobian (normals), and it was no slower in any of the six timed cases; on an H100 (ray order, the
-// only layout timed there) it was 0.94x the warp kernel with the Jacobian and 1.07x without.
+// 2.61 with the Jacobian (normals), and it was no slower in any of the six timed cases; on an H100 (session 21) it
+// was 0.83-0.92x the warp kernel without the Jacobian and 0.93-0.94x with it, in all three layouts.
 __global__ void backward_table_f2_hybrid_kernel(int64_t n, Levels levels, const float* __restrict__ x, int64_t S,
                                                 float bound, const float* __restrict__ grad_enc,
                                                 const float* __restrict__ grad_jac, float* __restrict__ grad_table,

@@ -40,7 +40,7 @@ reference evaluated on the fp16-rounded table, to fp32 accuracy. ``CUDA_FP16_TAB
 measured faster than Triton on an H200 in every pass (benchmarks/RESULTS.md). Its table gradient (F = 2, fp32)
 sums the contributions of neighbouring points that share a vertex inside a warp before the atomic add where a
 warp has such runs, and adds the two vertices along x with one paired atomic everywhere (the "hybrid" kernel, the
-default since 2026-11-28: 0.88x the warp-only kernel on the renderer's own samples, on an H200;
+default since 2026-11-28: 0.88x the warp-only kernel on the renderer's own samples on an H200, 0.92x on an H100;
 ``FASTDREAM_HASH_BACKWARD=warp``: aggregation in every warp, the earlier default; ``=plain``: one atomic per
 point, level and vertex pair; see csrc/cuda/hash_grid.cu).
 
